@@ -1,0 +1,18 @@
+"""hf_mdm: masked diffusion language models as first-class Hugging Face citizens.
+
+Importing the package registers model_type "mdm" with AutoConfig, AutoModel and AutoModelForMaskedLM.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+from .configuration_mdm import MDMConfig
+from .modeling_mdm import MDMForMaskedDiffusion, MDMModel, MDMPreTrainedModel
+
+
+AutoConfig.register("mdm", MDMConfig, exist_ok=True)
+AutoModel.register(MDMConfig, MDMForMaskedDiffusion, exist_ok=True)
+AutoModelForMaskedLM.register(MDMConfig, MDMForMaskedDiffusion, exist_ok=True)
+
+__version__ = "0.1.0"
+
+__all__ = ["MDMConfig", "MDMModel", "MDMForMaskedDiffusion", "MDMPreTrainedModel", "__version__"]
