@@ -6,6 +6,7 @@ Importing the package registers model_type "mdm" with AutoConfig, AutoModel and 
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .configuration_mdm import MDMConfig
+from .generation_mdm import MDMGenerationConfig, MDMGenerationMixin, MDMGenerationOutput
 from .modeling_mdm import MDMForMaskedDiffusion, MDMModel, MDMPreTrainedModel
 
 
@@ -15,4 +16,13 @@ AutoModelForMaskedLM.register(MDMConfig, MDMForMaskedDiffusion, exist_ok=True)
 
 __version__ = "0.1.0"
 
-__all__ = ["MDMConfig", "MDMModel", "MDMForMaskedDiffusion", "MDMPreTrainedModel", "__version__"]
+__all__ = [
+    "MDMConfig",
+    "MDMModel",
+    "MDMForMaskedDiffusion",
+    "MDMPreTrainedModel",
+    "MDMGenerationConfig",
+    "MDMGenerationMixin",
+    "MDMGenerationOutput",
+    "__version__",
+]

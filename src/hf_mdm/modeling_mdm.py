@@ -25,6 +25,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration_mdm import MDMConfig
+from .generation_mdm import MDMGenerationConfig, MDMGenerationMixin
 
 
 # Width of the sinusoidal timestep features fed to the conditioning MLP (MDLM: 256).
@@ -343,13 +344,14 @@ class MDMModel(MDMPreTrainedModel):
         return attention_mask, timesteps
 
 
-class MDMForMaskedDiffusion(MDMPreTrainedModel):
+class MDMForMaskedDiffusion(MDMPreTrainedModel, MDMGenerationMixin):
     """The DiT backbone plus its adaLN output layer: per-position distributions over the real tokens.
 
     This is the class `AutoModel` and `AutoModelForMaskedLM` return, and the one users call `.generate()` on.
     """
 
     _auto_class = "AutoModel"  # makes save_pretrained copy this file (and its relative imports) for remote code
+    generation_config_class = MDMGenerationConfig
 
     def __init__(self, config: MDMConfig):
         super().__init__(config)
