@@ -1,0 +1,338 @@
+"""The training loop: one Accelerate loop for masked diffusion models and for the autoregressive baseline.
+
+Reads top to bottom like nanoGPT's train.py: settings, set-up (processes, tokenizer, model, data, optimizer),
+then the loop with its "once in a while" blocks for logging, validation and checkpoints, then the final save.
+The same code runs on one CPU, one GPU, or many under `accelerate launch` / `torchrun` (DDP, FSDP, DeepSpeed).
+
+Batches are global: `batch_size` sequences per optimizer step over all processes and accumulation micro-steps.
+Row i of the global batch of step s is the same block with the same noise however many processes share it, so a
+run on 2 processes follows a run on 1 (up to float summation order, and dropout, whose RNG is per process).
+"""
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from .checkpointing import (check_output_dir, latest_checkpoint, load_checkpoint, remove_temp_checkpoints,
+                            save_checkpoint, write_run_config)
+from .data import BlockSampler, load_documents, split_documents, tokenize_and_pack
+from .ema import EMA
+from .models import build_model, build_model_config
+from .objectives import OBJECTIVES, get_objective, validation_loss
+from .tokenizer import check_special_tokens, train_bpe_tokenizer
+
+
+# Validation noise is fixed by this seed, not by the run's seed, so that validation losses of different runs
+# are measured on the very same masks and times.
+VALIDATION_SEED = 0
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+def setting(default, help: str, **kwargs):
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run. The CLI flags are these fields (`--block-size` for `block_size`)."""
+
+    # data
+    train_files: list[str] | None = setting(None, "text (.txt) or jsonl (.jsonl) files to train on")
+    validation_files: list[str] | None = setting(None, "held-out files; default: hold out --validation-fraction of the documents")
+    dataset_name: str | None = setting(None, "a `datasets` dataset name or local folder, instead of --train-files")
+    dataset_config: str | None = setting(None, "the dataset's configuration name")
+    text_field: str = setting("text", "the text column of jsonl files and datasets")
+    sample_by: str = setting("paragraph", "what a document is in a text file", choices=("document", "paragraph", "line"))
+    validation_fraction: float = setting(0.05, "fraction of documents held out when no --validation-files are given")
+    block_size: int = setting(128, "tokens per training sequence (documents are packed, EOS between them)")
+    num_proc: int | None = setting(None, "processes for tokenization")
+    # tokenizer
+    tokenizer: str | None = setting(None, "a Hugging Face tokenizer (folder or Hub name)")
+    train_tokenizer: int | None = setting(None, "instead: train a byte-level BPE of this vocabulary size on --train-files")
+    add_mask_token: bool = setting(False, "add '[MASK]' to a tokenizer that lacks a mask token")
+    # model and objective
+    objective: str = setting("mdm", "mdm: continuous-time NELBO; mdm-discrete: NELBO over the number of masked "
+                             "tokens; ar: next-token loss of a causal LM", choices=tuple(OBJECTIVES))
+    model_config: str = setting("tiny", "a preset (mdm: tiny, small, mdlm-owt; ar: gpt2-tiny, llama-tiny, gpt2-small) "
+                                "or a JSON file of config fields")
+    # optimisation
+    batch_size: int = setting(32, "GLOBAL batch: sequences per optimizer step, over all processes and micro-steps")
+    grad_accum: int = setting(1, "accumulation micro-steps per optimizer step")
+    lr: float = setting(3e-4, "peak learning rate (AdamW)")
+    min_lr: float = setting(3e-5, "learning rate at the end of the cosine decay")
+    warmup_steps: int = setting(100, "linear warmup from 0 to --lr")
+    decay_steps: int | None = setting(None, "length of warmup + cosine decay; default: --max-steps")
+    weight_decay: float = setting(0.0, "AdamW weight decay on matrices (MDLM: 0)")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.999, "AdamW beta2")
+    grad_clip: float = setting(1.0, "clip the gradient norm at this value (0: off)")
+    ema_decay: float = setting(0.0, "EMA of the weights used for validation and the final model (0: off; MDLM: 0.9999)")
+    max_steps: int = setting(1000, "optimizer steps to train for (may be raised when resuming)")
+    mixed_precision: str = setting("no", "autocast dtype", choices=MIXED_PRECISION)
+    seed: int = setting(0, "seeds the weights, the data order and the noise")
+    # evaluation, logging, checkpoints
+    eval_every: int = setting(100, "validate every N steps (and at the end)")
+    eval_blocks: int | None = setting(None, "validate on the first N held-out blocks only (default: all)")
+    eval_passes: int = setting(1, "noise draws per held-out block (more: less variance)")
+    log_every: int = setting(10, "log the training loss every N steps")
+    save_every: int = setting(500, "write a checkpoint every N steps (0: only at the end)")
+    save_total_limit: int = setting(2, "checkpoints kept (the newest ones)")
+    output_dir: str = setting("runs/mdm", "where checkpoints, logs and the final model go")
+    resume: bool = setting(False, "continue from the latest complete checkpoint in --output-dir")
+    report_to: list[str] = setting((), "extra Accelerate trackers (tensorboard, wandb, ...)")
+
+
+# Settings that may differ when a run is resumed: how long it trains and how often it logs, validates and saves.
+MAY_CHANGE_ON_RESUME = {"max_steps", "eval_every", "eval_blocks", "log_every", "save_every", "save_total_limit",
+                        "resume", "report_to", "num_proc"}
+
+
+class JSONLinesTracker(GeneralTracker):
+    """An Accelerate tracker that appends `{"step": s, ...}` lines to a file: logs that tests and scripts can read."""
+
+    name = "jsonl"
+    requires_logging_directory = False
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    @property
+    def tracker(self):
+        return self.path
+
+    def store_init_configuration(self, values):
+        pass
+
+    def log(self, values, step=None, **kwargs):
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def check_settings(config: TrainConfig, num_processes: int) -> int:
+    """Raises ValueError for settings that cannot work; returns the per-process micro-batch size."""
+    if (config.train_files is None) == (config.dataset_name is None):
+        raise ValueError("Give either --train-files or --dataset-name.")
+    if (config.tokenizer is None) == (config.train_tokenizer is None):
+        raise ValueError("Give either --tokenizer or --train-tokenizer VOCAB_SIZE.")
+    if config.train_tokenizer is not None and config.train_files is None:
+        raise ValueError("--train-tokenizer learns from --train-files; with --dataset-name give --tokenizer.")
+    if config.objective not in OBJECTIVES:
+        raise ValueError(f"--objective must be one of {tuple(OBJECTIVES)}, got {config.objective!r}.")
+    if config.mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"--mixed-precision must be one of {MIXED_PRECISION}, got {config.mixed_precision!r}.")
+    for name in ("block_size", "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "save_total_limit",
+                 "eval_passes"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}.")
+    if config.warmup_steps < 0 or config.save_every < 0:
+        raise ValueError("--warmup-steps and --save-every must not be negative.")
+    shards = num_processes * config.grad_accum
+    if config.batch_size % shards:
+        raise ValueError(
+            f"The global --batch-size {config.batch_size} does not divide across {num_processes} process(es) x "
+            f"{config.grad_accum} accumulation step(s) = {shards} micro-batches. Use a multiple of {shards}."
+        )
+    return config.batch_size // shards
+
+
+def learning_rate_factor(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to `min_ratio` at `decay_steps`, then flat (nanoGPT's get_lr)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if step >= decay_steps:
+        return min_ratio
+    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
+
+
+def load_tokenizer(config: TrainConfig, output_dir: Path, accelerator: Accelerator):
+    """The run's tokenizer, saved under output_dir/tokenizer (trained there by the main process if asked)."""
+    saved = output_dir / "tokenizer"
+    with accelerator.main_process_first():
+        if config.tokenizer is not None:
+            tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
+        elif (saved / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(saved)  # trained by the main process, or before a resume
+        else:
+            tokenizer = train_bpe_tokenizer(config.train_files, vocab_size=config.train_tokenizer)
+    check_special_tokens(tokenizer, needs_mask=config.objective != "ar", add_mask_token=config.add_mask_token)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(saved)
+    return tokenizer
+
+
+def load_blocks(config: TrainConfig, tokenizer, accelerator: Accelerator):
+    """(train, validation) packed blocks; the main process tokenizes first and the others read its cache."""
+    with accelerator.main_process_first():
+        documents = load_documents(config.train_files, config.dataset_name, config.dataset_config,
+                                   text_field=config.text_field, sample_by=config.sample_by)
+        if config.validation_files:
+            validation = load_documents(config.validation_files, text_field=config.text_field, sample_by=config.sample_by)
+        else:
+            documents, validation = split_documents(documents, config.validation_fraction, config.seed)
+        pack = dict(tokenizer=tokenizer, block_size=config.block_size, text_field=config.text_field,
+                    num_proc=config.num_proc)
+        train_blocks, validation_blocks = tokenize_and_pack(documents, **pack), tokenize_and_pack(validation, **pack)
+    if len(validation_blocks) == 0:
+        raise ValueError(f"The validation split holds fewer tokens than one block of {config.block_size}.")
+    return train_blocks, validation_blocks
+
+
+def train(config: TrainConfig) -> dict:
+    """Runs (or resumes) training as `config` says; returns the final validation metrics."""
+    # ---------------------------------------------------------------- set-up: processes, output directory
+    output_dir = Path(config.output_dir)
+    run_config = dataclasses.asdict(config)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum,
+        # We call scheduler.step() once per optimizer step ourselves; by default Accelerate would step it once
+        # per process, which makes the schedule depend on the number of processes.
+        step_scheduler_with_optimizer=False,
+        log_with=[JSONLinesTracker(output_dir / "log.jsonl"), *config.report_to],
+        project_dir=str(output_dir),
+    )
+    micro_batch_size = check_settings(config, accelerator.num_processes)
+    check_output_dir(output_dir, run_config, MAY_CHANGE_ON_RESUME, config.resume)
+    accelerator.wait_for_everyone()  # every process has read the directory before the main one writes to it
+    if accelerator.is_main_process:
+        write_run_config(output_dir, run_config)
+        remove_temp_checkpoints(output_dir)
+    accelerator.wait_for_everyone()
+
+    # ---------------------------------------------------------------- tokenizer, model, data
+    tokenizer = load_tokenizer(config, output_dir, accelerator)
+    model_config = build_model_config(config.model_config, config.objective == "ar", tokenizer, config.block_size)
+    torch.manual_seed(config.seed)  # the initial weights
+    model = build_model(model_config)
+    objective = get_objective(config.objective, model_config)
+    train_blocks, validation_blocks = load_blocks(config, tokenizer, accelerator)
+    validation_ids = validation_blocks["input_ids"][: config.eval_blocks]
+    sampler = BlockSampler(len(train_blocks), config.batch_size, config.seed)
+    accelerator.print(
+        f"{config.objective}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+        f"{len(train_blocks)} training and {len(validation_ids)} validation blocks of {config.block_size} tokens, "
+        f"global batch {config.batch_size} = {accelerator.num_processes} process(es) x {config.grad_accum} "
+        f"micro-step(s) x {micro_batch_size}"
+    )
+
+    # ---------------------------------------------------------------- optimizer, schedule, EMA
+    # Weight decay on matrices only (nanoGPT): never on biases and norm weights.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(config.beta1, config.beta2),
+    )
+    decay_steps = config.decay_steps or config.max_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: learning_rate_factor(s, config.warmup_steps, decay_steps, config.min_lr / config.lr)
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ema = EMA(model.parameters(), config.ema_decay) if config.ema_decay else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    # ---------------------------------------------------------------- resume
+    step = 0
+    checkpoint = latest_checkpoint(output_dir) if config.resume else None
+    if checkpoint is not None:
+        step = load_checkpoint(accelerator, checkpoint)
+        accelerator.print(f"resumed from {checkpoint} at step {step}")
+    elif config.resume:
+        accelerator.print(f"--resume: no checkpoint in {output_dir}, starting from step 0")
+    accelerator.init_trackers("hf_mdm", config={k: str(v) for k, v in run_config.items()})
+
+    def validate() -> dict:
+        weights = ema.swapped_in(model.parameters()) if ema is not None else contextlib.nullcontext()
+        with weights:
+            result = validation_loss(model, validation_ids, config.objective, batch_size=micro_batch_size,
+                                     num_passes=config.eval_passes, seed=VALIDATION_SEED, accelerator=accelerator)
+        return {"val/nats_per_token": result.nats_per_token, "val/perplexity": result.perplexity}
+
+    # ---------------------------------------------------------------- the loop
+    tokens_per_step = config.batch_size * config.block_size
+    progress = tqdm(total=config.max_steps, initial=step, disable=not accelerator.is_local_main_process)
+    loss_sum, steps_since_log, clock = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
+    metrics = {}
+    while step < config.max_steps:
+        # Once in a while: validate (at step 0 too, the untrained baseline).
+        if step % config.eval_every == 0:
+            metrics = validate()
+            accelerator.log(metrics, step=step)
+            progress.set_postfix(val=f"{metrics['val/nats_per_token']:.3f}")
+
+        # The global batch of this step and its noise: functions of (seed, step) only, identical on every process.
+        indices = sampler.indices(step)
+        noise = objective.draw_noise(torch.Generator().manual_seed(config.seed * 1_000_003 + step),
+                                     config.batch_size, config.block_size)
+        for micro_step in range(config.grad_accum):
+            # Global rows of this micro-step on this process: micro-step-major, then process, then row.
+            start = (micro_step * accelerator.num_processes + accelerator.process_index) * micro_batch_size
+            rows = slice(start, start + micro_batch_size)
+            input_ids = train_blocks[indices[rows].tolist()]["input_ids"].to(accelerator.device, non_blocking=True)
+            micro_noise = noise[rows].to(accelerator.device) if noise is not None else None
+            with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-step
+                loss = objective.sequence_losses(model, input_ids, micro_noise).mean()
+                accelerator.backward(loss)  # divides by grad_accum
+            loss_sum += loss.detach() / config.grad_accum
+        if config.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model.parameters())
+        step += 1
+        steps_since_log += 1
+        progress.update(1)
+
+        # Once in a while: log the mean training loss of the global batches since the last log.
+        if step % config.log_every == 0 or step == config.max_steps:
+            train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / steps_since_log
+            elapsed = time.perf_counter() - clock
+            accelerator.log({"train/nats_per_token": train_loss, "lr": scheduler.get_last_lr()[0],
+                             "tokens_per_s": steps_since_log * tokens_per_step / elapsed}, step=step)
+            progress.set_postfix(loss=f"{train_loss:.3f}", **({"val": f"{metrics['val/nats_per_token']:.3f}"} if metrics else {}))
+            loss_sum.zero_()
+            steps_since_log, clock = 0, time.perf_counter()
+
+        # Once in a while: a checkpoint that a killed run resumes from.
+        if config.save_every and step % config.save_every == 0 and step < config.max_steps:
+            save_checkpoint(accelerator, output_dir, step, config.save_total_limit)
+    progress.close()
+
+    # ---------------------------------------------------------------- the end: validate, checkpoint, save the model
+    metrics = validate()
+    accelerator.log(metrics, step=step)
+    accelerator.print(f"step {step}: validation {metrics['val/nats_per_token']:.4f} nats/token, "
+                      f"perplexity{' bound' if config.objective != 'ar' else ''} {metrics['val/perplexity']:.2f}")
+    save_checkpoint(accelerator, output_dir, step, config.save_total_limit)
+    save_final_model(accelerator, model, ema, tokenizer, output_dir / "model")
+    accelerator.end_training()
+    return {"step": step, **metrics}
+
+
+def save_final_model(accelerator: Accelerator, model, ema: EMA | None, tokenizer, folder: Path) -> None:
+    """A hub-ready `save_pretrained` folder (config, weights, generation config, remote code) plus the tokenizer.
+    With EMA, the EMA weights are the ones saved."""
+    weights = ema.swapped_in(model.parameters()) if ema is not None else contextlib.nullcontext()
+    with weights:
+        state_dict = accelerator.get_state_dict(model)  # gathers FSDP / DeepSpeed shards
+        accelerator.unwrap_model(model).save_pretrained(
+            folder, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=state_dict
+        )
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(folder)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,227 @@
+"""Training objectives, all in nats per token: the MDM NELBO (continuous time or over the number of masked
+tokens) and next-token cross-entropy for an autoregressive baseline. See `shared/mdm-notes.md` section 2.
+
+Every objective turns a batch of clean blocks, plus noise drawn for the whole global batch, into one loss per
+sequence:
+
+    noise = objective.draw_noise(generator, global_batch_size, seq_len)     # identical on every process
+    losses = objective.sequence_losses(model, input_ids, noise[rows])       # (batch,)
+
+Times are low-discrepancy ("antithetic") over the GLOBAL batch: row i of the global batch gets
+t_i = (u + i) / B, one shared u per step, and each process and accumulation micro-step takes its own rows, so
+the times of all of them together cover [0, 1) with one time per stratum of width 1 / B.
+
+`validation_nelbo` is the public, reusable estimate on held-out blocks with a fixed, seeded time grid.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..sampling_mdm import get_noise_schedule
+
+
+# Continuous time is drawn from [T_MIN, 1] instead of [0, 1]: the weight -alpha'_t / (1 - alpha_t) ~ 1/t blows up
+# at t = 0, while the number of masked tokens goes to zero there. The estimate is the NELBO's integral over
+# [T_MIN, 1] (times 1 - T_MIN, the Jacobian of t = T_MIN + (1 - T_MIN) s); the dropped part over [0, T_MIN] is at
+# most about T_MIN * L * (the loss of one masked token), i.e. ~0.1% of one token's loss per token.
+T_MIN = 1e-3
+
+
+@dataclass
+class Noise:
+    """The randomness of one global batch.
+
+    Args:
+        times (`torch.Tensor` of shape `(batch,)`, float64): stratified uniforms s_i = (u + i) / B in [0, 1).
+        uniforms (`torch.Tensor` of shape `(batch, seq_len)`, float32): per-position uniforms that pick the
+            masked positions.
+    """
+
+    times: torch.Tensor
+    uniforms: torch.Tensor
+
+    def __getitem__(self, rows) -> "Noise":
+        return Noise(self.times[rows], self.uniforms[rows])
+
+    def to(self, device) -> "Noise":
+        return Noise(self.times.to(device), self.uniforms.to(device))
+
+
+def antithetic_times(u: float, batch_size: int) -> torch.Tensor:
+    """t_i = (u + i) / B mod 1 for i = 0..B-1 (notes section 2): one time in each stratum [i / B, (i + 1) / B)."""
+    return ((u + torch.arange(batch_size, dtype=torch.float64)) / batch_size) % 1.0
+
+
+def draw_noise(generator: torch.Generator, batch_size: int, seq_len: int) -> Noise:
+    """The noise of one global batch from a CPU generator (seeded identically on every process)."""
+    u = torch.rand((), generator=generator, dtype=torch.float64).item()
+    return Noise(antithetic_times(u, batch_size), torch.rand(batch_size, seq_len, generator=generator))
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(batch, seq_len, vocab), (batch, seq_len) -> (batch, seq_len) cross-entropy in nats, computed in float32."""
+    return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+
+
+class MaskedDiffusionObjective:
+    """Continuous-time MDM NELBO (notes section 2), per token:
+
+        NELBO = E_t [ w(t) * sum over masked l of -log p_theta(x0_l | x_t) ] / L,   w(t) = -alpha'_t / (1 - alpha_t),
+
+    every token masked independently with probability 1 - alpha_t. The network sees the time (as the total
+    noise sigma(t)) only when `config.time_conditioning`.
+    """
+
+    name = "mdm"
+    needs_noise = True
+
+    def __init__(self, config):
+        self.schedule = get_noise_schedule(config.noise_schedule, config.noise_eps)
+        self.mask_token_id = config.mask_token_id
+        self.time_conditioning = config.time_conditioning
+
+    def draw_noise(self, generator: torch.Generator, batch_size: int, seq_len: int) -> Noise:
+        return draw_noise(generator, batch_size, seq_len)
+
+    def corrupt(self, input_ids: torch.Tensor, noise: Noise):
+        """-> (masked (batch, seq_len) bool, weight (batch,) per summed masked cross-entropy, time t (batch,))."""
+        t = T_MIN + (1 - T_MIN) * noise.times
+        masked = noise.uniforms < (1 - self.schedule.alpha(t))[:, None]
+        weight = (1 - T_MIN) * self.schedule.loss_weight(t) / input_ids.shape[1]
+        return masked, weight, t
+
+    def sequence_losses(self, model, input_ids: torch.Tensor, noise: Noise) -> torch.Tensor:
+        """(batch, seq_len) clean blocks -> (batch,) NELBO estimates in nats per token."""
+        masked, weight, t = self.corrupt(input_ids, noise)
+        noisy_ids = torch.where(masked, self.mask_token_id, input_ids)
+        timesteps = self.schedule.total_noise(t).float() if self.time_conditioning else None
+        logits = model(noisy_ids, timesteps=timesteps).logits
+        masked_nll = (token_cross_entropy(logits, input_ids) * masked).sum(-1)
+        return weight.to(masked_nll.dtype) * masked_nll
+
+
+class DiscreteMaskedDiffusionObjective(MaskedDiffusionObjective):
+    """The same NELBO over the number of masked tokens (paper Prop. 3.1, notes section 2):
+
+        n ~ Uniform{1..L},  mask n positions chosen uniformly,  NELBO = E_n [ (L / n) * sum of masked CE ] / L,
+
+    with n_i = floor(L * s_i) + 1 for the stratified s_i, so n too is stratified across the global batch.
+    A time-conditioned network is told the time at which alpha_t = 1 - n / L.
+    """
+
+    name = "mdm-discrete"
+
+    def corrupt(self, input_ids: torch.Tensor, noise: Noise):
+        seq_len = input_ids.shape[1]
+        num_masked = (noise.times * seq_len).floor().long().clamp(max=seq_len - 1) + 1
+        # The n positions with the smallest uniforms: a uniformly random subset of size n.
+        ranks = noise.uniforms.argsort(dim=-1).argsort(dim=-1)
+        masked = ranks < num_masked[:, None]
+        t = self.schedule.inverse(1 - num_masked.double() / seq_len).clamp(max=1.0)
+        return masked, 1.0 / num_masked.double(), t
+
+
+class AutoregressiveObjective:
+    """Next-token cross-entropy of a causal LM, per predicted token (exact likelihood, not a bound).
+
+    The first token of a block has no prediction, so a block of L tokens scores L - 1 of them.
+    """
+
+    name = "ar"
+    needs_noise = False
+
+    def __init__(self, config):
+        pass
+
+    def draw_noise(self, generator, batch_size, seq_len):
+        return None
+
+    def sequence_losses(self, model, input_ids: torch.Tensor, noise=None) -> torch.Tensor:
+        logits = model(input_ids).logits[:, :-1]
+        return token_cross_entropy(logits, input_ids[:, 1:]).mean(-1)
+
+
+OBJECTIVES = {
+    objective.name: objective
+    for objective in (MaskedDiffusionObjective, DiscreteMaskedDiffusionObjective, AutoregressiveObjective)
+}
+
+
+def get_objective(name: str, config):
+    """The objective called `name` ("mdm", "mdm-discrete" or "ar") for a model with this config."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {tuple(OBJECTIVES)}, got {name!r}.")
+    return OBJECTIVES[name](config)
+
+
+@dataclass
+class ValidationResult:
+    """Held-out loss in nats per token. For an MDM `nats_per_token` is the NELBO and `perplexity` = exp(NELBO) an
+    upper bound on the perplexity (`is_bound` True); for an AR model both are exact."""
+
+    nats_per_token: float
+    perplexity: float
+    num_sequences: int
+    num_tokens: int
+    is_bound: bool
+
+
+@torch.no_grad()
+def validation_loss(model, input_ids: torch.Tensor, objective: str = "mdm", batch_size: int = 32, num_passes: int = 1,
+                    seed: int = 0, accelerator=None) -> ValidationResult:
+    """The objective's loss on held-out blocks, with noise fixed by `seed` so that runs are comparable.
+
+    Pass k gives block j the time s = (u_k + pi_k(j)) / N, with u_k and the permutation pi_k drawn from `seed`
+    (a stratified grid over all N blocks, decorrelated from block order), and fixed per-position uniforms. The
+    result does not depend on `batch_size` nor on the number of processes.
+
+    Args:
+        model: an `MDMForMaskedDiffusion` (objective "mdm" or "mdm-discrete") or a causal LM ("ar"); put in eval
+            mode for the call and restored afterwards.
+        input_ids (`torch.LongTensor` of shape `(num_blocks, seq_len)`): clean held-out blocks.
+        objective: "mdm" (continuous time), "mdm-discrete" (number of masked tokens) or "ar".
+        batch_size: blocks per forward pass (per process).
+        num_passes: independent noise draws per block; more passes, less variance.
+        seed: fixes the time grid and the masks.
+        accelerator: an `accelerate.Accelerator`; when given, the blocks are split across its processes and the
+            sums reduced, and the model's inputs go to its device.
+    """
+    config = (accelerator.unwrap_model(model) if accelerator is not None else model).config
+    objective = get_objective(objective, config)
+    num_blocks, seq_len = input_ids.shape
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    device = accelerator.device if accelerator else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for k in range(num_passes):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + k)
+        noise = None
+        if objective.needs_noise:
+            u = torch.rand((), generator=generator, dtype=torch.float64).item()
+            order = torch.randperm(num_blocks, generator=generator)
+            noise = Noise(antithetic_times(u, num_blocks)[order], torch.rand(num_blocks, seq_len, generator=generator))
+        rows = torch.arange(rank, num_blocks, world)
+        for start in range(0, len(rows), batch_size):
+            batch_rows = rows[start : start + batch_size]
+            batch_noise = noise[batch_rows].to(device) if noise is not None else None
+            losses = objective.sequence_losses(model, input_ids[batch_rows].to(device), batch_noise)
+            total += losses.double().sum()
+    if accelerator is not None:
+        total = accelerator.reduce(total, reduction="sum")
+    model.train(was_training)
+    nats = total.item() / (num_blocks * num_passes)
+    tokens_per_block = seq_len - 1 if objective.name == "ar" else seq_len
+    return ValidationResult(nats, math.exp(min(nats, 700.0)), num_blocks, num_blocks * tokens_per_block,
+                            is_bound=objective.name != "ar")
+
+
+def validation_nelbo(model, input_ids: torch.Tensor, discrete: bool = False, batch_size: int = 32,
+                     num_passes: int = 1, seed: int = 0, accelerator=None) -> ValidationResult:
+    """Validation NELBO of an MDM in nats per token, and its perplexity bound exp(NELBO), on a fixed, seeded time
+    grid (see `validation_loss`). `discrete=True` uses the form over the number of masked tokens."""
+    objective = "mdm-discrete" if discrete else "mdm"
+    return validation_loss(model, input_ids, objective, batch_size, num_passes, seed, accelerator)
