@@ -218,7 +218,7 @@ def train(config: TrainConfig) -> dict:
     model = build_model(model_config)
     objective = get_objective(config.objective, model_config)
     train_blocks, validation_blocks = load_blocks(config, tokenizer, accelerator)
-    validation_ids = validation_blocks["input_ids"][: config.eval_blocks]
+    validation_ids = validation_blocks[: config.eval_blocks]["input_ids"]  # (num_blocks, block_size)
     sampler = BlockSampler(len(train_blocks), config.batch_size, config.seed)
     accelerator.print(
         f"{config.objective}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
