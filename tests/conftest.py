@@ -39,3 +39,29 @@ def tiny_model(seed: int = 0, **overrides) -> MDMForMaskedDiffusion:
 @pytest.fixture
 def model():
     return tiny_model()
+
+
+BLOCK_HF_MDM = '''
+import importlib.abc, sys
+class BlockHfMdm(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "hf_mdm" or name.startswith("hf_mdm."):
+            raise ImportError("hf_mdm is not importable in this process")
+sys.meta_path.insert(0, BlockHfMdm())
+'''
+
+
+def run_without_hf_mdm(script: str, args: list, tmp_path):
+    """Runs `script` in `python -I` with HF_HUB_OFFLINE=1, an empty HF_HOME and hf_mdm made unimportable."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "script.py").write_text(BLOCK_HF_MDM + script)
+    hf_home = tmp_path / "hf_home"
+    hf_home.mkdir(exist_ok=True)
+    env = {"PATH": os.environ["PATH"], "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-I", str(tmp_path / "script.py"), *map(str, args)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

@@ -1,7 +1,3 @@
-import io
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -12,7 +8,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from hf_mdm import MDMGenerationConfig, MDMGenerationOutput
 
-from conftest import tiny_model
+from conftest import run_without_hf_mdm, tiny_model
 from oracle import LENGTH, MASK, SEQUENCES, OracleDenoiser, correlated_joint, oracle_config, sequence_index
 
 
@@ -157,12 +153,6 @@ def test_generation_config_round_trip_and_kwargs_override(tmp_path):
 
 REMOTE_SCRIPT = textwrap.dedent(
     """
-    import importlib.abc, sys
-    class BlockHfMdm(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_mdm" or name.startswith("hf_mdm."):
-                raise ImportError("hf_mdm is not importable in this process")
-    sys.meta_path.insert(0, BlockHfMdm())
     import torch
     from transformers import AutoModel
     model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)
@@ -177,12 +167,7 @@ def test_remote_code_generates_the_same(tmp_path):
     model = tiny_model()
     model.generation_config = MDMGenerationConfig(sampler="ancestral_cache", steps=20)
     model.save_pretrained(tmp_path / "ckpt")
-    (tmp_path / "gen.py").write_text(REMOTE_SCRIPT)
-    (tmp_path / "hf_home").mkdir()
-    env = {"PATH": os.environ["PATH"], "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "HOME": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-I", str(tmp_path / "gen.py"), str(tmp_path / "ckpt"), str(tmp_path / "out.pt")],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_without_hf_mdm(REMOTE_SCRIPT, [tmp_path / "ckpt", tmp_path / "out.pt"], tmp_path)
     expected = model.generate(max_new_tokens=10, num_return_sequences=3, generator=torch.Generator().manual_seed(4))
     assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
 

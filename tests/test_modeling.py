@@ -1,7 +1,5 @@
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -10,7 +8,7 @@ from transformers import AutoModel, AutoModelForMaskedLM
 
 from hf_mdm import MDMForMaskedDiffusion
 
-from conftest import tiny_config, tiny_model
+from conftest import run_without_hf_mdm, tiny_config, tiny_model
 
 
 def random_ids(batch, seq_len, vocab=50, seed=0):
@@ -110,12 +108,6 @@ def test_half_precision_forward(tmp_path, model, dtype):
 
 REMOTE_SCRIPT = textwrap.dedent(
     """
-    import importlib.abc, sys
-    class BlockHfMdm(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_mdm" or name.startswith("hf_mdm."):
-                raise ImportError("hf_mdm is not importable in this process")
-    sys.meta_path.insert(0, BlockHfMdm())
     try:
         import hf_mdm
         sys.exit("hf_mdm could be imported")
@@ -140,15 +132,7 @@ def test_remote_code_loads_without_hf_mdm(tmp_path, model):
     model.save_pretrained(folder)
     ids = random_ids(2, 9)
     torch.save(ids, tmp_path / "ids.pt")
-    (tmp_path / "load.py").write_text(REMOTE_SCRIPT)
-    hf_home = tmp_path / "hf_home"
-    hf_home.mkdir()
-    env = {"PATH": os.environ["PATH"], "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "HOME": str(tmp_path)}
-    result = subprocess.run(
-        [sys.executable, "-I", str(tmp_path / "load.py"), str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_without_hf_mdm(REMOTE_SCRIPT, [folder, tmp_path / "ids.pt", tmp_path / "out.pt"], tmp_path)
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), model(ids).logits, rtol=0, atol=0)
 
 
