@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from hf_mdm.training.checkpointing import latest_checkpoint
 
-from training_scripts.common import cli_args, subprocess_env, write_corpus
+from training_scripts.common import read_log, cli_args, subprocess_env, write_corpus
 
 
 SCRIPTS = Path(__file__).parent / "training_scripts"
@@ -23,11 +23,6 @@ SCRIPTS = Path(__file__).parent / "training_scripts"
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-def read_log(output_dir, key):
-    lines = [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
-    return {line["step"]: line[key] for line in lines if key in line}
 
 
 def run(command, timeout=120):

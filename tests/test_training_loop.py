@@ -1,7 +1,6 @@
 """The training loop, in process: it learns, saves loadable models, accumulates gradients over the global batch,
 trains the AR baseline, and survives a crash in the middle of a checkpoint write."""
 
-import json
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from hf_mdm.training import checkpointing, train
 from hf_mdm.training.checkpointing import latest_checkpoint
 from hf_mdm.training.cli import main as cli_main
 
-from training_scripts.common import tiny_run, write_corpus
+from training_scripts.common import read_log, tiny_run, write_corpus
 
 
 @pytest.fixture(autouse=True)
@@ -31,11 +30,6 @@ def fresh_accelerate_state():
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-def read_log(output_dir, key):
-    lines = [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
-    return {line["step"]: line[key] for line in lines if key in line}
 
 
 def test_mdm_run_learns_and_saves_a_hub_ready_folder(corpus, tmp_path):

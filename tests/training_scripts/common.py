@@ -1,5 +1,6 @@
 """Shared by the training tests: a small synthetic corpus and the settings of a tiny, fast run."""
 
+import json
 import os
 import random
 from pathlib import Path
@@ -57,3 +58,9 @@ def cli_args(corpus: Path, output_dir: Path, **overrides) -> list[str]:
         else:
             args += [flag, str(value)]
     return args
+
+
+def read_log(output_dir: Path, key: str) -> dict:
+    """{step: value} of one key of a run's log.jsonl."""
+    lines = [json.loads(line) for line in (Path(output_dir) / "log.jsonl").read_text().splitlines()]
+    return {line["step"]: line[key] for line in lines if key in line}

@@ -63,7 +63,7 @@ class TrainConfig:
     # model and objective
     objective: str = setting("mdm", "mdm: continuous-time NELBO; mdm-discrete: NELBO over the number of masked "
                              "tokens; ar: next-token loss of a causal LM", choices=tuple(OBJECTIVES))
-    model_config: str = setting("tiny", "a preset (mdm: tiny, small, mdlm-owt; ar: gpt2-tiny, llama-tiny, gpt2-small) "
+    model_config: str = setting("tiny", "a preset (mdm: tiny, mini, mdlm-owt; ar: gpt2-tiny, gpt2-mini, llama-tiny, gpt2-small) "
                                 "or a JSON file of config fields")
     # optimisation
     batch_size: int = setting(32, "GLOBAL batch: sequences per optimizer step, over all processes and micro-steps")

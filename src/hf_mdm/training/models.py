@@ -19,13 +19,14 @@ MDM_PRESETS = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, cond_dim=32, max_position_embeddings=256,
                  dropout=0.0),
     # A few million parameters: minutes on a laptop CPU.
-    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, cond_dim=64, max_position_embeddings=512),
+    "mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, cond_dim=64, max_position_embeddings=512),
     # MDLM's OpenWebText model (the MDMConfig defaults: 12 blocks of width 768, context 1024).
     "mdlm-owt": dict(),
 }
 
 AR_PRESETS = {
     "gpt2-tiny": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=256),
+    "gpt2-mini": dict(model_type="gpt2", n_embd=256, n_layer=4, n_head=4, n_positions=512),  # ~ the MDM "mini"
     "llama-tiny": dict(model_type="llama", hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256),
     # GPT-2 small (124M), the size of mdlm-owt: the paper's MDM-versus-ARM comparison.
