@@ -127,3 +127,12 @@ def test_output_dir_holding_a_different_run(corpus, tmp_path):
         train(tiny_run(corpus, tmp_path / "run", lr=1e-3, max_steps=2))
     with pytest.raises(ValueError, match="already holds this run's checkpoints. Pass --resume"):
         train(tiny_run(corpus, tmp_path / "run", max_steps=2))
+
+
+def test_a_datasets_dataset_by_name(tmp_path):
+    """`--dataset-name` takes anything `datasets.load_dataset` does; offline, a local folder of jsonl files."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"text": "a cat."}\n{"text": "  "}\n{"text": "a dog."}\n')
+    assert list(load_documents(dataset_name=str(tmp_path / "data"))["text"]) == ["a cat.", "a dog."]
+    with pytest.raises(ValueError, match="has no column 'body'"):
+        load_documents(dataset_name=str(tmp_path / "data"), text_field="body")

@@ -159,16 +159,16 @@ def learning_rate_factor(step: int, warmup_steps: int, decay_steps: int, min_rat
 def load_tokenizer(config: TrainConfig, output_dir: Path, accelerator: Accelerator):
     """The run's tokenizer, saved under output_dir/tokenizer (trained there by the main process if asked)."""
     saved = output_dir / "tokenizer"
-    with accelerator.main_process_first():
+    with accelerator.main_process_first():  # the main process trains and saves; the others then read its copy
         if config.tokenizer is not None:
             tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
         elif (saved / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(saved)  # trained by the main process, or before a resume
         else:
             tokenizer = train_bpe_tokenizer(config.train_files, vocab_size=config.train_tokenizer)
-    check_special_tokens(tokenizer, needs_mask=config.objective != "ar", add_mask_token=config.add_mask_token)
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(saved)
+        check_special_tokens(tokenizer, needs_mask=config.objective != "ar", add_mask_token=config.add_mask_token)
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(saved)
     return tokenizer
 
 
