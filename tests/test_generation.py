@@ -56,7 +56,8 @@ def test_exact_samplers_match_the_joint(oracle, settings):
 @pytest.mark.parametrize("tokens_per_step", [2, 4])
 def test_parallel_first_hitting_deviates_and_we_show_it(oracle, tokens_per_step):
     """k > 1 samples k positions independently from one output: an approximation, visibly wrong on a joint with
-    strong dependence. Measured total variation (seed 0, 20k samples): about 0.05 for k = 2, 0.14 for k = 4."""
+    strong dependence. Measured total variation from the joint (seed 0, 20k samples): 0.025 for exact FHS (k = 1,
+    sampling noise), 0.148 for k = 2, 0.431 for k = 4; chi-square p-values 0.16, < 1e-300, < 1e-300."""
     generator = torch.Generator().manual_seed(0)
     out = oracle.generate(max_new_tokens=LENGTH, num_return_sequences=SAMPLES, generator=generator,
                           tokens_per_step=tokens_per_step, return_dict_in_generate=True)
