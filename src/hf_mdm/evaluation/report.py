@@ -1,0 +1,69 @@
+"""The outputs of `hf-mdm evaluate`: a Markdown table and a plot of generative perplexity against entropy.
+
+Each result row is a dict with keys `kind` ("mdm", "ar" or "reference"), `label`, `num_samples`,
+`nfe_per_sample`, `seconds`, `generative_perplexity`, `gen_ppl_excluded`, `token_entropy` and `mauve` (None
+where it does not apply).
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+
+KIND_NAMES = {"mdm": "MDM", "ar": "AR", "reference": "reference"}
+
+
+def _cell(value, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(rows: Sequence[dict], judge: str, footnotes: Sequence[str] = ()) -> str:
+    """A Markdown table, one line per row; footnotes (e.g. the NELBO) go below it."""
+    lines = [
+        f"| model | setting | samples | NFE / sample | time (s) | gen PPL ({judge}) | entropy | MAUVE |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {KIND_NAMES[row['kind']]} | {row['label']} | {row['num_samples']} | {_cell(row['nfe_per_sample'], 1)} "
+            f"| {_cell(row['seconds'], 1)} | {_cell(row['generative_perplexity'], 2)} "
+            f"| {_cell(row['token_entropy'], 3)} | {_cell(row['mauve'], 3)} |"
+        )
+    excluded = [f"{row['label']}: {row['gen_ppl_excluded']}" for row in rows if row.get("gen_ppl_excluded")]
+    notes = list(footnotes)
+    if excluded:
+        notes.append("Texts with fewer than two judge tokens, left out of gen PPL: " + ", ".join(excluded) + ".")
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def plot_results(rows: Sequence[dict], path: str | Path, judge: str, title: str = "") -> None:
+    """Generative perplexity (log scale) against token entropy: one labelled point per MDM setting, the AR
+    baseline as a line over its temperatures, the reference texts' entropy as a vertical line. Writes a PNG."""
+    from matplotlib.figure import Figure  # the Agg canvas, without touching pyplot's global backend
+
+    figure = Figure(figsize=(7.5, 5.0), layout="constrained")
+    axes = figure.subplots()
+    mdm = [row for row in rows if row["kind"] == "mdm"]
+    for index, row in enumerate(mdm):
+        marker = "o" if row["label"].startswith("FHS") else "s"
+        axes.scatter(row["token_entropy"], row["generative_perplexity"], marker=marker, s=40, zorder=3,
+                     color=f"C{index % 10}", label=f"MDM {row['label']}")
+        axes.annotate(row["label"], (row["token_entropy"], row["generative_perplexity"]), textcoords="offset points",
+                      xytext=(5, 4), fontsize=7)
+    ar = sorted((row for row in rows if row["kind"] == "ar"), key=lambda row: row["token_entropy"])
+    if ar:
+        axes.plot([r["token_entropy"] for r in ar], [r["generative_perplexity"] for r in ar], "k--^", markersize=5,
+                  label="AR baseline (temperatures)", zorder=2)
+        for row in ar:
+            axes.annotate(row["label"], (row["token_entropy"], row["generative_perplexity"]),
+                          textcoords="offset points", xytext=(5, -10), fontsize=7)
+    for row in rows:
+        if row["kind"] == "reference":
+            axes.axvline(row["token_entropy"], color="grey", linestyle=":",
+                         label=f"reference texts' entropy ({row['token_entropy']:.2f})")
+    axes.set_yscale("log")
+    axes.set_xlabel("token entropy (nats, higher = more diverse)")
+    axes.set_ylabel(f"generative perplexity under {judge} (log scale)")
+    axes.set_title(title or "Quality against diversity: lower-left is degenerate text")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=7, loc="best")
+    figure.savefig(path, dpi=150)

@@ -1,0 +1,150 @@
+"""Sampler settings for a sweep, and batched sample generation split across Accelerate processes.
+
+A `SamplerSetting` is validated when it is made (through `MDMGenerationConfig`, so the errors name the field and
+the allowed values), which lets `hf-mdm evaluate` reject a bad sweep before it generates anything.
+"""
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..generation_mdm import MDMGenerationConfig
+
+
+# The generation fields a sweep varies, and how a `--setting` string spells their values.
+_FIELD_TYPES = {"sampler": str, "steps": int, "tokens_per_step": int, "sampling_dtype": str, "temperature": float}
+SETTING_FIELDS = tuple(_FIELD_TYPES)
+
+
+@dataclass(frozen=True)
+class SamplerSetting:
+    """One point of a sweep: the `MDMGenerationConfig` fields that `hf-mdm evaluate` varies.
+
+    `steps`: ancestral time steps (None: one per generated token), or a first_hitting budget of network calls.
+    `tokens_per_step`: first_hitting only, positions unmasked per call (1 is exact).
+    """
+
+    sampler: str = "first_hitting"
+    steps: int | None = None
+    tokens_per_step: int | None = None
+    sampling_dtype: str = "float64"
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        MDMGenerationConfig(**self.generation_kwargs())  # raises ValueError naming the field and the allowed values
+
+    def generation_kwargs(self) -> dict:
+        """The fields to pass to `model.generate`, unset ones left out."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @property
+    def label(self) -> str:
+        """A short name for tables and plots, e.g. "FHS k=1 float64" or "ancestral 256 steps float32 T=0.9"."""
+        if self.sampler == "first_hitting":
+            name = f"FHS {self.steps} calls" if self.steps else f"FHS k={self.tokens_per_step or 1}"
+        else:
+            name = f"{self.sampler} {self.steps} steps" if self.steps else f"{self.sampler} L steps"
+        name += f" {self.sampling_dtype}"
+        return name + (f" T={self.temperature:g}" if self.temperature != 1.0 else "")
+
+
+def expand_settings(samplers: Sequence[str], steps: Sequence[int | None] = (None,),
+                    tokens_per_step: Sequence[int] = (1,), sampling_dtypes: Sequence[str] = ("float64",),
+                    temperatures: Sequence[float] = (1.0,)) -> list[SamplerSetting]:
+    """The cross product of the given values, meaningful combinations only: `tokens_per_step` varies the
+    first_hitting sampler, `steps` the ancestral ones. Duplicates are dropped, order kept."""
+    settings = []
+    for sampler, dtype, temperature in itertools.product(samplers, sampling_dtypes, temperatures):
+        variants = ([dict(tokens_per_step=k) for k in tokens_per_step] if sampler == "first_hitting"
+                    else [dict(steps=s) for s in steps])
+        for variant in variants:
+            setting = SamplerSetting(sampler=sampler, sampling_dtype=dtype, temperature=float(temperature), **variant)
+            if setting not in settings:
+                settings.append(setting)
+    return settings
+
+
+def parse_setting(text: str) -> SamplerSetting:
+    """"sampler=ancestral,steps=256,sampling_dtype=float32" -> a validated `SamplerSetting`."""
+    fields = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in _FIELD_TYPES:
+            raise ValueError(f"setting {text!r}: {item!r} is not FIELD=VALUE with FIELD one of {SETTING_FIELDS}.")
+        try:
+            fields[key] = _FIELD_TYPES[key](value.strip())
+        except ValueError:
+            raise ValueError(f"setting {text!r}: {key} must be {_FIELD_TYPES[key].__name__}, got {value!r}.") from None
+    return SamplerSetting(**fields)
+
+
+@dataclass
+class Samples:
+    """`sequences`: `(num_samples, length)` token ids on the CPU; `nfe`: network calls each sample took part in;
+    `seconds`: wall time of the generation, all processes together."""
+
+    sequences: torch.Tensor
+    nfe: torch.Tensor
+    seconds: float
+
+
+def generate_samples(sample_batch: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], num_samples: int,
+                     batch_size: int, accelerator, seed: int, desc: str = "sampling") -> Samples:
+    """Draws `num_samples` samples in batches, split across the Accelerate processes, gathered on every process.
+
+    Args:
+        sample_batch: `(size, seed) -> (sequences (size, length), nfe per sequence (size,))`.
+        num_samples: in total, over all processes (process r draws samples r, r + P, r + 2P, ...).
+        seed: batch b of process r is drawn with seed `seed + 1_000_003 * r + b`; samples depend on the seed, the
+            batch size and the number of processes.
+    """
+    from accelerate.utils import gather_object
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = len(range(rank, num_samples, world))
+    sequences, nfe = [], []
+    accelerator.wait_for_everyone()
+    start = time.perf_counter()
+    sizes = [min(batch_size, mine - i) for i in range(0, mine, batch_size)]
+    for b, size in enumerate(tqdm(sizes, desc=desc, leave=False, disable=not accelerator.is_main_process)):
+        batch, batch_nfe = sample_batch(size, seed + 1_000_003 * rank + b)
+        sequences += batch.cpu().tolist()
+        nfe += batch_nfe.cpu().tolist()
+    sequences, nfe = gather_object(sequences), gather_object(nfe)
+    seconds = time.perf_counter() - start
+    return Samples(torch.tensor(sequences, dtype=torch.long), torch.tensor(nfe, dtype=torch.long), seconds)
+
+
+def mdm_sampler(model, setting: SamplerSetting, length: int) -> Callable:
+    """`sample_batch` for `generate_samples`: unconditional MDM samples of `length` tokens under `setting`."""
+
+    def sample_batch(size: int, seed: int):
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+        out = model.generate(max_new_tokens=length, num_return_sequences=size, generator=generator,
+                             return_dict_in_generate=True, **setting.generation_kwargs())
+        return out.sequences, out.nfe_per_sequence
+
+    return sample_batch
+
+
+def ar_sampler(model, start_token_id: int, temperature: float, length: int) -> Callable:
+    """`sample_batch` for `generate_samples`: `length` tokens from a causal LM's own `generate`, starting from
+    `start_token_id` (kept as the first token, as MDLM's AR baseline does), pure sampling at `temperature`
+    (no top-k / top-p; 0 is greedy), never stopped by EOS. NFE = length - 1 (one call per new token)."""
+    model.generation_config.eos_token_id = None  # fixed-length samples: EOS does not end a sample
+
+    def sample_batch(size: int, seed: int):
+        torch.manual_seed(seed)  # transformers' generate draws from the global RNG
+        prompt = torch.full((size, 1), start_token_id, dtype=torch.long, device=model.device)
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+        sequences = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=length - 1,
+                                   pad_token_id=start_token_id, **sampling)
+        return sequences, torch.full((size,), length - 1, dtype=torch.long)
+
+    return sample_batch
