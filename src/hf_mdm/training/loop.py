@@ -180,7 +180,8 @@ def load_blocks(config: TrainConfig, tokenizer, accelerator: Accelerator):
         if config.validation_files:
             validation = load_documents(config.validation_files, text_field=config.text_field, sample_by=config.sample_by)
         else:
-            documents, validation = split_documents(documents, config.validation_fraction, config.seed)
+            # The held-out documents depend on VALIDATION_SEED, not on the run's seed: comparable across runs.
+            documents, validation = split_documents(documents, config.validation_fraction, VALIDATION_SEED)
         pack = dict(tokenizer=tokenizer, block_size=config.block_size, text_field=config.text_field,
                     num_proc=config.num_proc)
         train_blocks, validation_blocks = tokenize_and_pack(documents, **pack), tokenize_and_pack(validation, **pack)
@@ -269,9 +270,11 @@ def train(config: TrainConfig) -> dict:
     while step < config.max_steps:
         # Once in a while: validate (at step 0 too, the untrained baseline).
         if step % config.eval_every == 0:
+            started = time.perf_counter()
             metrics = validate()
             accelerator.log(metrics, step=step)
             progress.set_postfix(val=f"{metrics['val/nats_per_token']:.3f}")
+            clock += time.perf_counter() - started  # tokens/s counts training time only
 
         # The global batch of this step and its noise: functions of (seed, step) only, identical on every process.
         indices = sampler.indices(step)
