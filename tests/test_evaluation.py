@@ -268,6 +268,31 @@ def test_sampler_settings_cross_product_and_errors():
         parse_setting("sampler=ancestral,tokens_per_step=2")
 
 
+def test_generate_samples_splits_the_work_across_processes():
+    """Process r of P draws samples r, r + P, ...: with 7 samples, batches of 2 and 3 processes, ranks draw 3, 2 and
+    2 samples, each batch with its own seed (here no process group exists, so gathering returns the local list)."""
+    from types import SimpleNamespace
+
+    from hf_mdm.evaluation.sweep import generate_samples
+
+    seen = {}
+    for rank in range(3):
+        accelerator = SimpleNamespace(process_index=rank, num_processes=3, is_main_process=rank == 0,
+                                      wait_for_everyone=lambda: None)
+        seeds = []
+
+        def sample_batch(size, seed):
+            seeds.append(seed)
+            return torch.full((size, 4), seed), torch.full((size,), 4)
+
+        samples = generate_samples(sample_batch, 7, 2, accelerator, seed=5)
+        seen[rank] = (samples.sequences.shape[0], seeds)
+        assert samples.nfe.tolist() == [4] * samples.sequences.shape[0]
+    assert [count for count, _ in seen.values()] == [3, 2, 2]
+    all_seeds = [seed for _, seeds in seen.values() for seed in seeds]
+    assert len(set(all_seeds)) == len(all_seeds) == 4 and seen[0][1] == [5, 6]
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 
