@@ -195,6 +195,8 @@ def test_mauve_on_texts_and_missing_references(assets, judge):
         mauve_score(texts=texts, judge=judge)
     with pytest.raises(ValueError, match="reference texts"):
         load_metric("mauve").compute(predictions=texts, judge=judge)
+    with pytest.raises(ValueError, match="reference texts"):  # before trying to load the default judge
+        load_metric("mauve").compute(predictions=[[0.0, 1.0]])
 
 
 # ------------------------------------------------------------------------------------------------------ NELBO
@@ -330,6 +332,24 @@ def test_evaluate_end_to_end(assets, tmp_path):
     table = (out / "results.md").read_text()
     assert table.startswith("| model | setting |") and "| MDM | FHS k=4 float64 | 4 |" in table and "NELBO" in table
     assert len((out / "samples.jsonl").read_text().splitlines()) == 5 * 4
+
+
+def test_evaluate_under_two_processes(assets, tmp_path):
+    """`torchrun --nproc_per_node 2` (gloo on CPU): 5 samples per setting split 3 + 2, gathered on the main process,
+    which alone judges them and writes the results."""
+    out = tmp_path / "eval2"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "hf_mdm.evaluation.cli",
+               str(assets["mdm_dir"]), "--judge", str(assets["judge_dir"]), "--setting", "sampler=first_hitting",
+               "--setting", "sampler=ancestral,steps=4", "--num-samples", "5", "--batch-size", "2", "--length", "16",
+               "--output-dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}  # gloo, no GPU
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["num_processes"] == 2
+    assert [(row["label"], row["num_samples"]) for row in saved["rows"]] == [
+        ("FHS k=1 float64", 5), ("ancestral 4 steps float64", 5)]
+    assert (out / "plot.png").is_file() and (out / "results.md").is_file()
 
 
 def test_evaluate_rejects_bad_settings_before_generating(assets, tmp_path):

@@ -50,6 +50,8 @@ class Mauve(evaluate.Metric):
 
     def _compute(self, predictions, reference_texts=None, reference_features=None, judge=DEFAULT_JUDGE, batch_size=8,
                  device=None, max_length=1024, **mauve_options):
+        if reference_texts is None and reference_features is None:
+            raise ValueError("MAUVE needs reference texts (reference_texts=...) or reference_features=..., and got none.")
         as_texts = len(predictions) > 0 and isinstance(predictions[0], str)
         needs_judge = as_texts or reference_features is None
         loaded = load_judge(judge, device) if needs_judge else None
