@@ -222,6 +222,27 @@ def test_converted_folder_is_hub_ready(tmp_path):
     assert str(source) in card and "MDLM Hub layout" in card and "sha256" in card and "model.safetensors" in card
 
 
+def test_a_tokenizer_with_its_own_mask_token_decides_the_mask_id(tmp_path):
+    """MDLM's rule: [MASK] is the tokenizer's mask token when it has one (BERT-tokenized runs), else a new last id."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    vocab.update({"[UNK]": 0, "[MASK]": 4})
+    vocab.pop("w0"), vocab.pop("w4")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
+                                        unk_token="[UNK]", mask_token="[MASK]")
+    reference = random_reference(seed=22, vocab_size=VOCAB)
+    (tmp_path / "tok").mkdir()
+    tokenizer.save_pretrained(tmp_path / "tok")
+    source = save_hub_layout(reference, tmp_path / "src")
+    result = convert_mdlm(source, tmp_path / "dst", tokenizer=tmp_path / "tok")
+    assert result.model.config.mask_token_id == 4
+    assert AutoTokenizer.from_pretrained(tmp_path / "dst").mask_token_id == 4
+    with pytest.raises(ConversionError, match="mask_token_id=52 was asked, but the tokenizer's '\\[MASK\\]' is id 4"):
+        convert_mdlm(source, tmp_path / "dst2", tokenizer=tmp_path / "tok", mask_token_id=52)
+
+
 @pytest.mark.parametrize("time_conditioning", [False, True], ids=["time_agnostic", "time_conditioned"])
 def test_converted_checkpoint_generates(tmp_path, time_conditioning):
     reference = random_reference(seed=9, vocab_size=VOCAB, time_conditioning=time_conditioning)
