@@ -1,4 +1,4 @@
-"""The `hf-mdm` command line: demo, train."""
+"""The `hf-mdm` command line: demo, train, convert."""
 
 import argparse
 import sys
@@ -61,6 +61,7 @@ def demo(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from hf_mdm.convert.cli import add_convert_parser
     from hf_mdm.training.cli import add_train_parser
 
     parser = argparse.ArgumentParser(prog="hf-mdm", description=__doc__)
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     demo_parser.add_argument("--seed", type=int, default=0)
     demo_parser.set_defaults(func=demo)
     add_train_parser(commands)
+    add_convert_parser(commands)
     args = parser.parse_args(argv)
     args.func(args)
 
