@@ -12,14 +12,8 @@ from hf_mdm.training import BlockSampler, load_documents, tokenize_and_pack, tra
 from hf_mdm.training.data import check_text_files
 from hf_mdm.training.loop import check_settings
 
+from training_scripts.common import one_thread_and_fresh_accelerate_state  # noqa: F401 (autouse fixture)
 from training_scripts.common import tiny_run, write_corpus
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")

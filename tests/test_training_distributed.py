@@ -32,13 +32,14 @@ def run(command, timeout=120):
 
 def test_two_processes_follow_one_with_the_same_global_batch(corpus, tmp_path):
     """Same global batch of 8 (2 processes x 4 rows vs 1 x 8): the same losses, up to float summation order
-    (tolerance: relative 1e-4), and the times of both processes together fill the 8 strata of [0, 1)."""
+    (tolerance: relative 1e-4), and the times of both processes together fill the 8 strata of [0, 1). 15
+    validation blocks: one process validates 8, the other 7 (plus one padding block whose loss is dropped)."""
     steps = 5
     for name, launcher in (("one", [sys.executable]), ("two", [sys.executable, "-m", "torch.distributed.run",
                                                                 "--nproc_per_node", "2"])):
         (tmp_path / name).mkdir()
         run([*launcher, SCRIPTS / "record_times.py", tmp_path / name,
-             *cli_args(corpus, tmp_path / name / "run", max_steps=steps, eval_every=steps)])
+             *cli_args(corpus, tmp_path / name / "run", max_steps=steps, eval_every=steps, eval_blocks=15)])
 
     for key in ("train/nats_per_token", "val/nats_per_token"):
         one, two = read_log(tmp_path / "one" / "run", key), read_log(tmp_path / "two" / "run", key)

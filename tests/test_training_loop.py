@@ -12,19 +12,8 @@ from hf_mdm.training import checkpointing, train
 from hf_mdm.training.checkpointing import latest_checkpoint
 from hf_mdm.training.cli import main as cli_main
 
+from training_scripts.common import one_thread_and_fresh_accelerate_state  # noqa: F401 (autouse fixture)
 from training_scripts.common import read_log, tiny_run, write_corpus
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each run builds its own Accelerator; Accelerate keeps process-wide singletons, so reset them. One thread:
-    the suite shares two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from hf_mdm.training.objectives import (T_MIN, antithetic_times, draw_noise, get
                                         validation_nelbo)
 
 from conftest import tiny_config, tiny_model
+from training_scripts.common import one_thread_and_fresh_accelerate_state  # noqa: F401 (autouse fixture)
 
 
 class UniformModel(torch.nn.Module):

@@ -5,12 +5,29 @@ import os
 import random
 from pathlib import Path
 
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+
 from hf_mdm.training import TrainConfig
 
 
 NOUNS = "cat dog bird fish horse mouse river tree stone house garden window".split()
 ADJECTIVES = "small big red green quiet loud old young".split()
 VERBS = "sees chases finds likes follows watches".split()
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_fresh_accelerate_state():
+    """Imported by the training test modules, for every test. One torch thread: with two on a two-core machine
+    that other jobs share, OpenMP threads spin-wait on each other (a 1 s test took 58 s). And each run builds its
+    own Accelerator, while Accelerate keeps process-wide singletons: reset them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
 
 def write_corpus(folder: Path, num_documents: int = 300, seed: int = 0) -> Path:

@@ -204,12 +204,16 @@ def validation_loss(model, input_ids: torch.Tensor, objective: str = "mdm", batc
             u = torch.rand((), generator=generator, dtype=torch.float64).item()
             order = torch.randperm(num_blocks, generator=generator)
             noise = Noise(antithetic_times(u, num_blocks)[order], torch.rand(num_blocks, seq_len, generator=generator))
-        rows = torch.arange(rank, num_blocks, world)
+        # Every process makes the same number of forward calls (DDP and FSDP forwards hold collectives): the rows
+        # are dealt round-robin and padded past the end with copies of the last block, whose losses are dropped.
+        rows = torch.arange(rank, math.ceil(num_blocks / world) * world, world)
+        real = (rows < num_blocks).to(device)
+        rows = rows.clamp(max=num_blocks - 1)
         for start in range(0, len(rows), batch_size):
             batch_rows = rows[start : start + batch_size]
             batch_noise = noise[batch_rows].to(device) if noise is not None else None
             losses = objective.sequence_losses(model, input_ids[batch_rows].to(device), batch_noise)
-            total += losses.double().sum()
+            total += (losses.double() * real[start : start + batch_size]).sum()
     if accelerator is not None:
         total = accelerator.reduce(total, reduction="sum")
     model.train(was_training)
