@@ -6,7 +6,7 @@ batch already on the device), no scheduler, logging or sampler. So the ratio is 
 Each measurement runs in its own fresh process (so peak memory is its own), alternating bare / loop `--repeats`
 times; the table gives medians. Goal: loop / bare >= 0.95.
 
-    OMP_NUM_THREADS=1 python benchmarks/training.py --clock cpu     # CPU, the "mini" preset (4 blocks of width 256), ~4 minutes
+    OMP_NUM_THREADS=1 python benchmarks/training.py --clock cpu     # CPU, the "mini" preset (4 x 256), ~4 minutes
     python benchmarks/training.py --device cuda --mixed-precision bf16 --preset mdlm-owt --block-size 1024 --batch-size 32
 
 Peak memory: CUDA's max_memory_allocated on a GPU, the process's peak RSS on a CPU.

@@ -32,6 +32,14 @@ def test_bpe_tokenizer_has_mask_eos_and_pad(tokenizer, corpus):
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text  # byte-level: lossless
 
 
+def test_bpe_tokenizer_learns_from_the_text_of_jsonl_files(corpus, tmp_path):
+    documents = corpus.read_text().split("\n\n")
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"body": d}) for d in documents) + "\n")
+    vocabulary = train_bpe_tokenizer([tmp_path / "docs.jsonl"], vocab_size=300, text_field="body").get_vocab()
+    assert not [token for token in vocabulary if '"' in token and len(token) > 1]  # no merges of JSON syntax
+    assert "Ġthe" in vocabulary and "Ġloud" in vocabulary
+
+
 def test_packing_wraps_documents_with_eos_into_full_blocks(tokenizer, tmp_path):
     documents = ["the cat sees a dog.", "a bird.", "the old horse follows the young mouse. [MASK]"]
     (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in documents) + "\n")

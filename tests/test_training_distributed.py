@@ -79,7 +79,8 @@ def test_killed_run_resumes_exactly(corpus, tmp_path):
     assert steps_before_kill < settings["max_steps"]
 
     run([sys.executable, "-m", "hf_mdm.training.cli", *cli_args(corpus, killed, resume=True, **settings)])
-    whole, resumed = load_file(tmp_path / "whole" / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors")
+    whole = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    resumed = load_file(killed / "model" / "model.safetensors")
     for name in whole:
         torch.testing.assert_close(resumed[name], whole[name], rtol=1e-5, atol=1e-6)
     for key in ("train/nats_per_token", "val/nats_per_token"):

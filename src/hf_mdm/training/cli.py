@@ -13,7 +13,7 @@ import types
 import typing
 from pathlib import Path
 
-from .loop import TrainConfig, train
+from .loop import InputError, TrainConfig, train
 
 
 def _flag_kwargs(config_field: dataclasses.Field) -> dict:
@@ -71,8 +71,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run_train(args: argparse.Namespace) -> None:
     try:
-        train(config_from_args(args))
-    except ValueError as error:  # bad input, found before training starts: say what, without a traceback
+        config = config_from_args(args)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"hf-mdm train: {error}") from None
+    try:
+        train(config)
+    except InputError as error:  # bad input, found before training starts: say what, without a traceback
         raise SystemExit(f"hf-mdm train: {error}") from None
 
 

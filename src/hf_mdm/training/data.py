@@ -66,6 +66,17 @@ def _jsonl_text(line: str, file: Path, line_number: int, text_field: str) -> str
     return record[text_field]
 
 
+def iter_texts(files: Sequence[str | os.PathLike], text_field: str = "text"):
+    """The text of checked files, line by line (jsonl: the `text_field` of each object), e.g. to train a tokenizer."""
+    for file in map(Path, files):
+        with file.open(encoding="utf-8") as handle:
+            for line in handle:
+                if file.suffix not in JSON_SUFFIXES:
+                    yield line
+                elif line.strip():
+                    yield json.loads(line)[text_field]
+
+
 def load_documents(
     files: Sequence[str | os.PathLike] | None = None,
     dataset_name: str | None = None,
@@ -84,7 +95,9 @@ def load_documents(
     if dataset_name is not None:
         documents = datasets.load_dataset(dataset_name, dataset_config, split=split)
         if text_field not in documents.column_names:
-            raise ValueError(f"Dataset {dataset_name!r} has no column {text_field!r}; its columns: {documents.column_names}.")
+            raise ValueError(
+                f"Dataset {dataset_name!r} has no column {text_field!r}; its columns: {documents.column_names}."
+            )
     else:
         if sample_by not in SAMPLE_BY:
             raise ValueError(f"sample_by must be one of {SAMPLE_BY}, got {sample_by!r}.")

@@ -48,7 +48,8 @@ class TrainConfig:
 
     # data
     train_files: list[str] | None = setting(None, "text (.txt) or jsonl (.jsonl) files to train on")
-    validation_files: list[str] | None = setting(None, "held-out files; default: hold out --validation-fraction of the documents")
+    validation_files: list[str] | None = setting(None, "held-out files; default: hold out --validation-fraction "
+                                                 "of the documents")
     dataset_name: str | None = setting(None, "a `datasets` dataset name or local folder, instead of --train-files")
     dataset_config: str | None = setting(None, "the dataset's configuration name")
     text_field: str = setting("text", "the text column of jsonl files and datasets")
@@ -63,8 +64,8 @@ class TrainConfig:
     # model and objective
     objective: str = setting("mdm", "mdm: continuous-time NELBO; mdm-discrete: NELBO over the number of masked "
                              "tokens; ar: next-token loss of a causal LM", choices=tuple(OBJECTIVES))
-    model_config: str = setting("tiny", "a preset (mdm: tiny, mini, mdlm-owt; ar: gpt2-tiny, gpt2-mini, llama-tiny, gpt2-small) "
-                                "or a JSON file of config fields")
+    model_config: str = setting("tiny", "a preset (mdm: tiny, mini, mdlm-owt; ar: gpt2-tiny, gpt2-mini, llama-tiny, "
+                                "gpt2-small) or a JSON file of config fields")
     # optimisation
     batch_size: int = setting(32, "GLOBAL batch: sequences per optimizer step, over all processes and micro-steps")
     grad_accum: int = setting(1, "accumulation micro-steps per optimizer step")
@@ -165,7 +166,8 @@ def load_tokenizer(config: TrainConfig, output_dir: Path, accelerator: Accelerat
         elif (saved / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(saved)  # trained by the main process, or before a resume
         else:
-            tokenizer = train_bpe_tokenizer(config.train_files, vocab_size=config.train_tokenizer)
+            tokenizer = train_bpe_tokenizer(config.train_files, vocab_size=config.train_tokenizer,
+                                            text_field=config.text_field)
         check_special_tokens(tokenizer, needs_mask=config.objective != "ar", add_mask_token=config.add_mask_token)
         if accelerator.is_main_process:
             tokenizer.save_pretrained(saved)
@@ -190,43 +192,59 @@ def load_blocks(config: TrainConfig, tokenizer, accelerator: Accelerator):
     return train_blocks, validation_blocks
 
 
+class InputError(ValueError):
+    """Bad input (data, tokenizer, model config, settings, output directory), found before training starts."""
+
+
+@contextlib.contextmanager
+def input_checks():
+    """Turns a ValueError raised inside the block into an InputError (errors of the loop itself stay as they are)."""
+    try:
+        yield
+    except InputError:
+        raise
+    except ValueError as error:
+        raise InputError(str(error)) from error
+
+
 def train(config: TrainConfig) -> dict:
     """Runs (or resumes) training as `config` says; returns the final validation metrics."""
     # ---------------------------------------------------------------- set-up: processes, output directory
-    output_dir = Path(config.output_dir)
-    run_config = dataclasses.asdict(config)
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.grad_accum,
-        # We call scheduler.step() once per optimizer step ourselves; by default Accelerate would step it once
-        # per process, which makes the schedule depend on the number of processes.
-        step_scheduler_with_optimizer=False,
-        log_with=[JSONLinesTracker(output_dir / "log.jsonl"), *config.report_to],
-        project_dir=str(output_dir),
-    )
-    micro_batch_size = check_settings(config, accelerator.num_processes)
-    check_output_dir(output_dir, run_config, MAY_CHANGE_ON_RESUME, config.resume)
-    accelerator.wait_for_everyone()  # every process has read the directory before the main one writes to it
-    if accelerator.is_main_process:
-        write_run_config(output_dir, run_config)
-        remove_temp_checkpoints(output_dir)
-    accelerator.wait_for_everyone()
+    with input_checks():  # a ValueError in set-up is bad input: the CLI reports it without a traceback
+        output_dir = Path(config.output_dir)
+        run_config = dataclasses.asdict(config)
+        accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.grad_accum,
+            # We call scheduler.step() once per optimizer step ourselves; by default Accelerate would step it once
+            # per process, which makes the schedule depend on the number of processes.
+            step_scheduler_with_optimizer=False,
+            log_with=[JSONLinesTracker(output_dir / "log.jsonl"), *config.report_to],
+            project_dir=str(output_dir),
+        )
+        micro_batch_size = check_settings(config, accelerator.num_processes)
+        check_output_dir(output_dir, run_config, MAY_CHANGE_ON_RESUME, config.resume)
+        accelerator.wait_for_everyone()  # every process has read the directory before the main one writes to it
+        if accelerator.is_main_process:
+            write_run_config(output_dir, run_config)
+            remove_temp_checkpoints(output_dir)
+        accelerator.wait_for_everyone()
 
-    # ---------------------------------------------------------------- tokenizer, model, data
-    tokenizer = load_tokenizer(config, output_dir, accelerator)
-    model_config = build_model_config(config.model_config, config.objective == "ar", tokenizer, config.block_size)
-    torch.manual_seed(config.seed)  # the initial weights
-    model = build_model(model_config)
-    objective = get_objective(config.objective, model_config)
-    train_blocks, validation_blocks = load_blocks(config, tokenizer, accelerator)
-    validation_ids = validation_blocks[: config.eval_blocks]["input_ids"]  # (num_blocks, block_size)
-    sampler = BlockSampler(len(train_blocks), config.batch_size, config.seed)
-    accelerator.print(
-        f"{config.objective}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
-        f"{len(train_blocks)} training and {len(validation_ids)} validation blocks of {config.block_size} tokens, "
-        f"global batch {config.batch_size} = {accelerator.num_processes} process(es) x {config.grad_accum} "
-        f"micro-step(s) x {micro_batch_size}"
-    )
+        # ---------------------------------------------------------------- tokenizer, model, data
+        tokenizer = load_tokenizer(config, output_dir, accelerator)
+        model_config = build_model_config(config.model_config, config.objective == "ar", tokenizer, config.block_size)
+        torch.manual_seed(config.seed)  # the initial weights
+        model = build_model(model_config)
+        objective = get_objective(config.objective, model_config)
+        train_blocks, validation_blocks = load_blocks(config, tokenizer, accelerator)
+        validation_ids = validation_blocks[: config.eval_blocks]["input_ids"]  # (num_blocks, block_size)
+        sampler = BlockSampler(len(train_blocks), config.batch_size, config.seed)
+        accelerator.print(
+            f"{config.objective}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+            f"{len(train_blocks)} training and {len(validation_ids)} validation blocks of {config.block_size} tokens, "
+            f"global batch {config.batch_size} = {accelerator.num_processes} process(es) x {config.grad_accum} "
+            f"micro-step(s) x {micro_batch_size}"
+        )
 
     # ---------------------------------------------------------------- optimizer, schedule, EMA
     # Weight decay on matrices only (nanoGPT): never on biases and norm weights.
@@ -307,7 +325,10 @@ def train(config: TrainConfig) -> dict:
             elapsed = time.perf_counter() - clock
             accelerator.log({"train/nats_per_token": train_loss, "lr": scheduler.get_last_lr()[0],
                              "tokens_per_s": steps_since_log * tokens_per_step / elapsed}, step=step)
-            progress.set_postfix(loss=f"{train_loss:.3f}", **({"val": f"{metrics['val/nats_per_token']:.3f}"} if metrics else {}))
+            shown = {"loss": f"{train_loss:.3f}"}
+            if metrics:
+                shown["val"] = f"{metrics['val/nats_per_token']:.3f}"
+            progress.set_postfix(shown)
             loss_sum.zero_()
             steps_since_log, clock = 0, time.perf_counter()
 

@@ -51,7 +51,9 @@ def model_config_fields(model_config: str, autoregressive: bool) -> dict:
     if not isinstance(fields, dict):
         raise ValueError(f"--model-config {model_config!r} must hold a JSON object of config fields.")
     if autoregressive and "model_type" not in fields:
-        raise ValueError(f"--model-config {model_config!r} needs a 'model_type' (e.g. \"gpt2\", \"llama\") for --objective ar.")
+        raise ValueError(
+            f"--model-config {model_config!r} needs a 'model_type' (e.g. \"gpt2\", \"llama\") for --objective ar."
+        )
     return fields
 
 

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from .data import check_text_files, iter_texts
+
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "[PAD]"
@@ -22,11 +24,13 @@ def train_bpe_tokenizer(
     vocab_size: int = 4096,
     min_frequency: int = 2,
     output_dir: str | os.PathLike | None = None,
+    text_field: str = "text",
 ) -> PreTrainedTokenizerFast:
     """Trains a byte-level BPE tokenizer on text files, with EOS, PAD and [MASK] as special tokens.
 
     Args:
-        files: UTF-8 text files to learn merges from.
+        files: UTF-8 text (.txt) or jsonl (.jsonl, the text in `text_field`) files to learn merges from; checked
+            first (`check_text_files`).
         vocab_size: size of the vocabulary, special tokens and the 256 byte symbols included.
         min_frequency: a pair must occur this often to be merged.
         output_dir: where to `save_pretrained` the tokenizer (optional).
@@ -38,9 +42,13 @@ def train_bpe_tokenizer(
 
     special_tokens = [EOS_TOKEN, PAD_TOKEN, MASK_TOKEN]
     if vocab_size < 256 + len(special_tokens):
-        raise ValueError(f"vocab_size must be at least {256 + len(special_tokens)} (256 bytes + 3 special tokens), got {vocab_size}.")
+        raise ValueError(
+            f"vocab_size must be at least {256 + len(special_tokens)} (256 bytes + 3 special tokens), got {vocab_size}."
+        )
+    check_text_files(files, text_field)
     bpe = ByteLevelBPETokenizer()
-    bpe.train([str(f) for f in files], vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special_tokens)
+    bpe.train_from_iterator(iter_texts(files, text_field), vocab_size=vocab_size, min_frequency=min_frequency,
+                            special_tokens=special_tokens)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, mask_token=MASK_TOKEN
     )
