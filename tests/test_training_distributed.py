@@ -35,8 +35,9 @@ def test_two_processes_follow_one_with_the_same_global_batch(corpus, tmp_path):
     (tolerance: relative 1e-4), and the times of both processes together fill the 8 strata of [0, 1). 15
     validation blocks: one process validates 8, the other 7 (plus one padding block whose loss is dropped)."""
     steps = 5
-    for name, launcher in (("one", [sys.executable]), ("two", [sys.executable, "-m", "torch.distributed.run",
-                                                                "--nproc_per_node", "2"])):
+    # --standalone: a free local port for the rendezvous, so concurrent runs of the suite do not collide.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for name, launcher in (("one", [sys.executable]), ("two", torchrun)):
         (tmp_path / name).mkdir()
         run([*launcher, SCRIPTS / "record_times.py", tmp_path / name,
              *cli_args(corpus, tmp_path / name / "run", max_steps=steps, eval_every=steps, eval_blocks=15)])
