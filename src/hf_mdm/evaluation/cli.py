@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from .judge import DEFAULT_JUDGE
 from .sweep import SamplerSetting, expand_settings, parse_setting
 
 
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="evaluation", help="where results.json, results.md and plot.png go")
 
     judge = parser.add_argument_group("judge and references")
-    judge.add_argument("--judge", default="gpt2-large", help="causal LM that scores and embeds samples: folder or Hub id")
+    judge.add_argument("--judge", default=DEFAULT_JUDGE, help="causal LM that scores and embeds samples: folder or Hub id")
     judge.add_argument("--judge-batch-size", type=int, default=8, help="texts per judge forward pass")
     judge.add_argument("--judge-device", help="device of the judge (default: the generation device)")
     judge.add_argument("--reference-files", nargs="+", help="text or jsonl files of reference texts (for MAUVE, the "
@@ -129,6 +130,12 @@ def warm_up(model, ar_model=None, start_id=None) -> None:
                           pad_token_id=start_id)
 
 
+def judge_label(name: str) -> str:
+    """A short name for a judge: a Hub id as it is, a folder by its last two parts ("judge/model")."""
+    path = Path(name)
+    return "/".join(path.parts[-2:]) if path.exists() else name
+
+
 def run_evaluate(args: argparse.Namespace) -> dict | None:
     """Runs the evaluation; returns the results (on the main process; None on the others)."""
     import torch
@@ -137,7 +144,7 @@ def run_evaluate(args: argparse.Namespace) -> dict | None:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from . import load_judge, load_metric, pack_texts
-    from .judge import judge_features
+    from .judge import judge_features, model_context
     from .report import KIND_NAMES, markdown_table, plot_results
     from .sweep import ar_sampler, generate_samples, mdm_sampler
 
@@ -163,8 +170,11 @@ def run_evaluate(args: argparse.Namespace) -> dict | None:
         start_id = ar_tokenizer.bos_token_id if ar_tokenizer.bos_token_id is not None else ar_tokenizer.eos_token_id
         if start_id is None:
             raise ValueError(f"the AR tokenizer {args.ar_model!r} has neither a BOS nor an EOS token to start samples from.")
+        ar_context = model_context(ar_model.config)
+        if ar_context is not None and length > ar_context:
+            raise ValueError(f"--length {length} exceeds the AR model's context ({ar_context}).")
     reference_blocks = None
-    if args.reference_files:
+    if args.reference_files and main:
         from ..training.data import load_documents
 
         documents = load_documents(args.reference_files, text_field=args.text_field, sample_by=args.reference_sample_by)
@@ -233,9 +243,9 @@ def run_evaluate(args: argparse.Namespace) -> dict | None:
                    arguments={k: v for k, v in vars(args).items() if k != "func"})
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown_table(rows, Path(judge.name).name or judge.name, footnotes)
+    table = markdown_table(rows, judge_label(judge.name), footnotes)
     (output_dir / "results.md").write_text(table)
-    plot_results(rows, output_dir / "plot.png", Path(judge.name).name or judge.name)
+    plot_results(rows, output_dir / "plot.png", judge_label(judge.name))
     if args.save_samples:
         with (output_dir / "samples.jsonl").open("w") as handle:
             handle.writelines(json.dumps(sample) + "\n" for sample in saved_samples)

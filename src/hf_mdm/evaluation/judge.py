@@ -41,6 +41,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def model_context(config) -> int | None:
+    """A causal LM's context length from its config (`n_positions`, `max_position_embeddings`, ...), or None."""
+    for name in CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return None
+
+
 @dataclass
 class Judge:
     """A causal LM with its tokenizer, in eval mode on one device."""
@@ -56,11 +65,10 @@ class Judge:
     @property
     def context(self) -> int:
         """The longest sequence the judge scores in one piece."""
-        for name in CONTEXT_FIELDS:
-            value = getattr(self.model.config, name, None)
-            if isinstance(value, int) and value > 1:
-                return value
-        raise ValueError(f"judge {self.name!r}: its config has none of {CONTEXT_FIELDS}; pass max_length explicitly.")
+        context = model_context(self.model.config)
+        if context is None:
+            raise ValueError(f"judge {self.name!r}: its config has none of {CONTEXT_FIELDS}; pass max_length explicitly.")
+        return context
 
     @property
     def pad_token_id(self) -> int:

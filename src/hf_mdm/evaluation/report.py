@@ -40,15 +40,15 @@ def plot_results(rows: Sequence[dict], path: str | Path, judge: str, title: str 
     baseline as a line over its temperatures, the reference texts' entropy as a vertical line. Writes a PNG."""
     from matplotlib.figure import Figure  # the Agg canvas, without touching pyplot's global backend
 
-    figure = Figure(figsize=(7.5, 5.0), layout="constrained")
+    figure = Figure(figsize=(9.0, 5.0), layout="constrained")
     axes = figure.subplots()
     mdm = [row for row in rows if row["kind"] == "mdm"]
-    for index, row in enumerate(mdm):
+    for index, row in enumerate(mdm, start=1):  # points carry a number, the legend says which setting it is
         marker = "o" if row["label"].startswith("FHS") else "s"
         axes.scatter(row["token_entropy"], row["generative_perplexity"], marker=marker, s=40, zorder=3,
-                     color=f"C{index % 10}", label=f"MDM {row['label']}")
-        axes.annotate(row["label"], (row["token_entropy"], row["generative_perplexity"]), textcoords="offset points",
-                      xytext=(5, 4), fontsize=7)
+                     color=f"C{(index - 1) % 10}", label=f"[{index}] MDM {row['label']}")
+        axes.annotate(str(index), (row["token_entropy"], row["generative_perplexity"]), textcoords="offset points",
+                      xytext=(4, 4), fontsize=7)
     ar = sorted((row for row in rows if row["kind"] == "ar"), key=lambda row: row["token_entropy"])
     if ar:
         axes.plot([r["token_entropy"] for r in ar], [r["generative_perplexity"] for r in ar], "k--^", markersize=5,
@@ -63,7 +63,7 @@ def plot_results(rows: Sequence[dict], path: str | Path, judge: str, title: str 
     axes.set_yscale("log")
     axes.set_xlabel("token entropy (nats, higher = more diverse)")
     axes.set_ylabel(f"generative perplexity under {judge} (log scale)")
-    axes.set_title(title or "Quality against diversity: lower-left is degenerate text")
+    axes.set_title(title or "Generative perplexity against entropy (left of the reference line: too repetitive)")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=7, loc="best")
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     figure.savefig(path, dpi=150)
