@@ -10,6 +10,7 @@ import evaluate
 from hf_mdm.evaluation.judge import DEFAULT_JUDGE
 from hf_mdm.evaluation.judge import generative_perplexity
 from hf_mdm.evaluation.judge import load_judge
+from hf_mdm.evaluation.metric_info import metric_info
 
 
 _DESCRIPTION = """
@@ -40,12 +41,7 @@ Examples:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class GenerativePerplexity(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value("string")}),
-        )
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, datasets.Value("string"))
 
     def _compute(self, predictions, judge=DEFAULT_JUDGE, batch_size=8, device=None, max_length=None):
         result = generative_perplexity(predictions, load_judge(judge, device), batch_size, max_length)

@@ -10,6 +10,8 @@ import evaluate
 from hf_mdm.evaluation.judge import DEFAULT_JUDGE
 from hf_mdm.evaluation.judge import load_judge
 from hf_mdm.evaluation.mauve_score import mauve_score
+from hf_mdm.evaluation.metric_info import are_texts
+from hf_mdm.evaluation.metric_info import metric_info
 
 
 _DESCRIPTION = """
@@ -38,21 +40,14 @@ Examples:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class Mauve(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=[
-                datasets.Features({"predictions": datasets.Value("string")}),
-                datasets.Features({"predictions": datasets.Sequence(datasets.Value("float32"))}),
-            ],
-        )
+        texts, features = datasets.Value("string"), datasets.Sequence(datasets.Value("float32"))
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, texts, features)
 
     def _compute(self, predictions, reference_texts=None, reference_features=None, judge=DEFAULT_JUDGE, batch_size=8,
                  device=None, max_length=1024, **mauve_options):
         if reference_texts is None and reference_features is None:
             raise ValueError("MAUVE needs reference texts (reference_texts=...) or reference_features=..., and got none.")
-        as_texts = len(predictions) > 0 and isinstance(predictions[0], str)
+        as_texts = are_texts(predictions)
         needs_judge = as_texts or reference_features is None
         loaded = load_judge(judge, device) if needs_judge else None
         result = mauve_score(

@@ -7,6 +7,8 @@ training objective's `validation_nelbo` on its fixed, seeded time grid (no secon
 import datasets
 import evaluate
 
+from hf_mdm.evaluation.metric_info import are_texts
+from hf_mdm.evaluation.metric_info import metric_info
 from hf_mdm.evaluation.nelbo import mdm_nelbo
 
 
@@ -33,21 +35,14 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class MDMNelbo(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=[
-                datasets.Features({"predictions": datasets.Value("string")}),
-                datasets.Features({"predictions": datasets.Sequence(datasets.Value("int64"))}),
-            ],
-        )
+        texts, blocks = datasets.Value("string"), datasets.Sequence(datasets.Value("int64"))
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, texts, blocks)
 
     def _compute(self, predictions, model=None, tokenizer=None, block_size=None, batch_size=8, num_passes=1, seed=0,
                  discrete=False, device=None):
         if model is None:
             raise ValueError("mdm_nelbo needs model=... (a checkpoint folder or an MDMForMaskedDiffusion).")
-        as_texts = len(predictions) > 0 and isinstance(predictions[0], str)
+        as_texts = are_texts(predictions)
         result = mdm_nelbo(
             model,
             texts=predictions if as_texts else None,

@@ -7,6 +7,7 @@ import datasets
 import evaluate
 
 from hf_mdm.evaluation.entropy import token_entropy
+from hf_mdm.evaluation.metric_info import metric_info
 
 
 _DESCRIPTION = """
@@ -29,12 +30,7 @@ Examples:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class TokenEntropy(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Sequence(datasets.Value("int64"))}),
-        )
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, datasets.Sequence(datasets.Value("int64")))
 
     def _compute(self, predictions):
         return vars(token_entropy(predictions))
