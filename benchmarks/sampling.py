@@ -3,7 +3,7 @@
 Every figure is a ratio of timings taken in this one run (the machines are noisy; absolute seconds are printed
 for reference only). Random weights: speed does not depend on what the model has learned.
 
-    python benchmarks/sampling.py                  # all of (a)-(d); about 10 minutes on 2 CPU cores
+    python benchmarks/sampling.py                  # all of (a)-(d); a few minutes on 2 CPU cores
     python benchmarks/sampling.py --skip-paper     # (a)-(c) only
     python benchmarks/sampling.py --device cuda    # on a GPU
 
@@ -11,9 +11,12 @@ for reference only). Random weights: speed does not depend on what the model has
     at the positions it unmasks.
 (b) FHS vs ancestral with steps = L and 4L, float64.
 (c) FHS float64 vs float32: goal <= 3% overhead.
-(d) The paper's shapes (V = 50258, L = 1024, batch 1) with a narrow network: FHS / ancestral at 1000 steps. Both
-    samplers cost the same at every step, so this one times a sample of steps of each and multiplies by the
-    number of steps (FHS: 1024 calls; ancestral: 1000), which keeps it to minutes on a CPU.
+(d) The paper's shapes (V = 50258, L = 1024, batch 1) with a narrow network: ancestral at 1000 steps vs FHS.
+
+Every step of a strategy costs the same (FHS: one forward over all L positions, logits at one position, one draw
+over V; ancestral: one forward, logits and a (V + 1)-way draw at all L positions), so (a) and (c) time generate()
+end to end on `--new-tokens` positions after a prompt, and (b) and (d) time `--sample-steps` steps of each
+strategy and multiply by the number of steps of a whole run. This keeps the benchmark to minutes on a CPU.
 """
 
 import argparse
@@ -52,60 +55,73 @@ def make_model(vocab, length, layers, width, heads, device):
     return model.eval().to(device)
 
 
+def time_sampler_steps(model, name, length, batch, count, sampler_steps, device, dtype=torch.float64):
+    """Median time of one step of strategy `name` on an all-[MASK] batch (every step of a run costs the same)."""
+    mask_id = model.config.mask_token_id
+    schedule = get_noise_schedule(model.config.noise_schedule, model.config.noise_eps)
+
+    def denoise(rows, tokens, positions, times):
+        return model(tokens, output_positions=positions).logits
+
+    def run():
+        categorical = CategoricalSampler(dtype, generator=torch.Generator().manual_seed(0))
+        sampler = build_sampler(name, schedule, categorical, mask_id, steps=sampler_steps)
+        tokens = torch.full((batch, length), mask_id, device=device)
+        state = DiffusionState.start(tokens, tokens == mask_id)
+        with torch.no_grad():
+            for _ in range(count):
+                state = sampler.step(state, denoise)
+
+    return timed(run, 2, device) / count
+
+
 def small_model_ratios(args):
-    vocab, length, batch = 4096, 256, 8
+    vocab, length, batch, new_tokens = 4096, 256, 8, args.new_tokens
     model = make_model(vocab, length, layers=4, width=256, heads=4, device=args.device)
     ids = torch.full((batch, length), model.config.mask_token_id, device=args.device)
+    # A prompt of L - new_tokens random tokens: every FHS step still runs the network on all L positions, so the
+    # time per generated token is that of a full unconditional run, in new_tokens / L of the time.
+    prompt = torch.randint(0, vocab - 1, (batch, length - new_tokens), generator=torch.Generator().manual_seed(0))
 
     def generate(**kwargs):
         generator = torch.Generator(device="cpu").manual_seed(0)
-        return model.generate(max_new_tokens=length, num_return_sequences=batch, generator=generator,
+        return model.generate(prompt.to(args.device), max_new_tokens=new_tokens, generator=generator,
                               return_dict_in_generate=True, **kwargs)
 
     with torch.no_grad():
-        forward = timed(lambda: model(ids), args.repeats * 5, args.device)
-    fhs64 = timed(lambda: generate(sampling_dtype="float64"), args.repeats, args.device)
-    fhs32 = timed(lambda: generate(sampling_dtype="float32"), args.repeats, args.device)
+        forward = timed(lambda: model(ids), args.repeats * 3, args.device)
+    # float64 and float32 alternate, so that a load change on a shared machine hits both alike.
+    pairs = [(timed(lambda: generate(sampling_dtype="float64"), 1, args.device),
+              timed(lambda: generate(sampling_dtype="float32"), 1, args.device)) for _ in range(args.repeats)]
+    fhs64, fhs32 = (statistics.median(p[i] for p in pairs) for i in (0, 1))
+    dtype_ratio = statistics.median(p[0] / p[1] for p in pairs)
     nfe = generate().nfe
-    anc_l = timed(lambda: generate(sampler="ancestral", steps=length), args.repeats, args.device)
-    anc_4l = timed(lambda: generate(sampler="ancestral", steps=4 * length), max(args.repeats // 2, 1), args.device)
+    step_fhs = time_sampler_steps(model, "first_hitting", length, batch, args.sample_steps, None, args.device)
+    step_anc = time_sampler_steps(model, "ancestral", length, batch, args.sample_steps, 4 * length, args.device)
 
     print(f"\nSmall model: 4 layers, d = 256, V = {vocab}, L = {length}, batch {batch}, device {args.device}")
-    print(f"  bare forward (batch {batch}, all {length} positions): {forward * 1e3:.1f} ms;  FHS NFE = {nfe}")
+    print(f"  bare forward (batch {batch} x {length} positions): {forward * 1e3:.0f} ms; generate() of {new_tokens} "
+          f"tokens after a {length - new_tokens}-token prompt: NFE = {nfe}")
+    print(f"  one step: FHS {step_fhs * 1e3:.0f} ms, ancestral {step_anc * 1e3:.0f} ms ({args.sample_steps} steps timed)")
     print("| measure | ratio | seconds |")
     print("|---|---|---|")
     print(f"| (a) FHS generate / (NFE x bare forward) | {fhs64 / (nfe * forward):.3f} | {fhs64:.2f} / {nfe * forward:.2f} |")
-    print(f"| (b) ancestral steps=L / FHS (float64) | {anc_l / fhs64:.2f} | {anc_l:.2f} / {fhs64:.2f} |")
-    print(f"| (b) ancestral steps=4L / FHS (float64) | {anc_4l / fhs64:.2f} | {anc_4l:.2f} / {fhs64:.2f} |")
-    print(f"| (c) FHS float64 / FHS float32 | {fhs64 / fhs32:.3f} | {fhs64:.2f} / {fhs32:.2f} |")
+    for steps in (length, 4 * length):
+        print(f"| (b) ancestral steps={steps} / FHS ({length} calls), float64 | {steps * step_anc / (length * step_fhs):.2f} "
+              f"| {steps * step_anc:.1f} / {length * step_fhs:.1f} (per-step x steps) |")
+    print(f"| (c) FHS float64 / FHS float32 (median of {args.repeats} paired runs) | {dtype_ratio:.3f} "
+          f"| {fhs64:.2f} / {fhs32:.2f} |")
 
 
 def paper_shape_ratio(args):
     vocab, length, steps = 50258, 1024, 1000
     model = make_model(vocab, length, layers=2, width=128, heads=2, device=args.device)
-    mask_id = model.config.mask_token_id
-    schedule = get_noise_schedule("loglinear")
-
-    def denoise(rows, tokens, positions, times):
-        return model(tokens, output_positions=positions).logits
-
-    def run_steps(name, count, sampler_steps):
-        categorical = CategoricalSampler(torch.float64, generator=torch.Generator().manual_seed(0))
-        sampler = build_sampler(name, schedule, categorical, mask_id, steps=sampler_steps)
-        tokens = torch.full((1, length), mask_id, device=args.device)
-        state = DiffusionState.start(tokens, tokens == mask_id)
-        with torch.no_grad():
-            for _ in range(count):
-                state = sampler.step(state, denoise)
-        return state
-
-    sample_steps = args.paper_sample_steps
-    fhs_step = timed(lambda: run_steps("first_hitting", sample_steps, None), 2, args.device) / sample_steps
-    anc_step = timed(lambda: run_steps("ancestral", sample_steps, steps), 2, args.device) / sample_steps
+    fhs_step = time_sampler_steps(model, "first_hitting", length, 1, args.sample_steps, None, args.device)
+    anc_step = time_sampler_steps(model, "ancestral", length, 1, args.sample_steps, steps, args.device)
     fhs_total, anc_total = fhs_step * length, anc_step * steps
     print(f"\nPaper shapes: V = {vocab}, L = {length}, batch 1, 2 layers of width 128, device {args.device}")
-    print(f"  per step: FHS {fhs_step * 1e3:.1f} ms, ancestral {anc_step * 1e3:.1f} ms ({sample_steps} steps timed each)")
-    print("| measure | ratio | seconds (extrapolated) |")
+    print(f"  one step: FHS {fhs_step * 1e3:.1f} ms, ancestral {anc_step * 1e3:.1f} ms ({args.sample_steps} steps timed)")
+    print("| measure | ratio | seconds (per-step x steps) |")
     print("|---|---|---|")
     print(f"| (d) ancestral 1000 steps / FHS {length} steps | {anc_total / fhs_total:.1f} | {anc_total:.1f} / {fhs_total:.1f} |")
 
@@ -115,7 +131,8 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-paper", action="store_true")
-    parser.add_argument("--paper-sample-steps", type=int, default=8)
+    parser.add_argument("--sample-steps", type=int, default=8, help="steps timed per strategy for (b) and (d)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated after a prompt for (a), (c)")
     args = parser.parse_args()
     small_model_ratios(args)
     if not args.skip_paper:

@@ -1,4 +1,4 @@
-"""The `hf-mdm` command line: demo, train, convert."""
+"""The `hf-mdm` command line: demo, train, evaluate, convert."""
 
 import argparse
 import sys
@@ -62,6 +62,7 @@ def demo(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from hf_mdm.convert.cli import add_convert_parser
+    from hf_mdm.evaluation.cli import add_evaluate_parser
     from hf_mdm.training.cli import add_train_parser
 
     parser = argparse.ArgumentParser(prog="hf-mdm", description=__doc__)
@@ -71,9 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     demo_parser.add_argument("--seed", type=int, default=0)
     demo_parser.set_defaults(func=demo)
     add_train_parser(commands)
+    add_evaluate_parser(commands)
     add_convert_parser(commands)
     args = parser.parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except ValueError as error:  # bad input: one clear line, not a traceback
+        parser.exit(2, f"hf-mdm {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":
