@@ -96,6 +96,10 @@ def small_model_ratios(args):
     fhs64, fhs32 = (statistics.median(p[i] for p in pairs) for i in (0, 1))
     dtype_ratio = statistics.median(p[0] / p[1] for p in pairs)
     nfe = generate().nfe
+    # The only work sampling_dtype changes: one categorical over V per row and step.
+    step_logits = torch.randn(batch, 1, vocab, device=args.device)
+    draw = {dtype: timed(lambda: CategoricalSampler(dtype, generator=torch.Generator().manual_seed(0))(step_logits),
+                         200, args.device) for dtype in (torch.float64, torch.float32)}
     step_fhs = time_sampler_steps(model, "first_hitting", length, batch, args.sample_steps, None, args.device)
     step_anc = time_sampler_steps(model, "ancestral", length, batch, args.sample_steps, 4 * length, args.device)
 
@@ -111,6 +115,9 @@ def small_model_ratios(args):
               f"| {steps * step_anc:.1f} / {length * step_fhs:.1f} (per-step x steps) |")
     print(f"| (c) FHS float64 / FHS float32 (median of {args.repeats} paired runs) | {dtype_ratio:.3f} "
           f"| {fhs64:.2f} / {fhs32:.2f} |")
+    step = fhs32 / nfe
+    print(f"| (c) one float64 draw minus one float32 draw, as a share of a step | {(draw[torch.float64] - draw[torch.float32]) / step:.4f} "
+          f"| ({draw[torch.float64] * 1e3:.2f} - {draw[torch.float32] * 1e3:.2f} ms) / {step * 1e3:.0f} ms |")
 
 
 def paper_shape_ratio(args):
