@@ -1,4 +1,4 @@
-"""The `hf-mdm` command line: demo, train, evaluate, convert."""
+"""The `hf-mdm` command line: demo, generate, train, evaluate, convert."""
 
 import argparse
 import sys
@@ -60,6 +60,38 @@ def demo(args: argparse.Namespace) -> None:
         print(f"NFE = {out.nfe} network calls for {new_tokens} generated tokens, {seconds:.2f} s")
 
 
+def generate(args: argparse.Namespace) -> None:
+    """Samples from a checkpoint folder (or Hub id) with its own tokenizer, streaming the draft when there is one sample."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer, TextDiffusionStreamer
+
+    import hf_mdm  # noqa: F401  (registers "mdm")
+
+    settings = {k: v for k, v in dict(sampler=args.sampler, steps=args.steps, tokens_per_step=args.tokens_per_step,
+                                      sampling_dtype=args.sampling_dtype, temperature=args.temperature,
+                                      top_k=args.top_k, top_p=args.top_p).items() if v is not None}
+    from hf_mdm import MDMGenerationConfig
+
+    MDMGenerationConfig(**settings)  # bad settings fail here, before the model is loaded
+    model = AutoModel.from_pretrained(args.checkpoint).to(args.device)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.checkpoint)
+    prompt = None
+    if args.prompt:
+        prompt = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(args.device)
+    stream = args.num_samples == 1 and not args.no_stream
+    start = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_samples,
+                         generator=torch.Generator().manual_seed(args.seed), return_dict_in_generate=True,
+                         streamer=TextDiffusionStreamer(tokenizer) if stream else None, **settings)
+    seconds = time.perf_counter() - start
+    if not stream:
+        for i, text in enumerate(tokenizer.batch_decode(out.sequences, skip_special_tokens=False)):
+            print(f"--- sample {i}\n{text}")
+    generated = out.sequences.shape[1] - (0 if prompt is None else prompt.shape[1])
+    print(f"NFE = {out.nfe} network calls for {generated} tokens x {args.num_samples} sample(s); "
+          f"{seconds / args.num_samples:.2f} s per sample")
+
+
 def main(argv: list[str] | None = None) -> None:
     from hf_mdm.convert.cli import add_convert_parser
     from hf_mdm.evaluation.cli import add_evaluate_parser
@@ -71,6 +103,23 @@ def main(argv: list[str] | None = None) -> None:
     demo_parser.add_argument("--length", type=int, default=64)
     demo_parser.add_argument("--seed", type=int, default=0)
     demo_parser.set_defaults(func=demo)
+    gen = commands.add_parser("generate", help="sample from a checkpoint (first-hitting, float64 by default)")
+    gen.add_argument("checkpoint", help="a saved hf_mdm folder or Hub id, with its tokenizer")
+    gen.add_argument("--prompt", default=None, help="a prefix; without it, unconditional samples")
+    gen.add_argument("--max-new-tokens", type=int, default=None, help="default: fill the model's context")
+    gen.add_argument("--num-samples", type=int, default=1)
+    gen.add_argument("--sampler", default=None, help="first_hitting (default), ancestral, ancestral_cache")
+    gen.add_argument("--steps", type=int, default=None)
+    gen.add_argument("--tokens-per-step", type=int, default=None)
+    gen.add_argument("--sampling-dtype", default=None, help="float64 (default), float32, bfloat16, float16")
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--tokenizer", default=None, help="default: the checkpoint's own")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--no-stream", action="store_true", help="print only the final text")
+    gen.set_defaults(func=generate)
     add_train_parser(commands)
     add_evaluate_parser(commands)
     add_convert_parser(commands)
