@@ -7,7 +7,6 @@ Lightning checkpoint, converted, loaded back with `AutoModel.from_pretrained`, a
 import json
 import os
 import pickle
-import re
 import subprocess
 import sys
 import textwrap

@@ -6,10 +6,10 @@ from scipy import stats
 from transformers import AutoModel, GenerationConfig, TextDiffusionStreamer
 from transformers.generation.streamers import BaseStreamer
 
-from hf_mdm import MDMGenerationConfig, MDMGenerationOutput
+from hf_mdm import MDMGenerationConfig
 
 from conftest import run_without_hf_mdm, tiny_model
-from oracle import LENGTH, MASK, SEQUENCES, OracleDenoiser, correlated_joint, oracle_config, sequence_index
+from oracle import LENGTH, MASK, SEQUENCES, OracleDenoiser, oracle_config, sequence_index
 
 
 SAMPLES = 20_000

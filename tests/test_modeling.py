@@ -8,7 +8,7 @@ from transformers import AutoModel, AutoModelForMaskedLM
 
 from hf_mdm import MDMForMaskedDiffusion
 
-from conftest import run_without_hf_mdm, tiny_config, tiny_model
+from conftest import run_without_hf_mdm, tiny_model
 
 
 def random_ids(batch, seq_len, vocab=50, seed=0):

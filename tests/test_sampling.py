@@ -1,7 +1,5 @@
 """The sampling module on its own: hand-made logits and probabilities, no network."""
 
-import math
-
 import numpy as np
 import pytest
 import torch

@@ -65,13 +65,11 @@ def generate(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModel, AutoTokenizer, TextDiffusionStreamer
 
-    import hf_mdm  # noqa: F401  (registers "mdm")
+    from hf_mdm import MDMGenerationConfig  # also registers "mdm" with the Auto classes
 
     settings = {k: v for k, v in dict(sampler=args.sampler, steps=args.steps, tokens_per_step=args.tokens_per_step,
                                       sampling_dtype=args.sampling_dtype, temperature=args.temperature,
                                       top_k=args.top_k, top_p=args.top_p).items() if v is not None}
-    from hf_mdm import MDMGenerationConfig
-
     MDMGenerationConfig(**settings)  # bad settings fail here, before the model is loaded
     model = AutoModel.from_pretrained(args.checkpoint).to(args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.checkpoint)

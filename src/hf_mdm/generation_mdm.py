@@ -8,8 +8,6 @@ same-folder modules, never `hf_mdm`.
 """
 
 import copy
-import math
-import os
 from dataclasses import dataclass
 
 import torch

@@ -138,7 +138,6 @@ def judge_label(name: str) -> str:
 
 def run_evaluate(args: argparse.Namespace) -> dict | None:
     """Runs the evaluation; returns the results (on the main process; None on the others)."""
-    import torch
     from accelerate import Accelerator
     from tqdm.auto import tqdm
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
