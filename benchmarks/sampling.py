@@ -64,7 +64,7 @@ def time_sampler_steps(model, name, length, batch, count, sampler_steps, device,
         return model(tokens, output_positions=positions).logits
 
     def run():
-        categorical = CategoricalSampler(dtype, generator=torch.Generator().manual_seed(0))
+        categorical = CategoricalSampler(dtype, generator=torch.Generator(device).manual_seed(0))
         sampler = build_sampler(name, schedule, categorical, mask_id, steps=sampler_steps)
         tokens = torch.full((batch, length), mask_id, device=device)
         state = DiffusionState.start(tokens, tokens == mask_id)
@@ -84,7 +84,7 @@ def small_model_ratios(args):
     prompt = torch.randint(0, vocab - 1, (batch, length - new_tokens), generator=torch.Generator().manual_seed(0))
 
     def generate(**kwargs):
-        generator = torch.Generator(device="cpu").manual_seed(0)
+        generator = torch.Generator(args.device).manual_seed(0)
         return model.generate(prompt.to(args.device), max_new_tokens=new_tokens, generator=generator,
                               return_dict_in_generate=True, **kwargs)
 
@@ -98,7 +98,7 @@ def small_model_ratios(args):
     nfe = generate().nfe
     # The only work sampling_dtype changes: one categorical over V per row and step.
     step_logits = torch.randn(batch, 1, vocab, device=args.device)
-    draw = {dtype: timed(lambda: CategoricalSampler(dtype, generator=torch.Generator().manual_seed(0))(step_logits),
+    draw = {dtype: timed(lambda: CategoricalSampler(dtype, generator=torch.Generator(args.device).manual_seed(0))(step_logits),
                          200, args.device) for dtype in (torch.float64, torch.float32)}
     step_fhs = time_sampler_steps(model, "first_hitting", length, batch, args.sample_steps, None, args.device)
     step_anc = time_sampler_steps(model, "ancestral", length, batch, args.sample_steps, 4 * length, args.device)
