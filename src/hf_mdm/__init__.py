@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 from .configuration_mdm import MDMConfig
 from .generation_mdm import MDMGenerationConfig, MDMGenerationMixin, MDMGenerationOutput
 from .modeling_mdm import MDMForMaskedDiffusion, MDMModel, MDMPreTrainedModel
+from .pretrained import PRETRAINED, pretrained_path
 
 
 AutoConfig.register("mdm", MDMConfig, exist_ok=True)
@@ -24,5 +25,7 @@ __all__ = [
     "MDMGenerationConfig",
     "MDMGenerationMixin",
     "MDMGenerationOutput",
+    "PRETRAINED",
+    "pretrained_path",
     "__version__",
 ]
