@@ -1,78 +1,191 @@
-"""The `hf-mdm` command line: demo, generate, train, evaluate, convert."""
+"""The `hf-mdm` command line.
+
+    hf-mdm demo                        the shipped Shakespeare MDM writes a sample from nothing and one from a prompt
+    hf-mdm generate [CHECKPOINT]       sample a checkpoint (default: the shipped shakespeare-mdm), streaming one sample
+    hf-mdm train                       train an MDM or an autoregressive baseline (Accelerate)
+    hf-mdm evaluate CHECKPOINT         sample under a sweep of sampler settings and judge the samples
+    hf-mdm convert                     convert a checkpoint from another format (MDLM) into hf_mdm
+    hf-mdm publish PATH REPO_ID        push a checkpoint with its model card and remote code to the Hub
+
+CHECKPOINT (and evaluate's --judge, --ar-model) is a folder, a Hub id, or the name of a checkpoint shipped inside
+hf_mdm: shakespeare-mdm, shakespeare-ar.
+"""
 
 import argparse
+import os
+import shutil
 import sys
-import tempfile
 import time
 
 
+DEMO_PROMPT = "ROMEO.\nBut soft, what light"
+
+
 class DraftPrinter:
-    """A streamer that redraws prompt + draft in place as positions are unmasked ([MASK] shown as '_').
+    """A streamer that shows one sample as it is unmasked: the prompt, then the draft with each [MASK] drawn as '_'.
 
-    generate() calls put() first with the prompt, then with the generated region after every step."""
+    On a terminal it redraws the draft in place (at most every `interval` seconds; when the draft is taller than the
+    screen, its end). Anywhere else (a log, a pipe) it never redraws: it prints one snapshot, when half of the
+    generated tokens are unmasked. Either way nothing of the drawing is left at the end, so the caller prints the
+    final text. generate() calls put() with the prompt, put_draft() after every step, put() with the result, end().
+    """
 
-    def __init__(self, decode):
-        self.decode, self.prompt = decode, None
+    MASK = "\033[2m_\033[0m"  # a [MASK] on a terminal: a dim '_'
 
-    def put(self, value):
-        text = self.decode(value[0].tolist())
+    def __init__(self, tokenizer, mask_token_id: int, file=None, live: bool | None = None, interval: float = 0.05):
+        self.tokenizer, self.mask_token_id = tokenizer, mask_token_id
+        self.file = file if file is not None else sys.stdout
+        self.live = self.file.isatty() if live is None else live
+        self.interval = interval
+        self.prompt = None  # the prompt's cells, once put() has received it
+        self.rows = 0  # terminal rows of the drawing on screen
+        self.last_draw = 0.0
+        self.snapshot_taken = False
+
+    def render(self, ids: list[int]) -> list[str]:
+        """One cell per character (one terminal column): runs of real tokens decoded together, each [MASK] as MASK."""
+        cells, run = [], []
+        for token in ids + [None]:
+            if token is not None and token != self.mask_token_id:
+                run.append(token)
+                continue
+            cells += self.tokenizer.decode(run) if run else []
+            run = []
+            if token is not None:
+                cells.append(self.MASK)
+        return cells
+
+    def put(self, value) -> None:
         if self.prompt is None:
-            self.prompt = text
-        else:
-            print("\r\033[K" + (self.prompt + text)[-110:], end="", flush=True)
+            self.prompt = self.render(value[0].tolist())
 
-    def end(self):
-        print()
+    def put_draft(self, value) -> None:
+        ids = value[0].tolist()
+        masked = sum(token == self.mask_token_id for token in ids)
+        if self.live:
+            now = time.monotonic()
+            if masked == 0 or now - self.last_draw >= self.interval:
+                self.last_draw = now
+                self.draw(self.prompt + self.render(ids))
+        elif not self.snapshot_taken and 2 * masked <= len(ids):
+            self.snapshot_taken = True
+            text = "".join("_" if cell == self.MASK else cell for cell in self.prompt + self.render(ids))
+            self.file.write(f"[draft: {len(ids) - masked} of {len(ids)} tokens unmasked]\n{text}\n[end of draft]\n")
+            self.file.flush()
+
+    def draw(self, cells: list[str]) -> None:
+        """Replaces the drawing on screen by the last lines of `cells` that fit (the end of a longer line)."""
+        columns, height = shutil.get_terminal_size()
+        lines = [[]]
+        for cell in cells:
+            if cell == "\n":
+                lines.append([])
+            else:
+                lines[-1].append(cell)
+        shown, rows, free = [], 0, max(1, height - 1)
+        for line in reversed(lines):
+            line_rows = max(1, -(-len(line) // columns))
+            if rows + line_rows > free:  # only the end of this line fits
+                if free - rows:
+                    shown.insert(0, line[-(free - rows) * columns:])
+                    rows = free
+                break
+            shown.insert(0, line)
+            rows += line_rows
+        self.clear()
+        self.file.write("\n".join("".join(line) for line in shown))
+        self.file.flush()
+        self.rows = rows
+
+    def clear(self) -> None:
+        """Moves the cursor back to the start of the drawing and erases it."""
+        if self.rows:
+            self.file.write("\r" + (f"\033[{self.rows - 1}A" if self.rows > 1 else "") + "\033[J")
+            self.rows = 0
+
+    def end(self) -> None:
+        self.clear()
+        self.file.flush()
 
 
 def demo(args: argparse.Namespace) -> None:
+    """Loads the shipped MDM and samples with its own generation defaults (exact first-hitting sampling, float64
+    draws): once from nothing, once from --prompt."""
     import torch
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging
 
-    from hf_mdm import MDMConfig, MDMForMaskedDiffusion
+    from hf_mdm.pretrained import DEFAULT_MDM, PRETRAINED, pretrained_path
 
-    print("No trained default ships yet: this demo uses a SMALL RANDOMLY INITIALISED byte-level model, so the text")
-    print("below is noise. It shows the machinery: save, reload with AutoModel, exact first-hitting sampling.\n")
-    torch.manual_seed(args.seed)
-    config = MDMConfig(vocab_size=257, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, cond_dim=64,
-                       max_position_embeddings=args.length)
-    model = MDMForMaskedDiffusion(config)
-    with torch.no_grad():  # adaLN-zero init would give uniform predictions; random weights give a visible draft
-        for param in model.parameters():
-            param.normal_(0, 0.1)
-    with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
-        model = AutoModel.from_pretrained(folder)
-    print(f"AutoModel.from_pretrained -> {type(model).__name__}, {model.num_parameters() / 1e6:.2f} M parameters")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")
+    if not args.prompt:
+        raise ValueError("--prompt must not be empty.")
+    path = pretrained_path(DEFAULT_MDM)
+    progress_bars = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # no "Loading weights" bar in the middle of the demo
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path).eval()
+    finally:
+        if progress_bars:
+            logging.enable_progress_bar()
+    context = model.config.max_position_embeddings
+    if args.max_new_tokens is not None and args.max_new_tokens > context:
+        raise ValueError(f"--max-new-tokens must be <= the model's context ({context}), got {args.max_new_tokens}.")
+    prompt = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    prompt_new_tokens = args.max_new_tokens or context - prompt.shape[1]
+    if prompt.shape[1] + prompt_new_tokens > context:
+        raise ValueError(f"--prompt is {prompt.shape[1]} tokens; with {prompt_new_tokens} new tokens that exceeds the "
+                         f"model's context ({context}).")
 
-    def decode(ids):
-        return "".join("_" if i == config.mask_token_id else (chr(i) if 32 <= i < 127 else ".") for i in ids)
-
-    for title, prompt in (("unconditional", None), ("from a prompt", torch.tensor([list(b"To be, or not")]))):
-        print(f"\n[{title}] sampler=first_hitting, sampling_dtype=float64")
-        streamer = DraftPrinter(decode)
-        start = time.perf_counter()
-        new_tokens = args.length - (0 if prompt is None else prompt.shape[1])
-        out = model.generate(prompt, max_new_tokens=new_tokens,
-                             generator=torch.Generator().manual_seed(args.seed), streamer=streamer,
-                             return_dict_in_generate=True)
-        seconds = time.perf_counter() - start
-        print(f"NFE = {out.nfe} network calls for {new_tokens} generated tokens, {seconds:.2f} s")
+    settings = model.generation_config
+    exact = settings.sampler == "first_hitting" and (settings.tokens_per_step or 1) == 1 and settings.steps is None
+    print(f"hf-mdm demo: {DEFAULT_MDM} ({PRETRAINED[DEFAULT_MDM]}); sampler={settings.sampler}"
+          f"{' (exact, one network call per token)' if exact else ''}, sampling_dtype={settings.sampling_dtype}, "
+          f"temperature={settings.temperature:g}, seed={args.seed}", flush=True)
+    # One 8 M-parameter network at batch 1 gains little from a second CPU thread, and on a shared 2-core machine two
+    # threads ran 10-30x slower than one while another process was busy: one thread, unless OMP_NUM_THREADS says.
+    threads = torch.get_num_threads()
+    if model.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+    samples = [("unconditional", None, args.max_new_tokens or context),
+               (f"from the prompt {args.prompt!r} ({prompt.shape[1]} tokens)", prompt, prompt_new_tokens)]
+    generator = torch.Generator().manual_seed(args.seed)  # one stream for both samples, so they differ
+    try:
+        for title, prompt_ids, new_tokens in samples:
+            print(f"\n[{title}, {new_tokens} new tokens]", flush=True)
+            streamer = None if args.no_stream else DraftPrinter(tokenizer, model.config.mask_token_id)
+            start = time.perf_counter()
+            out = model.generate(prompt_ids, max_new_tokens=new_tokens, generator=generator, streamer=streamer,
+                                 return_dict_in_generate=True)
+            seconds = time.perf_counter() - start
+            print(tokenizer.decode(out.sequences[0]))
+            where = model.device.type
+            if where == "cpu":
+                where = f"{torch.get_num_threads()} CPU thread{'s' if torch.get_num_threads() > 1 else ''}"
+            print(f"[NFE = {out.nfe} network calls for {new_tokens} new tokens; wall time {seconds:.1f} s on {where}]",
+                  flush=True)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def generate(args: argparse.Namespace) -> None:
-    """Samples from a checkpoint folder (or Hub id) with its own tokenizer, streaming the draft when there is one sample."""
+    """Samples from a checkpoint (a folder, a Hub id or a shipped name) with its own tokenizer, streaming the draft
+    when there is one sample."""
     import torch
-    from transformers import AutoModel, AutoTokenizer, TextDiffusionStreamer
+    from transformers import AutoModel, AutoTokenizer
 
     from hf_mdm import MDMGenerationConfig  # also registers "mdm" with the Auto classes
+    from hf_mdm.pretrained import resolve_checkpoint
 
     settings = {k: v for k, v in dict(sampler=args.sampler, steps=args.steps, tokens_per_step=args.tokens_per_step,
                                       sampling_dtype=args.sampling_dtype, temperature=args.temperature,
                                       top_k=args.top_k, top_p=args.top_p).items() if v is not None}
     MDMGenerationConfig(**settings)  # bad settings fail here, before the model is loaded
-    model = AutoModel.from_pretrained(args.checkpoint).to(args.device)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.checkpoint)
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    model = AutoModel.from_pretrained(checkpoint).to(args.device)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(args.tokenizer or checkpoint))
     prompt = None
     if args.prompt:
         prompt = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(args.device)
@@ -80,11 +193,10 @@ def generate(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     out = model.generate(prompt, max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_samples,
                          generator=torch.Generator().manual_seed(args.seed), return_dict_in_generate=True,
-                         streamer=TextDiffusionStreamer(tokenizer) if stream else None, **settings)
+                         streamer=DraftPrinter(tokenizer, model.config.mask_token_id) if stream else None, **settings)
     seconds = time.perf_counter() - start
-    if not stream:
-        for i, text in enumerate(tokenizer.batch_decode(out.sequences, skip_special_tokens=False)):
-            print(f"--- sample {i}\n{text}")
+    for i, text in enumerate(tokenizer.batch_decode(out.sequences, skip_special_tokens=False)):
+        print(f"--- sample {i}\n{text}")
     generated = out.sequences.shape[1] - (0 if prompt is None else prompt.shape[1])
     print(f"NFE = {out.nfe} network calls for {generated} tokens x {args.num_samples} sample(s); "
           f"{seconds / args.num_samples:.2f} s per sample")
@@ -93,16 +205,25 @@ def generate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     from hf_mdm.convert.cli import add_convert_parser
     from hf_mdm.evaluation.cli import add_evaluate_parser
+    from hf_mdm.hub import add_publish_parser
+    from hf_mdm.pretrained import DEFAULT_MDM
     from hf_mdm.training.cli import add_train_parser
 
-    parser = argparse.ArgumentParser(prog="hf-mdm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="hf-mdm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="generate from the default model")
-    demo_parser.add_argument("--length", type=int, default=64)
+    demo_parser = commands.add_parser("demo", help=f"sample the shipped {DEFAULT_MDM}, from nothing and from a prompt")
+    demo_parser.add_argument("--prompt", default=DEMO_PROMPT,
+                             help="the prefix of the second sample (default: %(default)r)")
+    demo_parser.add_argument("--max-new-tokens", type=int, default=None,
+                             help="tokens to generate per sample (default: fill the model's context)")
     demo_parser.add_argument("--seed", type=int, default=0)
+    demo_parser.add_argument("--no-stream", action="store_true", help="print only the final texts")
     demo_parser.set_defaults(func=demo)
     gen = commands.add_parser("generate", help="sample from a checkpoint (first-hitting, float64 by default)")
-    gen.add_argument("checkpoint", help="a saved hf_mdm folder or Hub id, with its tokenizer")
+    gen.add_argument("checkpoint", nargs="?", default=DEFAULT_MDM,
+                     help="a saved hf_mdm folder or Hub id with its tokenizer, or a shipped name "
+                     "(default: %(default)s)")
     gen.add_argument("--prompt", default=None, help="a prefix; without it, unconditional samples")
     gen.add_argument("--max-new-tokens", type=int, default=None, help="default: fill the model's context")
     gen.add_argument("--num-samples", type=int, default=1)
@@ -121,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     add_train_parser(commands)
     add_evaluate_parser(commands)
     add_convert_parser(commands)
+    add_publish_parser(commands)
     args = parser.parse_args(argv)
     try:
         args.func(args)

@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..pretrained import resolve_checkpoint
 from .judge import DEFAULT_JUDGE
 from .sweep import SamplerSetting, expand_settings, parse_setting
 
@@ -35,12 +36,14 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="the MDM: a save_pretrained folder (e.g. a training run's model/)")
+    parser.add_argument("checkpoint", help="the MDM: a save_pretrained folder (e.g. a training run's model/) or a "
+                        "shipped name (shakespeare-mdm)")
     parser.add_argument("--tokenizer", help="the MDM's tokenizer (default: the one in the checkpoint folder)")
     parser.add_argument("--output-dir", default="evaluation", help="where results.json, results.md and plot.png go")
 
     judge = parser.add_argument_group("judge and references")
-    judge.add_argument("--judge", default=DEFAULT_JUDGE, help="causal LM that scores and embeds samples: folder or Hub id")
+    judge.add_argument("--judge", default=DEFAULT_JUDGE,
+                       help="causal LM that scores and embeds samples: folder, Hub id or shipped name (shakespeare-ar)")
     judge.add_argument("--judge-batch-size", type=int, default=8, help="texts per judge forward pass")
     judge.add_argument("--judge-device", help="device of the judge (default: the generation device)")
     judge.add_argument("--reference-files", nargs="+", help="text or jsonl files of reference texts (for MAUVE, the "
@@ -72,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--save-samples", action="store_true", help="also write the decoded samples to samples.jsonl")
 
     ar = parser.add_argument_group("autoregressive baseline")
-    ar.add_argument("--ar-model", help="any causal LM folder or Hub id, sampled with its own generate()")
+    ar.add_argument("--ar-model", help="any causal LM folder or Hub id, or a shipped name (shakespeare-ar), sampled "
+                    "with its own generate()")
     ar.add_argument("--ar-tokenizer", help="its tokenizer (default: the one with the model)")
     ar.add_argument("--ar-temperatures", nargs="+", type=float, default=[1.0], help="one AR row per temperature")
 
@@ -92,7 +96,11 @@ def sampler_settings(args: argparse.Namespace) -> list[SamplerSetting]:
 
 
 def check_arguments(args: argparse.Namespace) -> list[SamplerSetting]:
-    """Every check that needs no model: bad settings and missing files fail here, before any generation."""
+    """Every check that needs no model: bad settings and missing files fail here, before any generation. Names of
+    checkpoints shipped in hf_mdm (the checkpoint, --judge, --ar-model and the tokenizers) become their folders."""
+    for name in ("checkpoint", "tokenizer", "judge", "ar_model", "ar_tokenizer"):
+        if getattr(args, name) is not None:
+            setattr(args, name, resolve_checkpoint(getattr(args, name)))
     settings = sampler_settings(args)
     for name in ("num_samples", "batch_size", "judge_batch_size", "nelbo_passes"):
         if getattr(args, name) < 1:
