@@ -5,9 +5,11 @@ trains the AR baseline, and survives a crash in the middle of a checkpoint write
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from hf_mdm.hub import checkpoint_files
 from hf_mdm.training import checkpointing, train
 from hf_mdm.training.checkpointing import latest_checkpoint
 from hf_mdm.training.cli import main as cli_main
@@ -32,6 +34,11 @@ def test_mdm_run_learns_and_saves_a_hub_ready_folder(corpus, tmp_path):
     assert model.config.mask_token_id == tokenizer.mask_token_id and model.config.vocab_size == len(tokenizer)
     assert (folder / "generation_config.json").is_file()
     assert latest_checkpoint(tmp_path / "run").name == "step_00000030"
+    # The run writes its model card: Hub metadata, and the training facts of this very run.
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "transformers" and "masked-diffusion" in card.data.tags
+    assert "Optimizer steps: 30" in card.text and f"{validation[30]:.4f}" in card.text
+    assert checkpoint_files(folder)  # complete enough for `hf-mdm publish`
 
 
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
@@ -41,6 +48,7 @@ def test_ar_baseline_trains_through_the_same_loop(corpus, tmp_path, preset):
     assert validation[20] < validation[0] - 0.5, validation
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ar" / "model")
     assert model.config.model_type == preset.split("-")[0]
+    assert f"{validation[20]:.4f}" in (tmp_path / "ar" / "model" / "README.md").read_text()
 
 
 def test_gradient_accumulation_matches_one_big_batch(corpus, tmp_path):

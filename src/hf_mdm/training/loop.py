@@ -344,6 +344,8 @@ def train(config: TrainConfig) -> dict:
                       f"perplexity{' bound' if config.objective != 'ar' else ''} {metrics['val/perplexity']:.2f}")
     save_checkpoint(accelerator, output_dir, step, config.save_total_limit)
     save_final_model(accelerator, model, ema, tokenizer, output_dir / "model")
+    if accelerator.is_main_process:
+        write_training_card(output_dir / "model", config, step, metrics, accelerator)
     accelerator.end_training()
     return {"step": step, **metrics}
 
@@ -360,3 +362,34 @@ def save_final_model(accelerator: Accelerator, model, ema: EMA | None, tokenizer
     if accelerator.is_main_process:
         tokenizer.save_pretrained(folder)
     accelerator.wait_for_everyone()
+
+
+def write_training_card(folder: Path, config: TrainConfig, step: int, metrics: dict, accelerator: Accelerator) -> None:
+    """The model card (README.md) of the saved model: what was trained on what, for how long, and its validation
+    loss, so that the folder is ready for `hf-mdm publish` once its owner has set the license and the description."""
+    from ..hub import write_model_card  # imported here: hub pulls in huggingface_hub's card machinery
+
+    kind = "causal LM (autoregressive baseline)" if config.objective == "ar" else "masked diffusion LM"
+    data = config.dataset_name or ", ".join(Path(name).name for name in config.train_files)
+    if config.validation_files:
+        validation = ", ".join(Path(name).name for name in config.validation_files)
+    else:
+        validation = f"{config.validation_fraction:.0%} of the training documents, held out"
+    hub_dataset = config.dataset_name and not Path(config.dataset_name).exists()  # a Hub id, not a local folder
+    write_model_card(
+        folder,
+        title=Path(config.output_dir).name,
+        summary=f"A {kind} trained with hf_mdm's `hf-mdm train` (objective `{config.objective}`) on {data}. "
+                f"Written by the training run: before publishing, set the license and say what the model is for.",
+        license="other",
+        datasets=[config.dataset_name] if hub_dataset else [],
+        training=dict(
+            command=f"hf-mdm train --config {Path(config.output_dir) / 'run_config.json'}",
+            steps=step,
+            tokens_seen=step * config.batch_size * config.block_size,
+            hardware=f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
+                     f"mixed precision {config.mixed_precision}",
+            validation_data=validation,
+            validation_nats_per_token=float(metrics["val/nats_per_token"]),
+        ),
+    )
