@@ -116,6 +116,40 @@ def claim(lock: Path) -> bool:
         return True
 
 
+def rejudge(output: Path, names: list[str], args, data: Path) -> None:
+    """Recomputes the judge's figures (gen PPL, MAUVE) of finished parts from their saved samples, with the judge
+    that `hf-mdm evaluate` loads now: for parts judged by an older version (see README). Entropy is the MDM's own
+    token statistic and is kept."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from hf_mdm.evaluation import judge_features, load_judge, load_metric, pack_texts
+    from hf_mdm.training.data import load_documents
+
+    torch.set_num_threads(args.threads)
+    judge = load_judge(str(pretrained_path(DEFAULT_JUDGE)), "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(pretrained_path(DEFAULT_MDM))
+    documents = load_documents([str(data / "validation.jsonl")], text_field="text", sample_by="paragraph")
+    references = tokenizer.batch_decode(pack_texts(documents["text"], tokenizer, LENGTH)[: args.num_references].tolist())
+    reference_features = judge_features(references, judge, 32)[0]
+    gen_ppl, mauve = load_metric("generative_perplexity", keep_in_memory=True), load_metric("mauve", keep_in_memory=True)
+    for name in names:
+        folder = output / "parts" / name
+        results = json.loads((folder / "results.json").read_text())
+        samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+        for row in results["rows"]:
+            texts = references if row["kind"] == "reference" else \
+                [s["text"] for s in samples if (s["kind"], s["label"]) == (row["kind"], row["label"])]
+            scored = gen_ppl.compute(predictions=texts, judge=judge, batch_size=32)
+            row.update(generative_perplexity=scored["generative_perplexity"], gen_ppl_excluded=len(scored["excluded"]))
+            if row["kind"] != "reference":
+                row["mauve"] = mauve.compute(predictions=texts, reference_features=reference_features, judge=judge,
+                                             batch_size=32, seed=args.seed)["mauve"]
+        results["rejudged"] = f"gen PPL and MAUVE recomputed with a {judge.model.dtype} judge"
+        (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(f"[{name}] rejudged", flush=True)
+
+
 def merge(output: Path) -> list[str]:
     """One table, plot and samples file from the parts that exist; returns the names of missing parts."""
     rows, samples, missing, judge, footnote = [], [], [], "", ""
@@ -154,6 +188,8 @@ def main():
     parser.add_argument("--data", default="data/shakespeare", help="prepare.py's output (run if missing)")
     parser.add_argument("--output-dir", default="results/paper")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rejudge", nargs="+", default=[], metavar="PART",
+                        help="only recompute the judge's figures of these finished parts, then merge")
     args = parser.parse_args()
     for name in ("num_samples", "batch_size", "num_references", "workers", "threads"):
         if getattr(args, name) < 1:
@@ -163,6 +199,10 @@ def main():
     if not (data / "validation.jsonl").is_file():  # the MAUVE and entropy references: the validation plays
         subprocess.run([sys.executable, str(ROOT / "examples/shakespeare/prepare.py"), "--out", str(data)], check=True)
     (output / "parts").mkdir(parents=True, exist_ok=True)
+    if args.rejudge:
+        rejudge(output, args.rejudge, args, data)
+        print("missing parts:", merge(output))
+        return
     started = time.perf_counter()
     with ThreadPoolExecutor(args.workers) as pool:
         minutes = list(pool.map(lambda part: run_part(*part, args, data, output), PARTS))

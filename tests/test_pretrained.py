@@ -225,3 +225,12 @@ print(type(model).__name__, tokenizer.decode(out.sequences[0]))
 def test_mdm_folder_loads_without_hf_mdm(tmp_path):
     result = run_without_hf_mdm(REMOTE_CODE_SCRIPT, [pretrained_path(DEFAULT_MDM)], tmp_path)
     assert result.stdout.startswith("MDMForMaskedDiffusion ")
+
+
+def test_the_shipped_judge_scores_in_float32():
+    """Its weights are stored in float16; a judge left in float16 scores imprecisely and, on a CPU, many times slower
+    (the first reproduction run lost 20 minutes per part to it)."""
+    from hf_mdm.evaluation import load_judge
+
+    judge = load_judge(str(pretrained_path(DEFAULT_JUDGE)), "cpu")
+    assert judge.model.dtype == torch.float32
