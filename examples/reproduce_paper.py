@@ -123,14 +123,14 @@ def rejudge(output: Path, names: list[str], args, data: Path) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from hf_mdm.evaluation import judge_features, load_judge, load_metric, pack_texts
-    from hf_mdm.training.data import load_documents
+    from hf_mdm.evaluation import judge_features, load_judge, load_metric, load_text_blocks
 
     torch.set_num_threads(args.threads)
     judge = load_judge(str(pretrained_path(DEFAULT_JUDGE)), "cpu")
     tokenizer = AutoTokenizer.from_pretrained(pretrained_path(DEFAULT_MDM))
-    documents = load_documents([str(data / "validation.jsonl")], text_field="text", sample_by="paragraph")
-    references = tokenizer.batch_decode(pack_texts(documents["text"], tokenizer, LENGTH)[: args.num_references].tolist())
+    # The references exactly as `hf-mdm evaluate` built them for the parts (see run_part's command).
+    references = tokenizer.batch_decode(load_text_blocks([data / "validation.jsonl"], tokenizer, LENGTH,
+                                                         args.num_references).tolist())
     reference_features = judge_features(references, judge, 32)[0]
     gen_ppl, mauve = load_metric("generative_perplexity", keep_in_memory=True), load_metric("mauve", keep_in_memory=True)
     for name in names:

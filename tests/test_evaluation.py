@@ -222,6 +222,20 @@ def test_mdm_nelbo_module_reuses_validation_nelbo(assets):
         mdm_nelbo(model, texts=["the cat"], tokenizer=assets["tokenizer"])
 
 
+def test_load_text_blocks_packs_files_as_training_does(assets, tmp_path):
+    """The references of `hf-mdm evaluate` are the training packing of the files, cut to `count` (0: all)."""
+    from hf_mdm.evaluation import load_text_blocks
+    from hf_mdm.training.data import load_documents, tokenize_and_pack
+
+    expected = tokenize_and_pack(load_documents([assets["corpus"]]), assets["tokenizer"], 16)[:]["input_ids"]
+    assert len(expected) > 5
+    assert torch.equal(load_text_blocks([assets["corpus"]], assets["tokenizer"], 16), expected)
+    assert torch.equal(load_text_blocks([assets["corpus"]], assets["tokenizer"], 16, count=0), expected)
+    assert torch.equal(load_text_blocks([assets["corpus"]], assets["tokenizer"], 16, count=5), expected[:5])
+    with pytest.raises(ValueError, match="does not exist"):
+        load_text_blocks([tmp_path / "missing.txt"], assets["tokenizer"], 16)
+
+
 # ------------------------------------------------------------------------------------------- offline loading
 
 
@@ -293,6 +307,28 @@ def test_generate_samples_splits_the_work_across_processes():
     assert [count for count, _ in seen.values()] == [3, 2, 2]
     all_seeds = [seed for _, seeds in seen.values() for seed in seeds]
     assert len(set(all_seeds)) == len(all_seeds) == 4 and seen[0][1] == [5, 6]
+
+
+def test_mdm_sampler_progress_counts_unmasked_tokens_and_leaves_samples_unchanged(assets, monkeypatch):
+    """The per-batch bar ends at batch x length unmasked tokens, rises monotonically, and draws no random numbers:
+    the samples are identical with and without it."""
+    from hf_mdm.evaluation import sweep
+
+    model = MDMForMaskedDiffusion.from_pretrained(assets["mdm_dir"]).eval()
+    setting = SamplerSetting(sampler="ancestral_cache", steps=24)
+    counts = []
+    original = sweep.UnmaskingProgress.put_draft
+
+    def recording_put_draft(self, value):
+        original(self, value)
+        counts.append(self.bar.n)
+
+    monkeypatch.setattr(sweep.UnmaskingProgress, "put_draft", recording_put_draft)
+    with_bar, nfe = sweep.mdm_sampler(model, setting, 12)(3, 7)
+    assert counts[-1] == 3 * 12 and counts == sorted(counts) and len(counts) == 24 and counts[0] < 3 * 12
+    without_bar, _ = sweep.mdm_sampler(model, setting, 12, show_progress=False)(3, 7)
+    assert torch.equal(with_bar, without_bar)
+    assert (with_bar != model.config.mask_token_id).all() and nfe.max() <= 24
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from hf_mdm.evaluation import load_text_blocks
 from hf_mdm.hub import write_model_card
 from hf_mdm.pretrained import pretrained_path
-from hf_mdm.training.data import load_documents, tokenize_and_pack
 from hf_mdm.training.objectives import validation_loss
 
 
@@ -42,8 +42,7 @@ def measure(name: str, data: Path, passes: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     figures = {}
     for split in ("validation", "test"):
-        documents = load_documents([str(data / f"{split}.jsonl")])
-        blocks = tokenize_and_pack(documents, tokenizer, 256)[:]["input_ids"]  # (num_blocks, 256)
+        blocks = load_text_blocks([data / f"{split}.jsonl"], tokenizer, 256)  # (num_blocks, 256)
         result = validation_loss(model, blocks, kind["objective"], batch_size=32,
                                  num_passes=passes if kind["objective"] != "ar" else 1, seed=0)
         figures[split] = dict(nats_per_token=result.nats_per_token, blocks=len(blocks))

@@ -15,7 +15,7 @@ from pathlib import Path
 from .entropy import EntropyResult, token_entropy, unigram_entropy
 from .judge import DEFAULT_JUDGE, GenerativePerplexityResult, Judge, generative_perplexity, judge_features, load_judge
 from .mauve_score import MauveResult, mauve_score
-from .nelbo import mdm_nelbo, pack_texts
+from .nelbo import load_text_blocks, mdm_nelbo, pack_texts
 
 
 METRICS_DIR = Path(__file__).parent / "metrics"
@@ -50,6 +50,7 @@ __all__ = [
     "judge_features",
     "load_judge",
     "load_metric",
+    "load_text_blocks",
     "mauve_score",
     "mdm_nelbo",
     "metric_path",

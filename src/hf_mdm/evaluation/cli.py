@@ -150,7 +150,7 @@ def run_evaluate(args: argparse.Namespace) -> dict | None:
     from tqdm.auto import tqdm
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from . import load_judge, load_metric, pack_texts
+    from . import load_judge, load_metric, load_text_blocks
     from .judge import judge_features, model_context
     from .report import KIND_NAMES, markdown_table, plot_results
     from .sweep import ar_sampler, generate_samples, mdm_sampler
@@ -182,16 +182,14 @@ def run_evaluate(args: argparse.Namespace) -> dict | None:
             raise ValueError(f"--length {length} exceeds the AR model's context ({ar_context}).")
     reference_blocks = None
     if args.reference_files and main:
-        from ..training.data import load_documents
-
-        documents = load_documents(args.reference_files, text_field=args.text_field, sample_by=args.reference_sample_by)
-        reference_blocks = pack_texts(documents[args.text_field], tokenizer, length)
-        keep = args.num_samples if args.num_references is None else (args.num_references or len(reference_blocks))
-        reference_blocks = reference_blocks[:keep]
+        count = args.num_samples if args.num_references is None else args.num_references  # 0: all
+        reference_blocks = load_text_blocks(args.reference_files, tokenizer, length, count, args.text_field,
+                                            args.reference_sample_by)
 
     # 2. Generate every set of samples (all processes; each set gathered on every process).
     sample_sets = []
-    jobs = [("mdm", setting.label, setting, mdm_sampler(model, setting, length)) for setting in settings]
+    jobs = [("mdm", setting.label, setting, mdm_sampler(model, setting, length, show_progress=main))
+            for setting in settings]
     if ar_model is not None:
         jobs += [("ar", f"T={t:g}", {"temperature": t}, ar_sampler(ar_model, start_id, t, length))
                  for t in args.ar_temperatures]

@@ -11,7 +11,7 @@ import datasets
 import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from ..training.data import tokenize_and_pack
+from ..training.data import load_documents, tokenize_and_pack
 from ..training.objectives import ValidationResult, validation_nelbo
 from .judge import resolve_device
 
@@ -27,6 +27,15 @@ def pack_texts(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, block_s
     if len(blocks) == 0:
         raise ValueError(f"the texts hold fewer than {block_size} tokens: not one block of {block_size} to evaluate.")
     return blocks[:]["input_ids"]  # (num_blocks, block_size)
+
+
+def load_text_blocks(files: Sequence[str], tokenizer: PreTrainedTokenizerBase, block_size: int,
+                     count: int | None = None, text_field: str = "text", sample_by: str = "paragraph") -> torch.Tensor:
+    """Held-out text or jsonl files -> their first `count` blocks (all when None or 0) of `block_size` token ids,
+    read and packed as training reads and packs them: what `hf-mdm evaluate` compares samples against."""
+    documents = load_documents(files, text_field=text_field, sample_by=sample_by)
+    blocks = pack_texts(documents[text_field], tokenizer, block_size)
+    return blocks[:count] if count else blocks
 
 
 def mdm_nelbo(model, texts: Sequence[str] | None = None, input_ids: torch.Tensor | None = None,

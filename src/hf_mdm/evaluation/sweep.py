@@ -121,13 +121,35 @@ def generate_samples(sample_batch: Callable[[int, int], tuple[torch.Tensor, torc
     return Samples(torch.tensor(sequences, dtype=torch.long), torch.tensor(nfe, dtype=torch.long), seconds)
 
 
-def mdm_sampler(model, setting: SamplerSetting, length: int) -> Callable:
-    """`sample_batch` for `generate_samples`: unconditional MDM samples of `length` tokens under `setting`."""
+class UnmaskingProgress:
+    """A diffusion streamer that shows how many tokens of a batch are unmasked, as a tqdm bar: one batch of a
+    many-step ancestral setting takes minutes on a CPU, longer than anyone should wait without a sign of life.
+    It only counts; it draws no random numbers, so samples are the same with or without it."""
+
+    def __init__(self, mask_token_id: int, total: int, desc: str, disable: bool = False):
+        self.mask_token_id = mask_token_id
+        self.bar = tqdm(total=total, desc=desc, unit="token", leave=False, mininterval=1.0, disable=disable)
+
+    def put(self, value) -> None:  # the prompt (empty here) and the final tokens: put_draft has counted them
+        pass
+
+    def put_draft(self, value) -> None:
+        self.bar.update(int((value != self.mask_token_id).sum()) - self.bar.n)
+
+    def end(self) -> None:
+        self.bar.close()
+
+
+def mdm_sampler(model, setting: SamplerSetting, length: int, show_progress: bool = True) -> Callable:
+    """`sample_batch` for `generate_samples`: unconditional MDM samples of `length` tokens under `setting`, with a
+    progress bar of unmasked tokens per batch unless `show_progress` is False."""
 
     def sample_batch(size: int, seed: int):
         generator = torch.Generator(device=model.device).manual_seed(seed)
+        progress = UnmaskingProgress(model.config.mask_token_id, size * length, f"batch of {size}",
+                                     disable=not show_progress)
         out = model.generate(max_new_tokens=length, num_return_sequences=size, generator=generator,
-                             return_dict_in_generate=True, **setting.generation_kwargs())
+                             return_dict_in_generate=True, streamer=progress, **setting.generation_kwargs())
         return out.sequences, out.nfe_per_sequence
 
     return sample_batch
