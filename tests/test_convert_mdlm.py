@@ -221,6 +221,34 @@ def test_converted_folder_is_hub_ready(tmp_path):
     assert str(source) in card and "MDLM Hub layout" in card and "sha256" in card and "model.safetensors" in card
 
 
+def test_the_card_carries_the_source_license_and_the_folder_publishes(tmp_path):
+    """The source card's license travels; without one the card says 'other' with a note, and --license overrides.
+    Either way the converted folder passes publish's checks (a card without a license would be refused)."""
+    from hf_mdm.hub import checkpoint_files
+    from huggingface_hub import metadata_load
+
+    reference = random_reference(seed=12, vocab_size=VOCAB)
+    source = save_hub_layout(reference, tmp_path / "src")
+    gpt2_like_tokenizer().save_pretrained(source)
+
+    unlicensed = convert_mdlm(source, tmp_path / "unlicensed", verify=False)
+    assert metadata_load(tmp_path / "unlicensed" / "README.md")["license"] == "other"
+    assert any("--license" in note for note in unlicensed.notes)
+    assert "README.md" in checkpoint_files(tmp_path / "unlicensed")
+
+    (source / "README.md").write_text("---\nlicense: apache-2.0\ntags:\n- mdlm\n---\n# MDLM\n")
+    licensed = convert_mdlm(source, tmp_path / "licensed", verify=False)
+    assert metadata_load(tmp_path / "licensed" / "README.md")["license"] == "apache-2.0"
+    assert not any("license" in note for note in licensed.notes)
+
+    overridden = convert_mdlm(source, tmp_path / "overridden", verify=False, license="mit")
+    assert metadata_load(tmp_path / "overridden" / "README.md")["license"] == "mit"
+    assert any("overriding the source card's 'apache-2.0'" in note for note in overridden.notes)
+    with pytest.raises(ConversionError, match="license must be a non-empty Hub license id"):
+        convert_mdlm(source, tmp_path / "bad", license=" ")
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
 def test_a_tokenizer_with_its_own_mask_token_decides_the_mask_id(tmp_path):
     """MDLM's rule: [MASK] is the tokenizer's mask token when it has one (BERT-tokenized runs), else a new last id."""
     from tokenizers import Tokenizer, models

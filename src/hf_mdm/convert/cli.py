@@ -33,6 +33,7 @@ def convert_mdlm_command(args: argparse.Namespace) -> None:
             time_conditioning=args.time_conditioning,
             mask_token_id=args.mask_token_id,
             tokenizer=args.tokenizer,
+            license=args.license,
             overwrite=args.overwrite,
             verify=not args.no_verify,
         )
@@ -68,6 +69,7 @@ def _add_format_parsers(parser: argparse.ArgumentParser) -> None:
     mdlm.add_argument("--mask-token-id", type=int,
                       help="[MASK] id (default: the tokenizer's mask token, else vocab_size - 1, as MDLM does)")
     mdlm.add_argument("--tokenizer", help="folder with tokenizer files to ship (default: SRC's own, if any)")
+    mdlm.add_argument("--license", help="the card's Hub license id (default: the source card's, else 'other')")
     mdlm.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
     mdlm.add_argument("--no-verify", action="store_true", help="skip reloading DST to check its logits")
     mdlm.set_defaults(func=convert_mdlm_command)

@@ -90,7 +90,7 @@ MDLM_NOISE_EPS = 1e-3  # LogLinearNoise(eps=1e-3)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "vocab.txt")
 HUB_DOWNLOAD_PATTERNS = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
-                         *TOKENIZER_FILES]
+                         "README.md", *TOKENIZER_FILES]  # README.md: the source card, for its license
 HUB_BIN_PATTERNS = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]
 
 
@@ -120,6 +120,7 @@ class MDLMSource:
         prefix: the prefix the weights had in the file, for error messages.
         files: the files the weights came from.
         tokenizer_folder: a folder with tokenizer files, if any.
+        license: the Hub license id in the source's model card (README.md front matter), if it has one.
         hub_id, revision: set when the source was downloaded from the Hugging Face Hub.
         used_ema: whether `weights` are a Lightning checkpoint's EMA weights.
         notes: what the reader decided, for the log and the model card.
@@ -132,6 +133,7 @@ class MDLMSource:
     prefix: str
     files: list[Path]
     tokenizer_folder: Path | None = None
+    license: str | None = None
     hub_id: str | None = None
     revision: str | None = None
     used_ema: bool = False
@@ -193,7 +195,21 @@ def read_hub_folder(folder: Path, name: str | None = None) -> MDLMSource:
         )
     if any((folder / name).is_file() for name in TOKENIZER_FILES):
         source.tokenizer_folder = folder
+    source.license = card_license(folder / "README.md")
     return source
+
+
+def card_license(readme: Path) -> str | None:
+    """The `license` of a model card's front matter; None without a card, front matter or license."""
+    if not readme.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        license = ModelCard.load(readme).data.license
+    except Exception:  # a card that does not parse tells us nothing about the license
+        return None
+    return license if isinstance(license, str) and license.strip() else None
 
 
 def read_lightning_checkpoint(path: Path, use_ema: bool = True, name: str | None = None) -> MDLMSource:
@@ -461,6 +477,7 @@ def convert_mdlm(
     time_conditioning: bool | None = None,
     mask_token_id: int | None = None,
     tokenizer: str | Path | None = None,
+    license: str | None = None,
     overwrite: bool = False,
     verify: bool = True,
 ) -> ConversionResult:
@@ -482,12 +499,16 @@ def convert_mdlm(
         dst: output folder; must be empty or absent unless `overwrite`.
         mask_token_id: [MASK] id; default `vocab_size - 1` (or the tokenizer's mask token, as MDLM does).
         tokenizer: a folder with tokenizer files to ship with the model (default: the source folder's, if any).
+        license: the card's Hub license id. Default: the source card's; "other" when it has none (weights keep
+            their source's terms, so the converter never guesses a license), with a note to set it before publishing.
     """
     dst = Path(dst)
     if dst.exists() and not dst.is_dir():
         raise ConversionError(f"{dst} is a file; the output is a folder.")
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise ConversionError(f"{dst} exists and is not empty; pass overwrite=True (--overwrite) to write into it.")
+    if license is not None and (not isinstance(license, str) or not license.strip()):
+        raise ConversionError(f"license must be a non-empty Hub license id (e.g. apache-2.0), got {license!r}.")
 
     # 1. Read the source.
     source = read_mdlm_source(src, revision=revision, use_ema=use_ema)
@@ -495,6 +516,13 @@ def convert_mdlm(
     if dst.resolve() in source_folders:
         raise ConversionError(f"{dst} is the source itself; choose another output folder.")
     notes = list(source.notes)
+    if license is None:
+        license = source.license or "other"
+        if source.license is None:
+            notes.append("the source has no license in a model card: the card says license 'other'; set the "
+                         "source's license (--license) before publishing")
+    elif source.license not in (None, license):
+        notes.append(f"license {license!r} given, overriding the source card's {source.license!r}")
     for key, value in (("n_heads", n_heads), ("model_length", model_length), ("time_conditioning", time_conditioning)):
         if value is not None:
             if source.fields.get(key) not in (None, value):
@@ -523,7 +551,8 @@ def convert_mdlm(
     model.save_pretrained(dst)
     if loaded_tokenizer is not None:
         loaded_tokenizer.save_pretrained(dst)
-    (dst / "README.md").write_text(model_card(source, config, notes, tokenizer_saved=loaded_tokenizer is not None))
+    card = model_card(source, config, notes, tokenizer_saved=loaded_tokenizer is not None, license=license)
+    (dst / "README.md").write_text(card)
 
     # 5. Verify the saved folder.
     if verify:
@@ -556,9 +585,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def model_card(source: MDLMSource, config: MDMConfig, notes: list[str], tokenizer_saved: bool) -> str:
+def model_card(source: MDLMSource, config: MDMConfig, notes: list[str], tokenizer_saved: bool,
+               license: str = "other") -> str:
     """The README.md of a converted folder: where it came from and what the conversion decided."""
-    front = ["---", "library_name: transformers", "pipeline_tag: text-generation",
+    front = ["---", "library_name: transformers", "pipeline_tag: text-generation", f"license: {license}",
              "tags:", "- hf_mdm", "- masked-diffusion", "- mdlm"]
     if source.hub_id:
         front.append(f"base_model: {source.hub_id}")
