@@ -1,6 +1,6 @@
 """The paper's precision table at small scale: one command, on the shipped Shakespeare MDM and AR judge.
 
-    python examples/reproduce_paper.py                    # about an hour on a 2-core CPU (see README)
+    python examples/reproduce_paper.py                    # 56.5 minutes on a 2-core CPU (see README)
     python examples/reproduce_paper.py --num-samples 64   # less noise, twice the time
 
 It runs `hf-mdm evaluate` with every setting of arXiv:2409.02908's precision experiment, scaled to a model of
@@ -19,7 +19,12 @@ The settings are split into parts, run by --workers processes of one thread each
 process of two threads: the random-number generation and the per-step Python work are single-threaded). Each
 part is one `hf-mdm evaluate` run with its own folder under OUTPUT/parts/, so a killed run resumes where it
 stopped: finished parts are kept. At the end the parts are merged into OUTPUT/results.json, results.md (the
-table), plot.png (gen PPL against entropy), samples.jsonl, and timing.json (wall time of the whole run).
+table), plot.png (gen PPL against entropy), samples.jsonl, and timing.json (the wall time of every run, appended).
+
+    python examples/reproduce_paper.py --fhs-seeds 1 2      # also exact FHS in float64 with seeds 1 and 2
+
+adds one part per seed (about 9 minutes each on one core) whose rows are marked "seed N": the spread between seeds
+shows how far 32-sample figures move by chance alone.
 """
 
 import argparse
@@ -29,6 +34,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from hf_mdm.evaluation.report import markdown_table, plot_results
@@ -43,19 +49,41 @@ def ancestral(multiple: int, dtype: str) -> str:
     return f"sampler=ancestral_cache,steps={multiple * LENGTH},sampling_dtype={dtype}"
 
 
-# (name, MDM settings, AR temperatures), longest first (on one core: ~27, 25, 19, 12, 12, 11, 8 and 7 minutes), so
-# that the workers finish close together.
+@dataclass(frozen=True)
+class Part:
+    """One `hf-mdm evaluate` run: its folder name, MDM settings, AR temperatures and seed (None: --seed)."""
+
+    name: str
+    settings: tuple[str, ...]
+    ar_temperatures: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+# Longest first (on one core: ~24, 20, 16, 13, 12, 9, 9 and 8 minutes), so that the workers finish close together.
 PARTS = [
-    ("ancestral-16L-float64", [ancestral(16, "float64")], []),
-    ("ancestral-16L-float32", [ancestral(16, "float32")], []),
-    ("fhs", [f"sampler=first_hitting,sampling_dtype={dtype}" for dtype in ("float32", "float64")], []),
-    ("ancestral-4L-float64", [ancestral(4, "float64")], []),
-    ("ancestral-4L-float32", [ancestral(4, "float32")], []),
-    ("parallel-fhs-and-ar", [f"sampler=first_hitting,tokens_per_step={k},sampling_dtype=float64" for k in (2, 4, 8)],
-     ["0.7", "0.8", "0.9", "1.0"]),
-    ("ancestral-L-float64", [ancestral(1, "float64")], []),
-    ("ancestral-L-float32", [ancestral(1, "float32")], []),
+    Part("ancestral-16L-float64", (ancestral(16, "float64"),)),
+    Part("ancestral-16L-float32", (ancestral(16, "float32"),)),
+    Part("fhs", tuple(f"sampler=first_hitting,sampling_dtype={dtype}" for dtype in ("float32", "float64"))),
+    Part("ancestral-4L-float64", (ancestral(4, "float64"),)),
+    Part("ancestral-4L-float32", (ancestral(4, "float32"),)),
+    Part("parallel-fhs-and-ar", tuple(f"sampler=first_hitting,tokens_per_step={k},sampling_dtype=float64"
+                                      for k in (2, 4, 8)), ("0.7", "0.8", "0.9", "1.0")),
+    Part("ancestral-L-float64", (ancestral(1, "float64"),)),
+    Part("ancestral-L-float32", (ancestral(1, "float32"),)),
 ]
+SEED_PART_PREFIX = "fhs-float64-seed"
+
+
+def fhs_seed_part(seed: int) -> Part:
+    """Exact FHS in float64 drawn again with another seed: how much the figures move by chance."""
+    return Part(f"{SEED_PART_PREFIX}{seed}", ("sampler=first_hitting,sampling_dtype=float64",), seed=seed)
+
+
+def finished_seed_parts(output: Path) -> list[Part]:
+    """The seed parts a run (this one or an earlier one, with --fhs-seeds) left under OUTPUT/parts/."""
+    names = (folder.name for folder in (output / "parts").glob(f"{SEED_PART_PREFIX}*") if folder.is_dir())
+    return [fhs_seed_part(int(name.removeprefix(SEED_PART_PREFIX))) for name in sorted(names)
+            if name.removeprefix(SEED_PART_PREFIX).isdigit()]
 
 
 def table_order(row: dict) -> tuple:
@@ -68,8 +96,9 @@ def table_order(row: dict) -> tuple:
     return (2, setting.get("tokens_per_step") or 1, setting.get("sampling_dtype", ""))
 
 
-def run_part(name, settings, ar_temperatures, args, data: Path, output: Path) -> float | None:
+def run_part(part: Part, args, data: Path, output: Path) -> float | None:
     """One `hf-mdm evaluate` run; skipped when its results.json exists (a resumed run). Returns its minutes."""
+    name = part.name
     folder = output / "parts" / name
     if (folder / "results.json").is_file():
         print(f"[{name}] done before, kept", flush=True)
@@ -81,11 +110,12 @@ def run_part(name, settings, ar_temperatures, args, data: Path, output: Path) ->
                "--judge", str(pretrained_path(DEFAULT_JUDGE)), "--reference-files", str(data / "validation.jsonl"),
                "--num-references", str(args.num_references), "--length", str(LENGTH),
                "--num-samples", str(args.num_samples), "--batch-size", str(args.batch_size),
-               "--judge-batch-size", "32", "--seed", str(args.seed), "--save-samples", "--output-dir", str(folder)]
-    for setting in settings:
+               "--judge-batch-size", "32", "--seed", str(args.seed if part.seed is None else part.seed), "--save-samples",
+               "--output-dir", str(folder)]
+    for setting in part.settings:
         command += ["--setting", setting]
-    if ar_temperatures:
-        command += ["--ar-model", str(pretrained_path(DEFAULT_JUDGE)), "--ar-temperatures", *ar_temperatures]
+    if part.ar_temperatures:
+        command += ["--ar-model", str(pretrained_path(DEFAULT_JUDGE)), "--ar-temperatures", *part.ar_temperatures]
     environment = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     started = time.perf_counter()
     print(f"[{name}] started", flush=True)
@@ -153,22 +183,32 @@ def rejudge(output: Path, names: list[str], args, data: Path) -> None:
 def merge(output: Path) -> list[str]:
     """One table, plot and samples file from the parts that exist; returns the names of missing parts."""
     rows, samples, missing, judge, footnote = [], [], [], "", ""
-    for name, _, _ in PARTS:
-        folder = output / "parts" / name
+    seed_parts = finished_seed_parts(output)
+    for part in PARTS + seed_parts:
+        folder = output / "parts" / part.name
         if not (folder / "results.json").is_file():
-            missing.append(name)
+            missing.append(part.name)
             continue
         results = json.loads((folder / "results.json").read_text())
         judge = judge or Path(results.get("judge", DEFAULT_JUDGE)).name
         for row in results["rows"]:
+            if part.seed is not None:
+                row["label"] += f" seed {part.seed}"
             if row["kind"] != "reference" or not any(r["kind"] == "reference" for r in rows):
                 rows.append(row)
         if (folder / "samples.jsonl").is_file():
-            samples.append((folder / "samples.jsonl").read_text())
+            lines = (folder / "samples.jsonl").read_text().splitlines()
+            if part.seed is not None:  # the same mark as the rows, so that samples and rows still match by label
+                lines = [json.dumps(dict(sample, label=f"{sample['label']} seed {part.seed}"))
+                         for sample in map(json.loads, lines)]
+            samples.append("".join(line + "\n" for line in lines))
         footnote = footnote or next((line for line in (folder / "results.md").read_text().splitlines()
                                      if line.startswith(f"{LENGTH} tokens per sample")), "")
     rows.sort(key=table_order)
     footnotes = [footnote] if footnote else []
+    if seed_parts:
+        footnotes.append(f"Rows marked 'seed N' were drawn again with seed N (--fhs-seeds), to show the spread "
+                         f"between seeds; all others with seed {results_seed(output)}.")
     if missing:
         footnotes.append(f"NOT RUN (yet): {', '.join(missing)}; rerun the script to finish them.")
     (output / "results.json").write_text(json.dumps({"judge": judge, "rows": rows}, indent=2) + "\n")
@@ -176,6 +216,14 @@ def merge(output: Path) -> list[str]:
     plot_results(rows, output / "plot.png", judge, title=f"shakespeare-mdm, {LENGTH}-token samples")
     (output / "samples.jsonl").write_text("".join(samples))
     return missing
+
+
+def results_seed(output: Path) -> int:
+    """The seed of the main parts, as their results.json recorded it."""
+    for part in PARTS:
+        if (output / "parts" / part.name / "results.json").is_file():
+            return json.loads((output / "parts" / part.name / "results.json").read_text())["seed"]
+    return 0
 
 
 def main():
@@ -188,6 +236,8 @@ def main():
     parser.add_argument("--data", default="data/shakespeare", help="prepare.py's output (run if missing)")
     parser.add_argument("--output-dir", default="results/paper")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fhs-seeds", nargs="+", type=int, default=[], metavar="SEED",
+                        help="also exact FHS in float64 drawn with each of these seeds (one part each)")
     parser.add_argument("--rejudge", nargs="+", default=[], metavar="PART",
                         help="only recompute the judge's figures of these finished parts, then merge")
     args = parser.parse_args()
@@ -203,17 +253,21 @@ def main():
         rejudge(output, args.rejudge, args, data)
         print("missing parts:", merge(output))
         return
+    parts = PARTS + [fhs_seed_part(seed) for seed in dict.fromkeys(args.fhs_seeds) if seed != args.seed]
     started = time.perf_counter()
     with ThreadPoolExecutor(args.workers) as pool:
-        minutes = list(pool.map(lambda part: run_part(*part, args, data, output), PARTS))
+        minutes = list(pool.map(lambda part: run_part(part, args, data, output), parts))
     wall = (time.perf_counter() - started) / 60
     missing = merge(output)
-    timing = dict(wall_minutes=round(wall, 1), part_minutes={name: None if m is None else round(m, 1)
-                                                              for (name, _, _), m in zip(PARTS, minutes)},
-                  resumed=any(m is None for m in minutes), num_samples=args.num_samples,
-                  workers=args.workers, threads_per_worker=args.threads, cpus=os.cpu_count(),
-                  command=" ".join(["python", "examples/reproduce_paper.py", *sys.argv[1:]]))
-    (output / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
+    ran = {part.name: round(m, 1) for part, m in zip(parts, minutes) if m is not None}
+    if ran:  # one entry per run that did any work, appended: a resumed run keeps the record of earlier ones
+        timing = dict(wall_minutes=round(wall, 1), part_minutes=ran, kept_from_earlier_runs=len(parts) - len(ran),
+                      num_samples=args.num_samples, workers=args.workers, threads_per_worker=args.threads,
+                      cpus=os.cpu_count(), command=" ".join(["python", "examples/reproduce_paper.py", *sys.argv[1:]]))
+        timing_file = output / "timing.json"
+        runs = json.loads(timing_file.read_text()) if timing_file.is_file() else []
+        runs = [runs] if isinstance(runs, dict) else runs
+        timing_file.write_text(json.dumps(runs + [timing], indent=2) + "\n")
     print(f"reproduce_paper: {wall:.1f} minutes; results in {output}/" + (f"; missing {missing}" if missing else ""))
 
 

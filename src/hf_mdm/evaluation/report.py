@@ -38,15 +38,18 @@ def markdown_table(rows: Sequence[dict], judge: str, footnotes: Sequence[str] = 
 def plot_results(rows: Sequence[dict], path: str | Path, judge: str, title: str = "") -> None:
     """Generative perplexity (log scale) against token entropy: one labelled point per MDM setting, the AR
     baseline as a line over its temperatures, the reference texts' entropy as a vertical line. Writes a PNG."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure  # the Agg canvas, without touching pyplot's global backend
 
     figure = Figure(figsize=(9.0, 5.0), layout="constrained")
     axes = figure.subplots()
     mdm = [row for row in rows if row["kind"] == "mdm"]
+    # Ten default colours, or twenty paler ones: no two settings share a colour up to twenty.
+    palette = [f"C{i}" for i in range(10)] if len(mdm) <= 10 else [colormaps["tab20"](i) for i in range(20)]
     for index, row in enumerate(mdm, start=1):  # points carry a number, the legend says which setting it is
         marker = "o" if row["label"].startswith("FHS") else "s"
         axes.scatter(row["token_entropy"], row["generative_perplexity"], marker=marker, s=40, zorder=3,
-                     color=f"C{(index - 1) % 10}", label=f"[{index}] MDM {row['label']}")
+                     color=palette[(index - 1) % len(palette)], label=f"[{index}] MDM {row['label']}")
         axes.annotate(str(index), (row["token_entropy"], row["generative_perplexity"]), textcoords="offset points",
                       xytext=(4, 4), fontsize=7)
     ar = sorted((row for row in rows if row["kind"] == "ar"), key=lambda row: row["token_entropy"])
