@@ -13,10 +13,12 @@ for reference only). Random weights: speed does not depend on what the model has
 (c) FHS float64 vs float32: goal <= 3% overhead.
 (d) The paper's shapes (V = 50258, L = 1024, batch 1) with a narrow network: ancestral at 1000 steps vs FHS.
 
-Every step of a strategy costs the same (FHS: one forward over all L positions, logits at one position, one draw
-over V; ancestral: one forward, logits and a (V + 1)-way draw at all L positions), so (a) and (c) time generate()
-end to end on `--new-tokens` positions after a prompt, and (b) and (d) time `--sample-steps` steps of each
-strategy and multiply by the number of steps of a whole run. This keeps the benchmark to minutes on a CPU.
+An FHS step costs the same all run long (one forward over all L positions, logits and one draw over V at one
+position). An ancestral step is one forward plus a (V + 1)-way draw at every still-masked position, so its cost
+falls as the run unmasks; its mean over a run of uniform time steps is the cost at half the positions masked
+(alpha_t ~ 1 - t). So (a) and (c) time generate() end to end on `--new-tokens` positions after a prompt, and (b)
+and (d) time `--sample-steps` steps of each strategy from a state with a random half of the positions masked and
+multiply by the number of steps of a whole run. This keeps the benchmark to minutes on a CPU.
 """
 
 import argparse
@@ -56,8 +58,12 @@ def make_model(vocab, length, layers, width, heads, device):
 
 
 def time_sampler_steps(model, name, length, batch, count, sampler_steps, device, dtype=torch.float64):
-    """Median time of one step of strategy `name` on an all-[MASK] batch (every step of a run costs the same)."""
+    """Median time of one step of strategy `name` on a batch with a random half of its positions masked: the
+    mean cost of a step over a whole run (see the module docstring)."""
     mask_id = model.config.mask_token_id
+    generator = torch.Generator().manual_seed(0)
+    half_masked = torch.rand(batch, length, generator=generator).argsort(dim=1) < length // 2
+    start_tokens = torch.randint(0, mask_id, (batch, length), generator=generator).masked_fill(half_masked, mask_id)
     schedule = get_noise_schedule(model.config.noise_schedule, model.config.noise_eps)
 
     def denoise(rows, tokens, positions, times):
@@ -66,8 +72,11 @@ def time_sampler_steps(model, name, length, batch, count, sampler_steps, device,
     def run():
         categorical = CategoricalSampler(dtype, generator=torch.Generator(device).manual_seed(0))
         sampler = build_sampler(name, schedule, categorical, mask_id, steps=sampler_steps)
-        tokens = torch.full((batch, length), mask_id, device=device)
+        tokens = start_tokens.to(device)
         state = DiffusionState.start(tokens, tokens == mask_id)
+        if sampler_steps is not None:  # ancestral: at mid-run time, where half the positions are masked
+            state.step = sampler_steps // 2
+            state.time.fill_(1.0 - state.step / sampler_steps)
         with torch.no_grad():
             for _ in range(count):
                 state = sampler.step(state, denoise)
