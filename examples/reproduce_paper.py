@@ -106,16 +106,15 @@ def run_part(part: Part, args, data: Path, output: Path) -> float | None:
     if not claim(output / "parts" / f"{name}.lock"):
         print(f"[{name}] being run by another process, skipped", flush=True)
         return None
-    command = [sys.executable, "-m", "hf_mdm.cli", "evaluate", str(pretrained_path(DEFAULT_MDM)),
-               "--judge", str(pretrained_path(DEFAULT_JUDGE)), "--reference-files", str(data / "validation.jsonl"),
-               "--num-references", str(args.num_references), "--length", str(LENGTH),
-               "--num-samples", str(args.num_samples), "--batch-size", str(args.batch_size),
-               "--judge-batch-size", "32", "--seed", str(args.seed if part.seed is None else part.seed), "--save-samples",
-               "--output-dir", str(folder)]
+    command = [sys.executable, "-m", "hf_mdm.cli", "evaluate", DEFAULT_MDM, "--judge", DEFAULT_JUDGE,
+               "--reference-files", str(data / "validation.jsonl"), "--num-references", str(args.num_references),
+               "--length", str(LENGTH), "--num-samples", str(args.num_samples), "--batch-size", str(args.batch_size),
+               "--judge-batch-size", "32", "--seed", str(args.seed if part.seed is None else part.seed),
+               "--save-samples", "--output-dir", str(folder)]
     for setting in part.settings:
         command += ["--setting", setting]
     if part.ar_temperatures:
-        command += ["--ar-model", str(pretrained_path(DEFAULT_JUDGE)), "--ar-temperatures", *part.ar_temperatures]
+        command += ["--ar-model", DEFAULT_JUDGE, "--ar-temperatures", *part.ar_temperatures]
     environment = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     started = time.perf_counter()
     print(f"[{name}] started", flush=True)
@@ -182,7 +181,7 @@ def rejudge(output: Path, names: list[str], args, data: Path) -> None:
 
 def merge(output: Path) -> list[str]:
     """One table, plot and samples file from the parts that exist; returns the names of missing parts."""
-    rows, samples, missing, judge, footnote = [], [], [], "", ""
+    rows, samples, missing, judge, footnote, main_seed = [], [], [], "", "", None
     seed_parts = finished_seed_parts(output)
     for part in PARTS + seed_parts:
         folder = output / "parts" / part.name
@@ -191,6 +190,8 @@ def merge(output: Path) -> list[str]:
             continue
         results = json.loads((folder / "results.json").read_text())
         judge = judge or Path(results.get("judge", DEFAULT_JUDGE)).name
+        if part.seed is None:
+            main_seed = results["seed"]
         for row in results["rows"]:
             if part.seed is not None:
                 row["label"] += f" seed {part.seed}"
@@ -208,7 +209,7 @@ def merge(output: Path) -> list[str]:
     footnotes = [footnote] if footnote else []
     if seed_parts:
         footnotes.append(f"Rows marked 'seed N' were drawn again with seed N (--fhs-seeds), to show the spread "
-                         f"between seeds; all others with seed {results_seed(output)}.")
+                         f"between seeds; all others with seed {main_seed}.")
     if missing:
         footnotes.append(f"NOT RUN (yet): {', '.join(missing)}; rerun the script to finish them.")
     (output / "results.json").write_text(json.dumps({"judge": judge, "rows": rows}, indent=2) + "\n")
@@ -216,14 +217,6 @@ def merge(output: Path) -> list[str]:
     plot_results(rows, output / "plot.png", judge, title=f"shakespeare-mdm, {LENGTH}-token samples")
     (output / "samples.jsonl").write_text("".join(samples))
     return missing
-
-
-def results_seed(output: Path) -> int:
-    """The seed of the main parts, as their results.json recorded it."""
-    for part in PARTS:
-        if (output / "parts" / part.name / "results.json").is_file():
-            return json.loads((output / "parts" / part.name / "results.json").read_text())["seed"]
-    return 0
 
 
 def main():

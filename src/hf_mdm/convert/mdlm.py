@@ -588,11 +588,10 @@ def _sha256(path: Path) -> str:
 def model_card(source: MDLMSource, config: MDMConfig, notes: list[str], tokenizer_saved: bool,
                license: str = "other") -> str:
     """The README.md of a converted folder: where it came from and what the conversion decided."""
-    front = ["---", "library_name: transformers", "pipeline_tag: text-generation", f"license: {license}",
-             "tags:", "- hf_mdm", "- masked-diffusion", "- mdlm"]
-    if source.hub_id:
-        front.append(f"base_model: {source.hub_id}")
-    front.append("---")
+    from huggingface_hub import ModelCardData  # the YAML the Hub reads, as hub.write_model_card writes it
+
+    metadata = ModelCardData(library_name="transformers", pipeline_tag="text-generation", license=license,
+                             tags=["hf_mdm", "masked-diffusion", "mdlm"], base_model=source.hub_id)
     layout = {"hub": "MDLM Hub layout", "lightning": "MDLM Lightning checkpoint"}[source.layout]
     weights = "EMA weights" if source.used_ema else "weights"
     revision = f" (revision {source.revision})" if source.revision else ""
@@ -635,7 +634,7 @@ ids = model.generate(max_new_tokens=128, generator=torch.Generator().manual_seed
 """
     if notes:
         body += "\nConversion notes:\n" + "".join(f"- {note}\n" for note in notes)
-    return "\n".join(front) + "\n" + body
+    return f"---\n{metadata.to_yaml()}\n---\n" + body
 
 
 __all__ = [

@@ -126,9 +126,9 @@ class UnmaskingProgress:
     many-step ancestral setting takes minutes on a CPU, longer than anyone should wait without a sign of life.
     It only counts; it draws no random numbers, so samples are the same with or without it."""
 
-    def __init__(self, mask_token_id: int, total: int, desc: str, disable: bool = False):
+    def __init__(self, mask_token_id: int, total: int, desc: str):
         self.mask_token_id = mask_token_id
-        self.bar = tqdm(total=total, desc=desc, unit="token", leave=False, mininterval=1.0, disable=disable)
+        self.bar = tqdm(total=total, desc=desc, unit="token", leave=False, mininterval=1.0)
 
     def put(self, value) -> None:  # the prompt (empty here) and the final tokens: put_draft has counted them
         pass
@@ -142,12 +142,13 @@ class UnmaskingProgress:
 
 def mdm_sampler(model, setting: SamplerSetting, length: int, show_progress: bool = True) -> Callable:
     """`sample_batch` for `generate_samples`: unconditional MDM samples of `length` tokens under `setting`, with a
-    progress bar of unmasked tokens per batch unless `show_progress` is False."""
+    progress bar of unmasked tokens per batch unless `show_progress` is False (then no streamer at all: it would
+    copy the tokens to the CPU after every step for nothing)."""
 
     def sample_batch(size: int, seed: int):
         generator = torch.Generator(device=model.device).manual_seed(seed)
-        progress = UnmaskingProgress(model.config.mask_token_id, size * length, f"batch of {size}",
-                                     disable=not show_progress)
+        progress = (UnmaskingProgress(model.config.mask_token_id, size * length, f"batch of {size}")
+                    if show_progress else None)
         out = model.generate(max_new_tokens=length, num_return_sequences=size, generator=generator,
                              return_dict_in_generate=True, streamer=progress, **setting.generation_kwargs())
         return out.sequences, out.nfe_per_sequence
