@@ -13,7 +13,7 @@ def test_round_trip(tmp_path):
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, MDMConfig)
     for key in ("vocab_size", "mask_token_id", "hidden_size", "num_hidden_layers", "num_attention_heads", "cond_dim",
-                "mlp_ratio", "dropout", "max_position_embeddings", "rope_theta", "time_conditioning",
+                "mlp_ratio", "dropout", "max_position_embeddings", "rope_parameters", "time_conditioning",
                 "noise_schedule", "noise_eps", "pad_token_id", "eos_token_id", "bos_token_id"):
         assert getattr(loaded, key) == getattr(config, key), key
     assert loaded.auto_map["AutoModelForMaskedLM"] == "modeling_mdm.MDMForMaskedDiffusion"
@@ -40,6 +40,9 @@ def test_mask_token_defaults_to_last_id():
         (dict(time_conditioning="yes"), "time_conditioning"),
         (dict(mlp_ratio=0), "mlp_ratio"),
         (dict(vocab_size=1, mask_token_id=0), "vocab_size"),
+        (dict(rope_parameters={"rope_type": "default", "rope_theta": "big"}), "rope_theta"),
+        (dict(rope_parameters={"rope_type": "default", "rope_theta": -1.0}), "rope_theta"),
+        (dict(rope_parameters={"rope_type": "ntk", "rope_theta": 10.0}), "rope_type"),
     ],
 )
 def test_invalid_config_names_the_field(overrides, field):

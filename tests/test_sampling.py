@@ -53,6 +53,22 @@ def test_temperature_top_k_top_p_and_greedy():
     assert (greedy(logits.expand(100, 5)) == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mask_token_is_never_drawn_and_the_callers_logits_are_untouched(dtype):
+    """Whatever logit the network gives [MASK] (here the largest), the sampler gives it probability zero."""
+    logits = torch.tensor([[0.0, 1.0, 0.5, 30.0]], dtype=dtype).expand(5000, 4).contiguous()
+    before = logits.clone()
+    sampler = CategoricalSampler(dtype=dtype, generator=torch.Generator().manual_seed(0), mask_token_id=3)
+    assert (sampler.probabilities(logits)[:, 3] == 0).all()
+    draws = sampler(logits)
+    assert (draws != 3).all() and torch.equal(logits, before)
+    counts = torch.bincount(draws, minlength=3)[:3].numpy()
+    expected = torch.softmax(before[0, :3].double(), -1).numpy() * 5000
+    assert stats.chisquare(counts, expected).pvalue > 1e-3
+    greedy = CategoricalSampler(dtype=dtype, temperature=0, mask_token_id=3)
+    assert (greedy(logits) == 1).all()
+
+
 def _race_counts(pi: np.ndarray, dtype: torch.dtype, rows: int, seed: int, chunk: int = 10000) -> np.ndarray:
     sampler = CategoricalSampler(dtype=dtype, generator=torch.Generator().manual_seed(seed))
     weights = torch.tensor(pi, dtype=dtype)
@@ -83,6 +99,7 @@ def test_float32_truncation_closed_form_at_paper_scale():
     assert np.abs(float64 - pi).max() < 1e-9
 
 
+@pytest.mark.slow
 def test_float32_sampler_undersamples_the_tail_and_float64_does_not():
     """Monte Carlo of our own CategoricalSampler on one ancestral step (V = 4096 Zipf(1.1), N = 1000, where the
     float32 shift is already visible at an affordable sample size). Bins: [MASK], token ranks 1-10, 11-100,

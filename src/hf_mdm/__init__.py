@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .configuration_mdm import MDMConfig
 from .generation_mdm import MDMGenerationConfig, MDMGenerationMixin, MDMGenerationOutput
-from .modeling_mdm import MDMForMaskedDiffusion, MDMModel, MDMPreTrainedModel
+from .modeling_mdm import MASK_LOGIT, MDMForMaskedDiffusion, MDMModel, MDMPreTrainedModel
 from .pretrained import PRETRAINED, pretrained_path
 
 
@@ -18,6 +18,7 @@ AutoModelForMaskedLM.register(MDMConfig, MDMForMaskedDiffusion, exist_ok=True)
 __version__ = "0.1.0"
 
 __all__ = [
+    "MASK_LOGIT",
     "MDMConfig",
     "MDMModel",
     "MDMForMaskedDiffusion",

@@ -8,6 +8,9 @@ from transformers import PreTrainedConfig
 
 
 NOISE_SCHEDULES = ("loglinear", "linear", "cosine")
+# Rotary types whose frequencies are fixed at construction (transformers' ROPE_INIT_FUNCTIONS); the dynamic ones
+# rescale with the sequence length seen, which a bidirectional denoiser of fixed-length canvases does not need.
+ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
 
 class MDMConfig(PreTrainedConfig):
@@ -29,13 +32,20 @@ class MDMConfig(PreTrainedConfig):
         mlp_ratio (`int` or `float`): MLP hidden width is `mlp_ratio * hidden_size`.
         dropout (`float`): dropout on the attention and MLP branches (training only).
         max_position_embeddings (`int`): longest sequence the model accepts.
-        rope_theta (`float`): rotary embedding base.
+        rope_parameters (`dict`, *optional*): rotary embedding settings in transformers 5's convention,
+            `{"rope_type": "default", "rope_theta": 10000.0}` by default; the static scaled types of
+            `ROPE_TYPES` are accepted too. A config with the older top-level `rope_theta` still loads.
         time_conditioning (`bool`): whether the network reads the noise level. MDMs are time-agnostic
             (arXiv:2409.02908, section 3), so the default is False and the conditioning input is zero.
         noise_schedule (`str`): one of "loglinear" (MDLM's), "linear", "cosine": alpha_t used in training
             and sampling.
         noise_eps (`float`): the log-linear schedule's eps, alpha_t = 1 - (1 - eps) t.
         initializer_range (`float`): std of the normal initialisation of linear and embedding weights.
+        tie_word_embeddings (`bool`): share the token embedding with the output projection's weight (MDLM's DiT
+            does not).
+
+    `output_hidden_states`, `output_attentions` and `return_dict` are the usual `PreTrainedConfig` fields: they set
+    the defaults of the model's `forward` arguments of the same names.
     """
 
     model_type = "mdm"
@@ -52,7 +62,7 @@ class MDMConfig(PreTrainedConfig):
     mlp_ratio: int | float = 4
     dropout: float | int = 0.1
     max_position_embeddings: int = 1024
-    rope_theta: float | int = 10000.0
+    rope_parameters: dict | None = None
     time_conditioning: bool = False
     noise_schedule: str = "loglinear"
     noise_eps: float = 1e-3
@@ -112,8 +122,14 @@ class MDMConfig(PreTrainedConfig):
             raise ValueError(f"MDMConfig.mlp_ratio must be a positive number, got {self.mlp_ratio!r}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"MDMConfig.dropout must be in [0, 1), got {self.dropout!r}.")
-        if not self.rope_theta > 0:
-            raise ValueError(f"MDMConfig.rope_theta must be positive, got {self.rope_theta!r}.")
+        rope = self.rope_parameters
+        if not isinstance(rope, dict) or rope.get("rope_type") not in ROPE_TYPES:
+            raise ValueError(
+                f"MDMConfig.rope_parameters['rope_type'] must be one of {ROPE_TYPES}, got {rope!r}."
+            )
+        theta = rope.get("rope_theta")
+        if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not theta > 0:
+            raise ValueError(f"MDMConfig.rope_parameters['rope_theta'] must be a positive number, got {theta!r}.")
         if not isinstance(self.time_conditioning, bool):
             raise ValueError(f"MDMConfig.time_conditioning must be True or False, got {self.time_conditioning!r}.")
         if self.noise_schedule not in NOISE_SCHEDULES:
@@ -132,4 +148,4 @@ class MDMConfig(PreTrainedConfig):
         return int(self.mlp_ratio * self.hidden_size)
 
 
-__all__ = ["MDMConfig", "NOISE_SCHEDULES"]
+__all__ = ["MDMConfig", "NOISE_SCHEDULES", "ROPE_TYPES"]

@@ -316,11 +316,14 @@ class MDMGenerationMixin:
         masked = tokens == mask_id
         if attention_mask is not None:
             masked &= attention_mask.bool()
+            if bool(attention_mask.all()):
+                attention_mask = None  # decided once per call: the network then runs unmasked (SDPA's fastest kernel)
 
         # 3. Build the strategy.
         schedule = get_noise_schedule(self.config.noise_schedule, self.config.noise_eps)
         categorical = CategoricalSampler(
-            SAMPLING_DTYPES[config.sampling_dtype], config.temperature, config.top_k, config.top_p, generator
+            SAMPLING_DTYPES[config.sampling_dtype], config.temperature, config.top_k, config.top_p, generator,
+            mask_token_id=mask_id,
         )
         steps = config.steps
         if config.sampler != "first_hitting" and steps is None:

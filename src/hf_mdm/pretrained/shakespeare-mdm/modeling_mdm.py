@@ -5,6 +5,11 @@ checkpoints convert weight for weight: weight-only float32 LayerNorm, adaLN modu
 embedding, rotary q/k, bias-free attention projections, GELU(tanh) MLP and an adaLN output layer. Attention
 goes through transformers' attention interface (SDPA by default, eager available), never a hard-wired kernel.
 
+`forward` reads no tensor values on the host: it can be compiled with `torch.compile(fullgraph=True)`, exported
+with `torch.export`, and called once per sampling step without forcing a device synchronisation. The checks that
+need values (ids in range, positions in range) run only for CPU tensors outside compilation; `generate()` makes
+them once per call on any device.
+
 This file travels with every saved checkpoint as remote code: it imports only torch/transformers and
 same-folder modules, never `hf_mdm`.
 """
@@ -21,15 +26,25 @@ from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MaskedLMOutput
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, is_torchdynamo_compiling, logging
 
 from .configuration_mdm import MDMConfig
 from .generation_mdm import MDMGenerationConfig, MDMGenerationMixin
 
 
+logger = logging.get_logger(__name__)
+
 # Width of the sinusoidal timestep features fed to the conditioning MLP (MDLM: 256).
 TIMESTEP_FREQUENCY_SIZE = 256
+
+# The logit the model returns for [MASK] (MDLM's SUBS parameterisation: the denoiser never predicts [MASK]). It is
+# finite so that no downstream arithmetic turns it into NaN (-inf - -inf in a difference of logits, 0 * -inf in an
+# entropy, a float32 -> float16 cast of finfo.min), and low enough that its probability is exactly 0 in float16,
+# bfloat16, float32 and float64 for any logits above -9000. It is exactly representable in float16 and float32.
+# Samplers do not rely on it: the categorical sampler removes [MASK] itself.
+MASK_LOGIT = -1.0e4
 
 
 def modulate(hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -60,13 +75,33 @@ def eager_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ):
+    """Attention written out, so that its weights can be returned. `attention_mask` is boolean (True = attend)
+    or additive, broadcastable to (batch, heads, seq_len, seq_len)."""
     attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
+    elif attention_mask is not None:
         attn_weights = attn_weights + attention_mask
     attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
     attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
     return attn_output, attn_weights
+
+
+def bidirectional_attention_mask(config, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                                 attn_implementation: str):
+    """The (batch, seq_len) padding mask in the form the attention implementation takes.
+
+    For SDPA and eager it is a boolean (batch, 1, 1, seq_len) mask, every query attending to every real key. It is
+    built without reading the mask's values: transformers' helper checks `attention_mask.all()` on the host to drop
+    an all-ones mask, which would synchronise the device on every sampling step. Pass `attention_mask=None` when
+    nothing is padded (`generate()` does): that lets SDPA pick its fastest kernel.
+    """
+    if attention_mask is None:
+        return None
+    if attn_implementation in ("sdpa", "eager"):
+        return attention_mask.bool()[:, None, None, :]
+    return create_bidirectional_mask(config, hidden_states, attention_mask)  # flash and flex: their own formats
 
 
 class MDMLayerNorm(nn.Module):
@@ -106,24 +141,38 @@ class MDMTimestepEmbedder(nn.Module):
 
 
 class MDMRotaryEmbedding(nn.Module):
-    """cos/sin tables for rotary attention, computed in float32 from position ids."""
+    """cos/sin tables for rotary attention, computed in float32 from position ids.
+
+    Frequencies follow `config.rope_parameters` (transformers 5's convention): the plain rotary embedding of base
+    `rope_theta` for "default", transformers' own initialisation functions for the scaled types.
+    """
 
     def __init__(self, config: MDMConfig):
         super().__init__()
-        self.head_dim = config.head_dim
-        self.rope_theta = float(config.rope_theta)
-        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+        self.config = config
+        inv_freq, self.attention_scaling = self.compute_parameters()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def compute_inv_freq(self) -> torch.Tensor:
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim
-        return 1.0 / (self.rope_theta**exponents)
+        """(head_dim / 2,) float32 inverse frequencies."""
+        return self.compute_parameters()[0]
+
+    def compute_parameters(self) -> tuple[torch.Tensor, float]:
+        """The inverse frequencies and the factor applied to cos/sin (1 but for scaled types such as yarn)."""
+        rope_type = self.config.rope_parameters["rope_type"]
+        if rope_type != "default":
+            inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](self.config, None)
+            return inv_freq.float(), float(attention_scaling)
+        head_dim = self.config.head_dim
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+        return 1.0 / (float(self.config.rope_parameters["rope_theta"]) ** exponents), 1.0
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids (batch, seq_len) -> cos, sin of shape (batch, seq_len, head_dim), float32."""
         freqs = position_ids.float()[..., None] * self.inv_freq.float().to(position_ids.device)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
+        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
 
 
 class MDMAttention(nn.Module):
@@ -140,20 +189,19 @@ class MDMAttention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, attn_implementation="sdpa"):
+        """(batch, seq_len, hidden) -> (batch, seq_len, hidden) and the attention weights (eager only, else None)."""
         batch_size, seq_len, _ = hidden_states.shape
         qkv = self.qkv_proj(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
         query, key, value = (t.transpose(1, 2) for t in qkv.unbind(dim=2))
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(attn_implementation, eager_attention_forward)
         # MDLM trains without attention dropout; dropout acts on the residual branches instead.
-        attn_output, _ = attention_interface(
-            self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, is_causal=False, **kwargs
+        attn_output, attn_weights = attention_interface(
+            self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, is_causal=False
         )
-        return self.o_proj(attn_output.reshape(batch_size, seq_len, -1))
+        return self.o_proj(attn_output.reshape(batch_size, seq_len, -1)), attn_weights
 
 
 class MDMMLP(nn.Module):
@@ -178,16 +226,17 @@ class MDMBlock(GradientCheckpointingLayer):
         self.modulation = nn.Linear(config.cond_dim, 6 * config.hidden_size, bias=True)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, hidden_states, conditioning, position_embeddings, attention_mask=None, **kwargs):
+    def forward(self, hidden_states, conditioning, position_embeddings, attention_mask=None, attn_implementation="sdpa"):
+        """Returns the block's output (batch, seq_len, hidden) and its attention weights (or None)."""
         shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = (
             self.modulation(conditioning)[:, None].chunk(6, dim=2)
         )
         attn_input = modulate(self.norm1(hidden_states), shift_attn, scale_attn)
-        attn_output = self.self_attn(attn_input, position_embeddings, attention_mask, **kwargs)
+        attn_output, attn_weights = self.self_attn(attn_input, position_embeddings, attention_mask, attn_implementation)
         hidden_states = hidden_states + gate_attn * self.dropout(attn_output)
 
         mlp_output = self.mlp(modulate(self.norm2(hidden_states), shift_mlp, scale_mlp))
-        return hidden_states + gate_mlp * self.dropout(mlp_output)
+        return hidden_states + gate_mlp * self.dropout(mlp_output), attn_weights
 
 
 class MDMOutputLayer(nn.Module):
@@ -211,10 +260,25 @@ class MDMModelOutput(ModelOutput):
         last_hidden_state (`torch.FloatTensor` of shape `(batch, seq_len, hidden)`): output of the last block.
         conditioning (`torch.FloatTensor` of shape `(batch, cond_dim)`): the adaLN conditioning vector, which
             the output layer needs too.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): with `output_hidden_states`, the embeddings and the
+            output of every block, `num_hidden_layers + 1` tensors of shape `(batch, seq_len, hidden)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*): with `output_attentions`, every block's attention
+            weights, of shape `(batch, heads, seq_len, seq_len)`.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     conditioning: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+def _first_bad_value(name: str, values: torch.Tensor, low: int, high: int):
+    """Range check on values, made only where it costs no device synchronisation: on the CPU, outside compilation."""
+    if values.numel() == 0 or values.device.type != "cpu" or is_torchdynamo_compiling():
+        return
+    smallest, largest = int(values.min()), int(values.max())
+    if smallest < low or largest >= high:
+        raise ValueError(f"{name} must lie in [{low}, {high}), got values in [{smallest}, {largest}].")
 
 
 class MDMPreTrainedModel(PreTrainedModel):
@@ -228,6 +292,7 @@ class MDMPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
@@ -250,6 +315,19 @@ class MDMPreTrainedModel(PreTrainedModel):
             init.zeros_(module.linear.weight)
             init.zeros_(module.linear.bias)
 
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """transformers' resize (input embedding and output projection together), refusing to drop a special id."""
+        if new_num_tokens is not None:
+            for name in ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id"):
+                token_id = getattr(self.config, name)
+                if token_id is not None and new_num_tokens <= token_id:
+                    raise ValueError(
+                        f"resize_token_embeddings: new_num_tokens={new_num_tokens} would drop {name}={token_id}; "
+                        f"it must be > {token_id}."
+                    )
+        return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+
 
 class MDMModel(MDMPreTrainedModel):
     """The DiT backbone: token embedding, timestep conditioning and the blocks, without the output layer."""
@@ -271,11 +349,14 @@ class MDMModel(MDMPreTrainedModel):
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
-        **kwargs,
-    ) -> MDMModelOutput:
+        inputs_embeds: torch.FloatTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MDMModelOutput | tuple:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch, seq_len)`): partly masked token ids.
@@ -284,35 +365,73 @@ class MDMModel(MDMPreTrainedModel):
             timesteps (`torch.Tensor` of shape `(batch,)`, *optional*): the noise level fed to the timestep
                 embedding (MDLM: the total noise sigma(t) = -log alpha_t). Read only when
                 `config.time_conditioning`; otherwise the conditioning input is zero.
+            inputs_embeds (`torch.FloatTensor` of shape `(batch, seq_len, hidden)`, *optional*): instead of
+                `input_ids`, vectors in the embedding space.
+            output_attentions, output_hidden_states, return_dict (`bool`, *optional*): as in every transformers
+                model; default to the config's fields of the same names. Attention weights come from eager
+                attention: with another implementation the call falls back to eager, with a warning.
         """
-        attention_mask, timesteps = self._validate_inputs(input_ids, attention_mask, timesteps)
-        batch_size, seq_len = input_ids.shape
-        hidden_states = self.embed_tokens(input_ids)
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        timesteps = self._validate_inputs(input_ids, inputs_embeds, attention_mask, timesteps)
 
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch_size, seq_len = hidden_states.shape[:2]
         if not self.config.time_conditioning:
-            timesteps = torch.zeros(batch_size, device=input_ids.device)
+            timesteps = torch.zeros(batch_size, device=hidden_states.device)
         conditioning = F.silu(self.timestep_embedder(timesteps))
 
         if attention_mask is None:
-            position_ids = torch.arange(seq_len, device=input_ids.device).expand(batch_size, -1)
+            position_ids = torch.arange(seq_len, device=hidden_states.device).expand(batch_size, -1)
         else:
             # Positions count real tokens, so a left-padded row sees the positions it would see alone.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         position_embeddings = self.rotary_emb(position_ids)
-        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
 
+        attn_implementation = self.config._attn_implementation
+        if output_attentions and attn_implementation != "eager":
+            logger.warning_once(
+                f"{type(self).__name__} uses attn_implementation={attn_implementation!r}, which cannot return attention "
+                "weights (output_attentions=True): falling back to eager attention for these calls. Load the model with "
+                "attn_implementation='eager' to remove this warning."
+            )
+            attn_implementation = "eager"
+        mask = bidirectional_attention_mask(self.config, hidden_states, attention_mask, attn_implementation)
+
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         for layer in self.layers:
-            hidden_states = layer(hidden_states, conditioning, position_embeddings, mask, **kwargs)
-        return MDMModelOutput(last_hidden_state=hidden_states, conditioning=conditioning)
+            hidden_states, attn_weights = layer(hidden_states, conditioning, position_embeddings, mask, attn_implementation)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        output = MDMModelOutput(hidden_states, conditioning, all_hidden_states, all_attentions)
+        return output if return_dict else output.to_tuple()
 
-    def _validate_inputs(self, input_ids, attention_mask, timesteps):
-        """Clear errors for malformed inputs, before any tensor work (an index error deep inside helps nobody)."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(f"input_ids must be a tensor of shape (batch, seq_len), got {shape}.")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must hold integer token ids (int64), got dtype {input_ids.dtype}.")
-        batch_size, seq_len = input_ids.shape
+    def _validate_inputs(self, input_ids, inputs_embeds, attention_mask, timesteps):
+        """Clear errors for malformed inputs before any tensor work; returns the timesteps as a (batch,) tensor.
+
+        Shape and dtype checks are free; the range check of the ids reads values, so it runs only for CPU tensors
+        outside compilation (`generate()` checks ids once per call on every device).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids (batch, seq_len) and inputs_embeds (batch, seq_len, hidden).")
+        if input_ids is not None:
+            if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+                shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+                raise ValueError(f"input_ids must be a tensor of shape (batch, seq_len), got {shape}.")
+            if input_ids.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"input_ids must hold integer token ids (int64), got dtype {input_ids.dtype}.")
+            shape = input_ids.shape
+        else:
+            if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 or \
+                    inputs_embeds.shape[-1] != self.config.hidden_size:
+                got = tuple(inputs_embeds.shape) if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds).__name__
+                raise ValueError(f"inputs_embeds must have shape (batch, seq_len, {self.config.hidden_size}), got {got}.")
+            shape = inputs_embeds.shape[:2]
+        batch_size, seq_len = shape
         if seq_len == 0:
             raise ValueError("input_ids must hold at least one position, got seq_len = 0.")
         if seq_len > self.config.max_position_embeddings:
@@ -320,28 +439,23 @@ class MDMModel(MDMPreTrainedModel):
                 f"input_ids has seq_len {seq_len}, longer than max_position_embeddings "
                 f"({self.config.max_position_embeddings})."
             )
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= self.config.vocab_size:
+        if input_ids is not None:
+            _first_bad_value(f"input_ids (vocab_size={self.config.vocab_size})", input_ids, 0, self.config.vocab_size)
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(shape):
             raise ValueError(
-                f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{low}, {high}]."
+                f"attention_mask must have the shape (batch, seq_len) = {tuple(shape)}, got {tuple(attention_mask.shape)}."
             )
-        if attention_mask is not None:
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(
-                    f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
-                    f"got {tuple(attention_mask.shape)}."
-                )
-            if bool(attention_mask.all()):
-                attention_mask = None  # no padding: let SDPA run without a mask
-        if self.config.time_conditioning:
-            if timesteps is None:
-                raise ValueError("timesteps (one noise level per sequence) is required: config.time_conditioning is True.")
-            timesteps = torch.as_tensor(timesteps, device=input_ids.device)
-            if timesteps.dim() == 0:
-                timesteps = timesteps.expand(batch_size)
-            if timesteps.shape != (batch_size,):
-                raise ValueError(f"timesteps must have shape (batch,) = ({batch_size},), got {tuple(timesteps.shape)}.")
-        return attention_mask, timesteps
+        if not self.config.time_conditioning:
+            return None
+        if timesteps is None:
+            raise ValueError("timesteps (one noise level per sequence) is required: config.time_conditioning is True.")
+        device = input_ids.device if input_ids is not None else inputs_embeds.device
+        timesteps = torch.as_tensor(timesteps, device=device)
+        if timesteps.dim() == 0:
+            timesteps = timesteps.expand(batch_size)
+        if timesteps.shape != (batch_size,):
+            raise ValueError(f"timesteps must have shape (batch,) = ({batch_size},), got {tuple(timesteps.shape)}.")
+        return timesteps
 
 
 class MDMForMaskedDiffusion(MDMPreTrainedModel, MDMGenerationMixin):
@@ -352,6 +466,10 @@ class MDMForMaskedDiffusion(MDMPreTrainedModel, MDMGenerationMixin):
 
     _auto_class = "AutoModel"  # makes save_pretrained copy this file (and its relative imports) for remote code
     generation_config_class = MDMGenerationConfig
+    # Declared for configs with tie_word_embeddings=True; MDLM's DiT keeps them separate (the default).
+    _tied_weights_keys = {"output_layer.linear.weight": "model.embed_tokens.weight"}
+    # Trainer passes num_items_in_batch, so that gradient accumulation averages over all masked tokens.
+    accepts_loss_kwargs = True
 
     def __init__(self, config: MDMConfig):
         super().__init__(config)
@@ -368,14 +486,22 @@ class MDMForMaskedDiffusion(MDMPreTrainedModel, MDMGenerationMixin):
     def get_output_embeddings(self):
         return self.output_layer.linear
 
+    def set_output_embeddings(self, new_embeddings):
+        self.output_layer.linear = new_embeddings
+
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
         output_positions: torch.LongTensor | None = None,
-        **kwargs,
-    ) -> MaskedLMOutput:
+        labels: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> MaskedLMOutput | tuple:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch, seq_len)`): partly masked token ids.
@@ -383,39 +509,85 @@ class MDMForMaskedDiffusion(MDMPreTrainedModel, MDMGenerationMixin):
             timesteps (`torch.Tensor` of shape `(batch,)`, *optional*): noise level, read only with time_conditioning.
             output_positions (`torch.LongTensor` of shape `(batch, k)`, *optional*): positions whose logits are
                 wanted. The output projection (the largest matrix for big vocabularies) runs there only.
+            labels (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*): the clean ids (-100 where no loss
+                is wanted). The loss is the cross-entropy of the label at every position that is [MASK] in
+                `input_ids` (every position with inputs_embeds), is not padding and whose label is not -100,
+                summed and divided by the number of those positions in the batch (by `num_items_in_batch` when
+                given, as Trainer does under gradient accumulation). It carries no NELBO weight: the training
+                objectives (`hf_mdm.training.objectives`) add that.
+            inputs_embeds (`torch.FloatTensor` of shape `(batch, seq_len, hidden)`, *optional*): instead of input_ids.
+            output_attentions, output_hidden_states, return_dict (`bool`, *optional*): as in every transformers model.
+            num_items_in_batch (`int` or `torch.Tensor`, *optional*): divisor of the summed loss.
 
         Returns:
-            `MaskedLMOutput` whose `logits` have shape `(batch, seq_len, vocab)`, or `(batch, k, vocab)` with
-            `output_positions`. The [MASK] logit is always -inf: the model never predicts [MASK] (MDLM's SUBS).
+            `MaskedLMOutput` with `loss` (with `labels`), `logits` of shape `(batch, seq_len, vocab)`, or
+            `(batch, k, vocab)` with `output_positions`, and the hidden states and attentions when asked. The [MASK]
+            logit is `MASK_LOGIT` (-1e4): finite, and of probability exactly zero (MDLM's SUBS: the model never
+            predicts [MASK]).
         """
-        seq_len = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) else None
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        reference = input_ids if input_ids is not None else inputs_embeds
+        seq_len = reference.shape[1] if isinstance(reference, torch.Tensor) and reference.dim() >= 2 else None
         if output_positions is not None:
-            output_positions = self._validate_output_positions(output_positions, input_ids, seq_len)
-        outputs = self.model(input_ids, attention_mask=attention_mask, timesteps=timesteps, **kwargs)
+            output_positions = self._validate_output_positions(output_positions, reference, seq_len)
+        if labels is not None and seq_len is not None:
+            if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(reference.shape[:2]):
+                got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+                raise ValueError(f"labels must have the shape (batch, seq_len) = {tuple(reference.shape[:2])}, got {got}.")
+
+        outputs = self.model(
+            input_ids, attention_mask, timesteps, inputs_embeds=inputs_embeds, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=True,
+        )
         hidden_states = outputs.last_hidden_state
         if output_positions is not None:
             index = output_positions.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1])
             hidden_states = hidden_states.gather(1, index)
         logits = self.output_layer(hidden_states, outputs.conditioning)
-        logits[..., self.config.mask_token_id] = float("-inf")
-        return MaskedLMOutput(logits=logits)
+        logits[..., self.config.mask_token_id] = MASK_LOGIT
+
+        loss = None
+        if labels is not None:
+            loss = self.masked_token_loss(logits, labels, input_ids, attention_mask, output_positions, num_items_in_batch)
+        output = MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                attentions=outputs.attentions)
+        return output if return_dict else output.to_tuple()
+
+    def masked_token_loss(self, logits, labels, input_ids=None, attention_mask=None, output_positions=None,
+                          num_items_in_batch=None) -> torch.Tensor:
+        """Summed cross-entropy (float32) over the scored positions (see `forward`), divided by their number.
+
+        A batch with no scored position has loss 0 (not NaN): with few masked tokens that happens in training.
+        """
+        scored = labels != -100
+        if input_ids is not None:
+            scored = scored & (input_ids == self.config.mask_token_id)
+        if attention_mask is not None:
+            scored = scored & attention_mask.bool()
+        if output_positions is not None:
+            labels, scored = labels.gather(1, output_positions), scored.gather(1, output_positions)
+        targets = labels.masked_fill(~scored, -100)
+        total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        if num_items_in_batch is None:
+            num_items_in_batch = scored.sum().clamp(min=1)
+        elif isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
 
     @staticmethod
-    def _validate_output_positions(output_positions, input_ids, seq_len):
+    def _validate_output_positions(output_positions, reference, seq_len):
         if not isinstance(output_positions, torch.Tensor) or output_positions.dim() != 2:
             shape = tuple(output_positions.shape) if isinstance(output_positions, torch.Tensor) else output_positions
             raise ValueError(f"output_positions must be a LongTensor of shape (batch, k), got {shape}.")
         if output_positions.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"output_positions must hold integer positions, got dtype {output_positions.dtype}.")
-        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and output_positions.shape[0] != input_ids.shape[0]:
+        if seq_len is not None and output_positions.shape[0] != reference.shape[0]:
             raise ValueError(
-                f"output_positions has batch size {output_positions.shape[0]}, input_ids {input_ids.shape[0]}."
+                f"output_positions has batch size {output_positions.shape[0]}, input_ids {reference.shape[0]}."
             )
-        if output_positions.numel() and seq_len is not None:
-            low, high = int(output_positions.min()), int(output_positions.max())
-            if low < 0 or high >= seq_len:
-                raise ValueError(f"output_positions must lie in [0, seq_len={seq_len}), got values in [{low}, {high}].")
+        if seq_len is not None:
+            _first_bad_value(f"output_positions (seq_len={seq_len})", output_positions, 0, seq_len)
         return output_positions.long()
 
 
-__all__ = ["MDMPreTrainedModel", "MDMModel", "MDMForMaskedDiffusion"]
+__all__ = ["MASK_LOGIT", "MDMPreTrainedModel", "MDMModel", "MDMForMaskedDiffusion"]

@@ -158,10 +158,13 @@ class CategoricalSampler:
         temperature: 0 means greedy (argmax); otherwise logits are divided by it.
         top_k, top_p: transformers' logits warpers (0 and 1.0 switch them off).
         generator: the `torch.Generator` every draw comes from.
+        mask_token_id: the [MASK] id, whose probability is set to exactly zero here, whatever logit the network
+            gave it: no strategy can ever draw [MASK] as a token.
     """
 
-    def __init__(self, dtype=torch.float64, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    def __init__(self, dtype=torch.float64, temperature=1.0, top_k=0, top_p=1.0, generator=None, mask_token_id=None):
         self.dtype = dtype
+        self.mask_token_id = mask_token_id
         self.greedy = temperature == 0
         self.generator = generator
         warpers = []
@@ -175,7 +178,10 @@ class CategoricalSampler:
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """(..., V) logits -> (..., V) probabilities in the sampling dtype (one-hot when greedy)."""
-        scores = logits.to(self.dtype).reshape(-1, logits.shape[-1])
+        # copy=True: the in-place edits below must never reach the caller's logits (a no-op cast would alias them).
+        scores = logits.to(self.dtype, copy=True).reshape(-1, logits.shape[-1])
+        if self.mask_token_id is not None:
+            scores[:, self.mask_token_id] = float("-inf")
         if self.greedy:
             probs = torch.zeros_like(scores).scatter_(-1, scores.argmax(-1, keepdim=True), 1.0)
         else:
@@ -200,7 +206,7 @@ class CategoricalSampler:
 #   tokens:    (R, L) their current tokens
 #   positions: (R, k) positions whose logits are needed, or None for all L positions
 #   times:     (R,) float64 diffusion times (the network reads them only if it is time-conditioned)
-#   returns    (R, k, V) or (R, L, V) logits; the [MASK] logit is -inf
+#   returns    (R, k, V) or (R, L, V) logits; the [MASK] logit is ignored (the categorical sampler zeroes it)
 Denoiser = Callable[[torch.LongTensor, torch.LongTensor, torch.LongTensor | None, torch.Tensor], torch.Tensor]
 
 
@@ -306,8 +312,8 @@ class AncestralSampler:
 
     From t to s < t every masked position independently becomes token x with probability
     ((alpha_s - alpha_t) / (1 - alpha_t)) p(x | x_t), or stays masked with probability
-    (1 - alpha_s) / (1 - alpha_t): one categorical over V + 1 classes per position (the [MASK] column of the
-    network's output, which is -inf, carries "stay masked"), drawn in the sampling dtype, which is how
+    (1 - alpha_s) / (1 - alpha_t): one categorical over V + 1 classes per position (the [MASK] column, of
+    probability zero as a token, carries "stay masked"), drawn in the sampling dtype, which is how
     float32 lowers the temperature. `noise_removal` replaces the last step's sampling by an argmax, as
     MDLM's scripts do. With `reuse_unchanged` ("ancestral_cache", MDLM's "ddpm_cache"), a row whose tokens
     did not change since its last network call reuses that call's probabilities (kept in the sampling dtype,
