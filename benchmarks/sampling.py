@@ -31,9 +31,10 @@ from hf_mdm import MDMConfig, MDMForMaskedDiffusion
 from hf_mdm.sampling_mdm import CategoricalSampler, DiffusionState, build_sampler, get_noise_schedule
 
 
-def timed(fn, repeats: int, device: str) -> float:
-    """Median wall time of `fn()` over `repeats` runs, after one warm-up."""
-    fn()
+def timed(fn, repeats: int, device: str, warmups: int = 1) -> float:
+    """Median wall time of `fn()` over `repeats` runs, after `warmups` unmeasured runs."""
+    for _ in range(warmups):
+        fn()
     times = []
     for _ in range(repeats):
         if device == "cuda":
