@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-fast clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ demo: $(STAMP)
 	$(PY) -m hf_mdm.cli demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --durations=10
+
+# Everything but the tests marked slow (statistical tests with many samples, multi-process runs).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests -m "not slow"
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

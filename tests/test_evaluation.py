@@ -370,6 +370,7 @@ def test_evaluate_end_to_end(assets, tmp_path):
     assert len((out / "samples.jsonl").read_text().splitlines()) == 5 * 4
 
 
+@pytest.mark.slow
 def test_evaluate_under_two_processes(assets, tmp_path):
     """`torchrun --nproc_per_node 2` (gloo on CPU): 5 samples per setting split 3 + 2, gathered on the main process,
     which alone judges them and writes the results."""

@@ -30,6 +30,7 @@ def oracle():
     return OracleDenoiser(oracle_config()).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "settings",
     [

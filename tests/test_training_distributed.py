@@ -30,6 +30,7 @@ def run(command, timeout=120):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_two_processes_follow_one_with_the_same_global_batch(corpus, tmp_path):
     """Same global batch of 8 (2 processes x 4 rows vs 1 x 8): the same losses, up to float summation order
     (tolerance: relative 1e-4), and the times of both processes together fill the 8 strata of [0, 1). 15
@@ -56,6 +57,7 @@ def test_two_processes_follow_one_with_the_same_global_batch(corpus, tmp_path):
         assert union == pytest.approx(single[step], abs=1e-12)  # and the very times of the single process
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_exactly(corpus, tmp_path):
     """SIGKILL after the first checkpoint; the resumed run ends with the weights and loss of an uninterrupted one.
     Dropout is on (0.1), so the RNG state has to come back too."""
