@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hf_mdm import MDMConfig, MDMForMaskedDiffusion
+from hf_mdm import MDMConfig, MDMForMaskedDiffusion, MDMLlamaConfig, MDMLlamaForMaskedDiffusion
 
 
 def tiny_config(**overrides) -> MDMConfig:
@@ -18,6 +18,32 @@ def tiny_config(**overrides) -> MDMConfig:
     )
     fields.update(overrides)
     return MDMConfig(**fields)
+
+
+def tiny_llama_config(dream: bool = False, **overrides) -> MDMLlamaConfig:
+    """A tiny bidirectional Llama-family model: LLaDA-like (no biases, full heads) or, with `dream`, Dream-like
+    (q/k/v biases, 2 key/value heads for 4 query heads, logits shifted inside the model). 50 tokens + [MASK]."""
+    fields = dict(
+        vocab_size=51,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2 if dream else 4,
+        attention_bias=dream,
+        shift_logits=dream,
+        rms_norm_eps=1e-6 if dream else 1e-5,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+    )
+    fields.update(overrides)
+    return MDMLlamaConfig(**fields)
+
+
+def tiny_llama_model(seed: int = 0, dream: bool = False, **overrides) -> MDMLlamaForMaskedDiffusion:
+    torch.manual_seed(seed)
+    return randomize_(MDMLlamaForMaskedDiffusion(tiny_llama_config(dream, **overrides)), seed=seed)
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:

@@ -1,19 +1,31 @@
 """hf_mdm: masked diffusion language models as first-class Hugging Face citizens.
 
-Importing the package registers model_type "mdm" with AutoConfig, AutoModel and AutoModelForMaskedLM.
+Importing the package registers model_types "mdm" (MDLM's DiT) and "mdm_llama" (LLaDA, Dream) with AutoConfig,
+AutoModel and AutoModelForMaskedLM.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
-from .configuration_mdm import MDMConfig
+from .configuration_mdm import MDMConfig, MDMLlamaConfig
 from .generation_mdm import MDMGenerationConfig, MDMGenerationMixin, MDMGenerationOutput
-from .modeling_mdm import MASK_LOGIT, MDMForMaskedDiffusion, MDMModel, MDMPreTrainedModel
+from .modeling_mdm import (
+    MASK_LOGIT,
+    MDMForMaskedDiffusion,
+    MDMLlamaForMaskedDiffusion,
+    MDMLlamaModel,
+    MDMLlamaPreTrainedModel,
+    MDMModel,
+    MDMPreTrainedModel,
+)
 from .pretrained import PRETRAINED, pretrained_path
 
 
 AutoConfig.register("mdm", MDMConfig, exist_ok=True)
 AutoModel.register(MDMConfig, MDMForMaskedDiffusion, exist_ok=True)
 AutoModelForMaskedLM.register(MDMConfig, MDMForMaskedDiffusion, exist_ok=True)
+AutoConfig.register("mdm_llama", MDMLlamaConfig, exist_ok=True)
+AutoModel.register(MDMLlamaConfig, MDMLlamaForMaskedDiffusion, exist_ok=True)
+AutoModelForMaskedLM.register(MDMLlamaConfig, MDMLlamaForMaskedDiffusion, exist_ok=True)
 
 __version__ = "0.1.0"
 
@@ -23,6 +35,10 @@ __all__ = [
     "MDMModel",
     "MDMForMaskedDiffusion",
     "MDMPreTrainedModel",
+    "MDMLlamaConfig",
+    "MDMLlamaModel",
+    "MDMLlamaForMaskedDiffusion",
+    "MDMLlamaPreTrainedModel",
     "MDMGenerationConfig",
     "MDMGenerationMixin",
     "MDMGenerationOutput",

@@ -371,6 +371,13 @@ class MDMGenerationMixin:
         """Returns (tokens, attention_mask or None, prompt_length or None); checks ids and lengths first."""
         mask_id = self.config.mask_token_id
         device = self.device
+        shifted = getattr(self.config, "shift_logits", False)
+        if input_ids is None and shifted:
+            # A network that predicts token i from position i - 1 needs a first token: BOS, as Dream's prompts start.
+            if self.config.bos_token_id is None:
+                raise ValueError("this model predicts token i from position i - 1 (config.shift_logits), so it needs a "
+                                 "prompt: pass input_ids (at least one token), or set config.bos_token_id.")
+            input_ids = torch.full((1, 1), self.config.bos_token_id, dtype=torch.long, device=device)
         if input_ids is None:
             input_ids = torch.empty(1, 0, dtype=torch.long, device=device)
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -415,6 +422,16 @@ class MDMGenerationMixin:
         if prompt_length + new_tokens == 0:
             raise ValueError("nothing to generate: no input_ids and max_new_tokens = 0.")
 
+        if shifted and prompt_length:
+            first_real = attention_mask.argmax(dim=1) if attention_mask is not None else torch.zeros_like(input_ids[:, 0])
+            if bool((input_ids.gather(1, first_real[:, None]) == mask_id).any()):
+                raise ValueError("the first real token of a row is [MASK], but this model predicts token i from "
+                                 "position i - 1 (config.shift_logits), so the first position has no prediction: start "
+                                 "every row with a real token (e.g. BOS).")
+        elif shifted:
+            raise ValueError("this model predicts token i from position i - 1 (config.shift_logits), so it needs a "
+                             "prompt of at least one token (e.g. BOS).")
+
         batch_size = input_ids.shape[0]
         canvas = torch.cat([input_ids, torch.full((batch_size, new_tokens), mask_id, dtype=torch.long, device=device)], dim=1)
         if attention_mask is not None:
@@ -426,4 +443,18 @@ class MDMGenerationMixin:
         return canvas, attention_mask, (None if has_masks else prompt_length)
 
 
-__all__ = ["MDMGenerationConfig", "MDMGenerationMixin", "MDMGenerationOutput"]
+def cut_at_eos(sequences: torch.LongTensor, eos_token_id: int | list[int] | None, start: int = 0) -> list[list[int]]:
+    """Per row, the ids from `start` up to (not including) the first end-of-sequence id at or after `start`.
+
+    Instruct MDMs are trained to fill the tail of a fixed-length answer with EOS (LLaDA's SFT pads answers with
+    EOS), so what follows the first one is not part of the answer. sequences: (batch, seq_len).
+    """
+    stops = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    rows = []
+    for row in sequences[:, start:].tolist():
+        end = next((i for i, token in enumerate(row) if token in stops), len(row))
+        rows.append(row[:end])
+    return rows
+
+
+__all__ = ["MDMGenerationConfig", "MDMGenerationMixin", "MDMGenerationOutput", "cut_at_eos"]

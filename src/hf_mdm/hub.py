@@ -32,6 +32,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # either one lets
 CARD_METADATA = ("library_name", "pipeline_tag", "license")  # what publish requires in README.md's front matter
 KIND_TAGS = {"mdm": ["hf_mdm", "masked-diffusion", "diffusion-lm"], "causal_lm": ["hf_mdm"]}
 KIND_NAMES = {"mdm": "MDM", "causal_lm": "causal LM"}
+MDM_MODEL_TYPES = ("mdm", "mdm_llama")  # MDLM's DiT; the bidirectional Llama family (LLaDA, Dream)
 
 # training=... of write_model_card: field -> (type, what it says on the card). Every field is optional.
 TRAINING_FIELDS = {
@@ -73,11 +74,11 @@ def checkpoint_kind(config: Mapping) -> str:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = config.get("model_type")
-    if model_type == "mdm":
+    if model_type in MDM_MODEL_TYPES:
         return "mdm"
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return "causal_lm"
-    raise ValueError(f"config.json has model_type {model_type!r}; hf_mdm publishes MDMs ('mdm') and transformers "
+    raise ValueError(f"config.json has model_type {model_type!r}; hf_mdm publishes MDMs ('mdm', 'mdm_llama') and transformers "
                      "causal LMs (e.g. 'gpt2', 'llama').")
 
 
@@ -290,6 +291,12 @@ def _architecture(config, kind: str, parameters: int) -> str:
         return (f"An autoregressive causal language model (transformers `{architecture}`): {size}, "
                 f"vocabulary {config.vocab_size}.")
     time_input = "reads the noise level" if config.time_conditioning else "time-agnostic: no time input"
+    if config.model_type == "mdm_llama":
+        return (f"A masked diffusion language model: a bidirectional Llama-family transformer as hf_mdm's "
+                f"`MDMLlamaForMaskedDiffusion`, {size} ({config.num_key_value_heads} key/value heads), "
+                f"{config.vocab_size} token ids ([MASK] = {config.mask_token_id}), {time_input}"
+                f"{', logits shifted inside the model (Dream)' if config.shift_logits else ''}. `generate()` samples "
+                f"with the first-hitting sampler (arXiv:2409.02908, section 4) and float64 categorical draws by default.")
     return (f"A masked diffusion language model: MDLM's diffusion transformer as hf_mdm's `MDMForMaskedDiffusion`, "
             f"{size}, {config.vocab_size} token ids ([MASK] = {config.mask_token_id}), {config.noise_schedule} noise "
             f"schedule, {time_input}. `generate()` samples with the first-hitting sampler (arXiv:2409.02908, "

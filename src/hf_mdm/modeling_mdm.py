@@ -1,9 +1,16 @@
-"""hf_mdm's masked diffusion language model: MDLM's diffusion transformer (DiT) as a transformers model.
+"""hf_mdm's masked diffusion language models as transformers models: one contract, two backbone families.
 
-The architecture is the one MDLM released (arXiv:2310.07524; `../shared/mdm-notes.md` section 6), so that its
-checkpoints convert weight for weight: weight-only float32 LayerNorm, adaLN modulation from a timestep
-embedding, rotary q/k, bias-free attention projections, GELU(tanh) MLP and an adaLN output layer. Attention
-goes through transformers' attention interface (SDPA by default, eager available), never a hard-wired kernel.
+- MDLM's diffusion transformer (DiT; arXiv:2310.07524, `../shared/mdm-notes.md` section 6): `MDMForMaskedDiffusion`,
+  weight for weight MDLM's released network (weight-only float32 LayerNorm, adaLN modulation from a timestep
+  embedding, rotary q/k, bias-free attention projections, GELU(tanh) MLP, adaLN output layer).
+- A bidirectional Llama-family transformer: `MDMLlamaForMaskedDiffusion`, the network of LLaDA (Llama/OLMo blocks)
+  and Dream (Qwen2 blocks with q/k/v biases and grouped-query attention, whose output at position i predicts token
+  i + 1: the model shifts it back inside, so that no sampler ever knows).
+
+Both heads share one `forward` (`MDMHeadMixin`): logits aligned with the input positions, the [MASK] logit set to
+`MASK_LOGIT`, `output_positions` to run the output projection only where asked, `labels` for a masked-token loss,
+and the hidden states and attentions transformers users expect. Attention goes through transformers' attention
+interface (SDPA by default, eager and flash available), never a hard-wired kernel.
 
 `forward` reads no tensor values on the host: it can be compiled with `torch.compile(fullgraph=True)`, exported
 with `torch.export`, and called once per sampling step without forcing a device synchronisation. The checks that
@@ -30,7 +37,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, is_torchdynamo_compiling, logging
 
-from .configuration_mdm import MDMConfig
+from .configuration_mdm import MDMConfig, MDMLlamaConfig
 from .generation_mdm import MDMGenerationConfig, MDMGenerationMixin
 
 
@@ -47,9 +54,9 @@ TIMESTEP_FREQUENCY_SIZE = 256
 MASK_LOGIT = -1.0e4
 
 
-def modulate(hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: `x * (1 + scale) + shift`, with per-sequence shift/scale of shape (batch, 1, hidden)."""
-    return hidden_states * (1 + scale) + shift
+# ----------------------------------------------------------------------------------------------------------------
+# Shared pieces: rotary embedding, attention, masks, outputs, input checks.
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -58,11 +65,24 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary_pos_emb(q, k, cos, sin):
-    """Rotary embedding in the rotate-half form. q, k: (batch, heads, seq_len, head_dim); cos, sin: (batch, seq_len, head_dim)."""
+    """Rotary embedding in the rotate-half form, computed in float32 (as MDLM and LLaDA do) and cast back.
+
+    q, k: (batch, heads, seq_len, head_dim); cos, sin: (batch, seq_len, head_dim).
+    """
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     q_embed = q.float() * cos + rotate_half(q.float()) * sin
     k_embed = k.float() * cos + rotate_half(k.float()) * sin
     return q_embed.to(q.dtype), k_embed.to(k.dtype)
+
+
+def repeat_kv(hidden_states: torch.Tensor, groups: int) -> torch.Tensor:
+    """(batch, kv_heads, seq_len, head_dim) -> (batch, kv_heads * groups, seq_len, head_dim): key/value head j
+    serves query heads j * groups .. (j + 1) * groups - 1 (grouped-query attention)."""
+    if groups == 1:
+        return hidden_states
+    batch, kv_heads, seq_len, head_dim = hidden_states.shape
+    expanded = hidden_states[:, :, None].expand(batch, kv_heads, groups, seq_len, head_dim)
+    return expanded.reshape(batch, kv_heads * groups, seq_len, head_dim)
 
 
 def eager_attention_forward(
@@ -77,6 +97,8 @@ def eager_attention_forward(
 ):
     """Attention written out, so that its weights can be returned. `attention_mask` is boolean (True = attend)
     or additive, broadcastable to (batch, heads, seq_len, seq_len)."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
@@ -102,6 +124,149 @@ def bidirectional_attention_mask(config, hidden_states: torch.Tensor, attention_
     if attn_implementation in ("sdpa", "eager"):
         return attention_mask.bool()[:, None, None, :]
     return create_bidirectional_mask(config, hidden_states, attention_mask)  # flash and flex: their own formats
+
+
+def resolve_attn_implementation(model: nn.Module, output_attentions: bool) -> str:
+    """The configured attention, or eager (with transformers' kind of warning) when attention weights are asked."""
+    attn_implementation = model.config._attn_implementation
+    if output_attentions and attn_implementation != "eager":
+        logger.warning_once(
+            f"{type(model).__name__} uses attn_implementation={attn_implementation!r}, which cannot return attention "
+            "weights (output_attentions=True): falling back to eager attention for these calls. Load the model with "
+            "attn_implementation='eager' to remove this warning."
+        )
+        return "eager"
+    return attn_implementation
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor | None, batch_size: int, seq_len: int, device) -> torch.Tensor:
+    """Rotary positions that count real tokens only, so that a padded row sees the positions it would see alone."""
+    if attention_mask is None:
+        return torch.arange(seq_len, device=device).expand(batch_size, -1)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class MDMRotaryEmbedding(nn.Module):
+    """cos/sin tables for rotary attention, computed in float32 from position ids.
+
+    Frequencies follow `config.rope_parameters` (transformers 5's convention): the plain rotary embedding of base
+    `rope_theta` for "default", transformers' own initialisation functions for the scaled types.
+    """
+
+    def __init__(self, config: MDMConfig):
+        super().__init__()
+        self.config = config
+        inv_freq, self.attention_scaling = self.compute_parameters()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        """(head_dim / 2,) float32 inverse frequencies."""
+        return self.compute_parameters()[0]
+
+    def compute_parameters(self) -> tuple[torch.Tensor, float]:
+        """The inverse frequencies and the factor applied to cos/sin (1 but for scaled types such as yarn)."""
+        rope_type = self.config.rope_parameters["rope_type"]
+        if rope_type != "default":
+            inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](self.config, None)
+            return inv_freq.float(), float(attention_scaling)
+        head_dim = self.config.head_dim
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+        return 1.0 / (float(self.config.rope_parameters["rope_theta"]) ** exponents), 1.0
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (batch, seq_len) -> cos, sin of shape (batch, seq_len, head_dim), float32."""
+        freqs = position_ids.float()[..., None] * self.inv_freq.float().to(position_ids.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+
+
+
+@dataclass
+class MDMModelOutput(ModelOutput):
+    """
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch, seq_len, hidden)`): output of the backbone (after
+            its final norm, for the Llama family).
+        conditioning (`torch.FloatTensor` of shape `(batch, cond_dim)`, *optional*): the DiT's adaLN conditioning
+            vector, which its output layer needs too (None for the Llama family).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): with `output_hidden_states`, the embeddings and the
+            output of every block, `num_hidden_layers + 1` tensors of shape `(batch, seq_len, hidden)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*): with `output_attentions`, every block's attention
+            weights, of shape `(batch, heads, seq_len, seq_len)`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    conditioning: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+def _first_bad_value(name: str, values: torch.Tensor, low: int, high: int):
+    """Range check on values, made only where it costs no device synchronisation: on the CPU, outside compilation."""
+    if values.numel() == 0 or values.device.type != "cpu" or is_torchdynamo_compiling():
+        return
+    smallest, largest = int(values.min()), int(values.max())
+    if smallest < low or largest >= high:
+        raise ValueError(f"{name} must lie in [{low}, {high}), got values in [{smallest}, {largest}].")
+
+
+def validate_inputs(config, input_ids, inputs_embeds, attention_mask, timesteps):
+    """Clear errors for malformed backbone inputs before any tensor work; returns the timesteps as a (batch,)
+    tensor (None for a time-agnostic network).
+
+    Shape and dtype checks are free; the range check of the ids reads values, so it runs only for CPU tensors
+    outside compilation (`generate()` checks ids once per call on every device).
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids (batch, seq_len) and inputs_embeds (batch, seq_len, hidden).")
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a tensor of shape (batch, seq_len), got {shape}.")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must hold integer token ids (int64), got dtype {input_ids.dtype}.")
+        shape = input_ids.shape
+    else:
+        if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 or \
+                inputs_embeds.shape[-1] != config.hidden_size:
+            got = tuple(inputs_embeds.shape) if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds).__name__
+            raise ValueError(f"inputs_embeds must have shape (batch, seq_len, {config.hidden_size}), got {got}.")
+        shape = inputs_embeds.shape[:2]
+    batch_size, seq_len = shape
+    if seq_len == 0:
+        raise ValueError("input_ids must hold at least one position, got seq_len = 0.")
+    if seq_len > config.max_position_embeddings:
+        raise ValueError(
+            f"input_ids has seq_len {seq_len}, longer than max_position_embeddings ({config.max_position_embeddings})."
+        )
+    if input_ids is not None:
+        _first_bad_value(f"input_ids (vocab_size={config.vocab_size})", input_ids, 0, config.vocab_size)
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(shape):
+        raise ValueError(
+            f"attention_mask must have the shape (batch, seq_len) = {tuple(shape)}, got {tuple(attention_mask.shape)}."
+        )
+    if not config.time_conditioning:
+        return None
+    if timesteps is None:
+        raise ValueError("timesteps (one noise level per sequence) is required: config.time_conditioning is True.")
+    device = input_ids.device if input_ids is not None else inputs_embeds.device
+    timesteps = torch.as_tensor(timesteps, device=device)
+    if timesteps.dim() == 0:
+        timesteps = timesteps.expand(batch_size)
+    if timesteps.shape != (batch_size,):
+        raise ValueError(f"timesteps must have shape (batch,) = ({batch_size},), got {tuple(timesteps.shape)}.")
+    return timesteps
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DiT modules (MDLM).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def modulate(hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: `x * (1 + scale) + shift`, with per-sequence shift/scale of shape (batch, 1, hidden)."""
+    return hidden_states * (1 + scale) + shift
 
 
 class MDMLayerNorm(nn.Module):
@@ -138,41 +303,6 @@ class MDMTimestepEmbedder(nn.Module):
     def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
         features = self.sinusoidal_features(timesteps).to(self.mlp[0].weight.dtype)
         return self.mlp(features)
-
-
-class MDMRotaryEmbedding(nn.Module):
-    """cos/sin tables for rotary attention, computed in float32 from position ids.
-
-    Frequencies follow `config.rope_parameters` (transformers 5's convention): the plain rotary embedding of base
-    `rope_theta` for "default", transformers' own initialisation functions for the scaled types.
-    """
-
-    def __init__(self, config: MDMConfig):
-        super().__init__()
-        self.config = config
-        inv_freq, self.attention_scaling = self.compute_parameters()
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def compute_inv_freq(self) -> torch.Tensor:
-        """(head_dim / 2,) float32 inverse frequencies."""
-        return self.compute_parameters()[0]
-
-    def compute_parameters(self) -> tuple[torch.Tensor, float]:
-        """The inverse frequencies and the factor applied to cos/sin (1 but for scaled types such as yarn)."""
-        rope_type = self.config.rope_parameters["rope_type"]
-        if rope_type != "default":
-            inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](self.config, None)
-            return inv_freq.float(), float(attention_scaling)
-        head_dim = self.config.head_dim
-        exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
-        return 1.0 / (float(self.config.rope_parameters["rope_theta"]) ** exponents), 1.0
-
-    @torch.no_grad()
-    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (batch, seq_len) -> cos, sin of shape (batch, seq_len, head_dim), float32."""
-        freqs = position_ids.float()[..., None] * self.inv_freq.float().to(position_ids.device)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
 
 
 class MDMAttention(nn.Module):
@@ -253,241 +383,107 @@ class MDMOutputLayer(nn.Module):
         return self.linear(modulate(self.norm(hidden_states), shift, scale))
 
 
-@dataclass
-class MDMModelOutput(ModelOutput):
-    """
-    Args:
-        last_hidden_state (`torch.FloatTensor` of shape `(batch, seq_len, hidden)`): output of the last block.
-        conditioning (`torch.FloatTensor` of shape `(batch, cond_dim)`): the adaLN conditioning vector, which
-            the output layer needs too.
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*): with `output_hidden_states`, the embeddings and the
-            output of every block, `num_hidden_layers + 1` tensors of shape `(batch, seq_len, hidden)`.
-        attentions (`tuple(torch.FloatTensor)`, *optional*): with `output_attentions`, every block's attention
-            weights, of shape `(batch, heads, seq_len, seq_len)`.
-    """
-
-    last_hidden_state: torch.FloatTensor | None = None
-    conditioning: torch.FloatTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
-def _first_bad_value(name: str, values: torch.Tensor, low: int, high: int):
-    """Range check on values, made only where it costs no device synchronisation: on the CPU, outside compilation."""
-    if values.numel() == 0 or values.device.type != "cpu" or is_torchdynamo_compiling():
-        return
-    smallest, largest = int(values.min()), int(values.max())
-    if smallest < low or largest >= high:
-        raise ValueError(f"{name} must lie in [{low}, {high}), got values in [{smallest}, {largest}].")
+# ----------------------------------------------------------------------------------------------------------------
+# Llama-family modules (LLaDA, Dream).
+# ----------------------------------------------------------------------------------------------------------------
 
 
-class MDMPreTrainedModel(PreTrainedModel):
-    config: MDMConfig
-    config_class = MDMConfig
-    base_model_prefix = "model"
-    main_input_name = "input_ids"
-    supports_gradient_checkpointing = True
-    _no_split_modules = ["MDMBlock"]
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
-    _can_compile_fullgraph = True
+class MDMRMSNorm(nn.Module):
+    """RMSNorm as Llama, LLaDA and Dream compute it: normalised in float32, cast back, then scaled by the weight."""
 
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module):
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, MDMLayerNorm):
-            init.ones_(module.weight)
-        elif isinstance(module, MDMRotaryEmbedding):
-            init.copy_(module.inv_freq, module.compute_inv_freq())
-        # DiT's adaLN-zero: every block starts as the identity and the output layer at zero (notes section 6).
-        if isinstance(module, (MDMBlock, MDMOutputLayer)):
-            init.zeros_(module.modulation.weight)
-            init.zeros_(module.modulation.bias)
-        if isinstance(module, MDMOutputLayer):
-            init.zeros_(module.linear.weight)
-            init.zeros_(module.linear.bias)
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
 
-    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
-                                mean_resizing: bool = True) -> nn.Embedding:
-        """transformers' resize (input embedding and output projection together), refusing to drop a special id."""
-        if new_num_tokens is not None:
-            for name in ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id"):
-                token_id = getattr(self.config, name)
-                if token_id is not None and new_num_tokens <= token_id:
-                    raise ValueError(
-                        f"resize_token_embeddings: new_num_tokens={new_num_tokens} would drop {name}={token_id}; "
-                        f"it must be > {token_id}."
-                    )
-        return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(hidden_states.dtype)
 
 
-class MDMModel(MDMPreTrainedModel):
-    """The DiT backbone: token embedding, timestep conditioning and the blocks, without the output layer."""
+class MDMLlamaAttention(nn.Module):
+    """Bidirectional grouped-query attention: separate q/k/v projections (biased for Qwen2/Dream), rotary q/k."""
 
-    def __init__(self, config: MDMConfig):
-        super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.timestep_embedder = MDMTimestepEmbedder(config)
-        self.rotary_emb = MDMRotaryEmbedding(config)
-        self.layers = nn.ModuleList([MDMBlock(config, i) for i in range(config.num_hidden_layers)])
-        self.gradient_checkpointing = False
-        self.post_init()
+    def __init__(self, config: MDMLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def get_input_embeddings(self):
-        return self.embed_tokens
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, attn_implementation="sdpa"):
+        """(batch, seq_len, hidden) -> (batch, seq_len, hidden) and the attention weights (eager only, else None)."""
+        batch_size, seq_len, _ = hidden_states.shape
+        query = self.q_proj(hidden_states).view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
 
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        timesteps: torch.Tensor | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> MDMModelOutput | tuple:
-        r"""
-        Args:
-            input_ids (`torch.LongTensor` of shape `(batch, seq_len)`): partly masked token ids.
-            attention_mask (`torch.Tensor` of shape `(batch, seq_len)`, *optional*): 1 for real tokens, 0 for
-                padding (left or right). Padding is never attended to, and rotary positions count real tokens only.
-            timesteps (`torch.Tensor` of shape `(batch,)`, *optional*): the noise level fed to the timestep
-                embedding (MDLM: the total noise sigma(t) = -log alpha_t). Read only when
-                `config.time_conditioning`; otherwise the conditioning input is zero.
-            inputs_embeds (`torch.FloatTensor` of shape `(batch, seq_len, hidden)`, *optional*): instead of
-                `input_ids`, vectors in the embedding space.
-            output_attentions, output_hidden_states, return_dict (`bool`, *optional*): as in every transformers
-                model; default to the config's fields of the same names. Attention weights come from eager
-                attention: with another implementation the call falls back to eager, with a warning.
-        """
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        timesteps = self._validate_inputs(input_ids, inputs_embeds, attention_mask, timesteps)
-
-        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        batch_size, seq_len = hidden_states.shape[:2]
-        if not self.config.time_conditioning:
-            timesteps = torch.zeros(batch_size, device=hidden_states.device)
-        conditioning = F.silu(self.timestep_embedder(timesteps))
-
-        if attention_mask is None:
-            position_ids = torch.arange(seq_len, device=hidden_states.device).expand(batch_size, -1)
-        else:
-            # Positions count real tokens, so a left-padded row sees the positions it would see alone.
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        position_embeddings = self.rotary_emb(position_ids)
-
-        attn_implementation = self.config._attn_implementation
-        if output_attentions and attn_implementation != "eager":
-            logger.warning_once(
-                f"{type(self).__name__} uses attn_implementation={attn_implementation!r}, which cannot return attention "
-                "weights (output_attentions=True): falling back to eager attention for these calls. Load the model with "
-                "attn_implementation='eager' to remove this warning."
-            )
-            attn_implementation = "eager"
-        mask = bidirectional_attention_mask(self.config, hidden_states, attention_mask, attn_implementation)
-
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        for layer in self.layers:
-            hidden_states, attn_weights = layer(hidden_states, conditioning, position_embeddings, mask, attn_implementation)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            if output_attentions:
-                all_attentions += (attn_weights,)
-        output = MDMModelOutput(hidden_states, conditioning, all_hidden_states, all_attentions)
-        return output if return_dict else output.to_tuple()
-
-    def _validate_inputs(self, input_ids, inputs_embeds, attention_mask, timesteps):
-        """Clear errors for malformed inputs before any tensor work; returns the timesteps as a (batch,) tensor.
-
-        Shape and dtype checks are free; the range check of the ids reads values, so it runs only for CPU tensors
-        outside compilation (`generate()` checks ids once per call on every device).
-        """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids (batch, seq_len) and inputs_embeds (batch, seq_len, hidden).")
-        if input_ids is not None:
-            if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-                shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-                raise ValueError(f"input_ids must be a tensor of shape (batch, seq_len), got {shape}.")
-            if input_ids.dtype not in (torch.int64, torch.int32):
-                raise ValueError(f"input_ids must hold integer token ids (int64), got dtype {input_ids.dtype}.")
-            shape = input_ids.shape
-        else:
-            if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 or \
-                    inputs_embeds.shape[-1] != self.config.hidden_size:
-                got = tuple(inputs_embeds.shape) if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds).__name__
-                raise ValueError(f"inputs_embeds must have shape (batch, seq_len, {self.config.hidden_size}), got {got}.")
-            shape = inputs_embeds.shape[:2]
-        batch_size, seq_len = shape
-        if seq_len == 0:
-            raise ValueError("input_ids must hold at least one position, got seq_len = 0.")
-        if seq_len > self.config.max_position_embeddings:
-            raise ValueError(
-                f"input_ids has seq_len {seq_len}, longer than max_position_embeddings "
-                f"({self.config.max_position_embeddings})."
-            )
-        if input_ids is not None:
-            _first_bad_value(f"input_ids (vocab_size={self.config.vocab_size})", input_ids, 0, self.config.vocab_size)
-        if attention_mask is not None and tuple(attention_mask.shape) != tuple(shape):
-            raise ValueError(
-                f"attention_mask must have the shape (batch, seq_len) = {tuple(shape)}, got {tuple(attention_mask.shape)}."
-            )
-        if not self.config.time_conditioning:
-            return None
-        if timesteps is None:
-            raise ValueError("timesteps (one noise level per sequence) is required: config.time_conditioning is True.")
-        device = input_ids.device if input_ids is not None else inputs_embeds.device
-        timesteps = torch.as_tensor(timesteps, device=device)
-        if timesteps.dim() == 0:
-            timesteps = timesteps.expand(batch_size)
-        if timesteps.shape != (batch_size,):
-            raise ValueError(f"timesteps must have shape (batch,) = ({batch_size},), got {tuple(timesteps.shape)}.")
-        return timesteps
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(attn_implementation, eager_attention_forward)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        attn_output, attn_weights = attention_interface(
+            self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, is_causal=False
+        )
+        return self.o_proj(attn_output.reshape(batch_size, seq_len, -1)), attn_weights
 
 
-class MDMForMaskedDiffusion(MDMPreTrainedModel, MDMGenerationMixin):
-    """The DiT backbone plus its adaLN output layer: per-position distributions over the real tokens.
+class MDMLlamaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)) (LLaDA's ff_proj is the gate, up_proj the up, ff_out the down)."""
 
-    This is the class `AutoModel` and `AutoModelForMaskedLM` return, and the one users call `.generate()` on.
-    """
+    def __init__(self, config: MDMLlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    _auto_class = "AutoModel"  # makes save_pretrained copy this file (and its relative imports) for remote code
-    generation_config_class = MDMGenerationConfig
-    # Declared for configs with tie_word_embeddings=True; MDLM's DiT keeps them separate (the default).
-    _tied_weights_keys = {"output_layer.linear.weight": "model.embed_tokens.weight"}
+    def forward(self, hidden_states):
+        return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+class MDMLlamaBlock(GradientCheckpointingLayer):
+    """Pre-norm block: x = x + attention(norm(x)); x = x + mlp(norm(x))."""
+
+    def __init__(self, config: MDMLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = MDMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MDMLlamaAttention(config, layer_idx)
+        self.post_attention_layernorm = MDMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MDMLlamaMLP(config)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, attn_implementation="sdpa"):
+        """Returns the block's output (batch, seq_len, hidden) and its attention weights (or None)."""
+        attn_output, attn_weights = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, attn_implementation
+        )
+        hidden_states = hidden_states + attn_output
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)), attn_weights
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The head contract shared by every family.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class MDMHeadMixin:
+    """`forward`, the loss and the embedding-resize guard of every hf_mdm head: `self.model` is the backbone and
+    `compute_logits(backbone_outputs, output_positions)` the family's output projection."""
+
     # Trainer passes num_items_in_batch, so that gradient accumulation averages over all masked tokens.
     accepts_loss_kwargs = True
 
-    def __init__(self, config: MDMConfig):
-        super().__init__(config)
-        self.model = MDMModel(config)
-        self.output_layer = MDMOutputLayer(config)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.output_layer.linear
-
-    def set_output_embeddings(self, new_embeddings):
-        self.output_layer.linear = new_embeddings
+    def compute_logits(self, outputs: MDMModelOutput, output_positions: torch.LongTensor | None) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(
         self,
@@ -505,7 +501,9 @@ class MDMForMaskedDiffusion(MDMPreTrainedModel, MDMGenerationMixin):
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch, seq_len)`): partly masked token ids.
-            attention_mask (`torch.Tensor` of shape `(batch, seq_len)`, *optional*): 1 for real tokens, 0 for padding.
+            attention_mask (`torch.Tensor` of shape `(batch, seq_len)`, *optional*): 1 for real tokens, 0 for
+                padding (left or right). Padding is never attended to, and rotary positions count real tokens
+                only, so a padded row gives the logits it gives alone.
             timesteps (`torch.Tensor` of shape `(batch,)`, *optional*): noise level, read only with time_conditioning.
             output_positions (`torch.LongTensor` of shape `(batch, k)`, *optional*): positions whose logits are
                 wanted. The output projection (the largest matrix for big vocabularies) runs there only.
@@ -516,14 +514,16 @@ class MDMForMaskedDiffusion(MDMPreTrainedModel, MDMGenerationMixin):
                 given, as Trainer does under gradient accumulation). It carries no NELBO weight: the training
                 objectives (`hf_mdm.training.objectives`) add that.
             inputs_embeds (`torch.FloatTensor` of shape `(batch, seq_len, hidden)`, *optional*): instead of input_ids.
-            output_attentions, output_hidden_states, return_dict (`bool`, *optional*): as in every transformers model.
+            output_attentions, output_hidden_states, return_dict (`bool`, *optional*): as in every transformers
+                model; default to the config's fields of the same names. Attention weights come from eager
+                attention: with another implementation the call falls back to eager, with a warning.
             num_items_in_batch (`int` or `torch.Tensor`, *optional*): divisor of the summed loss.
 
         Returns:
             `MaskedLMOutput` with `loss` (with `labels`), `logits` of shape `(batch, seq_len, vocab)`, or
-            `(batch, k, vocab)` with `output_positions`, and the hidden states and attentions when asked. The [MASK]
-            logit is `MASK_LOGIT` (-1e4): finite, and of probability exactly zero (MDLM's SUBS: the model never
-            predicts [MASK]).
+            `(batch, k, vocab)` with `output_positions`, and the hidden states and attentions when asked. The logits
+            at position i are the distribution of the token at position i, for every family. The [MASK] logit is
+            `MASK_LOGIT` (-1e4): finite, and of probability exactly zero (MDLM's SUBS: [MASK] is never predicted).
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
         reference = input_ids if input_ids is not None else inputs_embeds
@@ -539,11 +539,7 @@ class MDMForMaskedDiffusion(MDMPreTrainedModel, MDMGenerationMixin):
             input_ids, attention_mask, timesteps, inputs_embeds=inputs_embeds, output_attentions=output_attentions,
             output_hidden_states=output_hidden_states, return_dict=True,
         )
-        hidden_states = outputs.last_hidden_state
-        if output_positions is not None:
-            index = output_positions.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1])
-            hidden_states = hidden_states.gather(1, index)
-        logits = self.output_layer(hidden_states, outputs.conditioning)
+        logits = self.compute_logits(outputs, output_positions)
         logits[..., self.config.mask_token_id] = MASK_LOGIT
 
         loss = None
@@ -589,5 +585,306 @@ class MDMForMaskedDiffusion(MDMPreTrainedModel, MDMGenerationMixin):
             _first_bad_value(f"output_positions (seq_len={seq_len})", output_positions, 0, seq_len)
         return output_positions.long()
 
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """transformers' resize (input embedding and output projection together), refusing to drop a special id."""
+        if new_num_tokens is not None:
+            for name in ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id"):
+                token_id = getattr(self.config, name)
+                if token_id is not None and new_num_tokens <= token_id:
+                    raise ValueError(
+                        f"resize_token_embeddings: new_num_tokens={new_num_tokens} would drop {name}={token_id}; "
+                        f"it must be > {token_id}."
+                    )
+        return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
 
-__all__ = ["MASK_LOGIT", "MDMPreTrainedModel", "MDMModel", "MDMForMaskedDiffusion"]
+
+def gather_positions(hidden_states: torch.Tensor, positions: torch.LongTensor) -> torch.Tensor:
+    """(batch, seq_len, hidden), (batch, k) -> (batch, k, hidden)."""
+    return hidden_states.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DiT: pretrained base, backbone, head.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class MDMPreTrainedBase(PreTrainedModel):
+    """What every hf_mdm family declares to transformers (capability flags) and the initialisation they share."""
+
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (MDMLayerNorm, MDMRMSNorm)):
+            init.ones_(module.weight)
+        elif isinstance(module, MDMRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq())
+
+
+class MDMPreTrainedModel(MDMPreTrainedBase):
+    config: MDMConfig
+    config_class = MDMConfig
+    _no_split_modules = ["MDMBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        super()._init_weights(module)
+        # DiT's adaLN-zero: every block starts as the identity and the output layer at zero (notes section 6).
+        if isinstance(module, (MDMBlock, MDMOutputLayer)):
+            init.zeros_(module.modulation.weight)
+            init.zeros_(module.modulation.bias)
+        if isinstance(module, MDMOutputLayer):
+            init.zeros_(module.linear.weight)
+            init.zeros_(module.linear.bias)
+
+
+class MDMModel(MDMPreTrainedModel):
+    """The DiT backbone: token embedding, timestep conditioning and the blocks, without the output layer."""
+
+    def __init__(self, config: MDMConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.timestep_embedder = MDMTimestepEmbedder(config)
+        self.rotary_emb = MDMRotaryEmbedding(config)
+        self.layers = nn.ModuleList([MDMBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MDMModelOutput | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, seq_len)`): partly masked token ids.
+            attention_mask (`torch.Tensor` of shape `(batch, seq_len)`, *optional*): 1 for real tokens, 0 for
+                padding (left or right). Padding is never attended to, and rotary positions count real tokens only.
+            timesteps (`torch.Tensor` of shape `(batch,)`, *optional*): the noise level fed to the timestep
+                embedding (MDLM: the total noise sigma(t) = -log alpha_t). Read only when
+                `config.time_conditioning`; otherwise the conditioning input is zero.
+            inputs_embeds (`torch.FloatTensor` of shape `(batch, seq_len, hidden)`, *optional*): instead of
+                `input_ids`, vectors in the embedding space.
+            output_attentions, output_hidden_states, return_dict (`bool`, *optional*): as in every transformers
+                model; default to the config's fields of the same names.
+        """
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        timesteps = validate_inputs(self.config, input_ids, inputs_embeds, attention_mask, timesteps)
+
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch_size, seq_len = hidden_states.shape[:2]
+        if not self.config.time_conditioning:
+            timesteps = torch.zeros(batch_size, device=hidden_states.device)
+        conditioning = F.silu(self.timestep_embedder(timesteps))
+        position_ids = position_ids_from_mask(attention_mask, batch_size, seq_len, hidden_states.device)
+        position_embeddings = self.rotary_emb(position_ids)
+        attn_implementation = resolve_attn_implementation(self, output_attentions)
+        mask = bidirectional_attention_mask(self.config, hidden_states, attention_mask, attn_implementation)
+
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            hidden_states, attn_weights = layer(hidden_states, conditioning, position_embeddings, mask, attn_implementation)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        output = MDMModelOutput(hidden_states, conditioning, all_hidden_states, all_attentions)
+        return output if return_dict else output.to_tuple()
+
+
+class MDMForMaskedDiffusion(MDMHeadMixin, MDMPreTrainedModel, MDMGenerationMixin):
+    """The DiT backbone plus its adaLN output layer: per-position distributions over the real tokens.
+
+    This is the class `AutoModel` and `AutoModelForMaskedLM` return for an `MDMConfig`, and the one users call
+    `.generate()` on. `forward` is `MDMHeadMixin.forward`.
+    """
+
+    _auto_class = "AutoModel"  # makes save_pretrained copy this file (and its relative imports) for remote code
+    generation_config_class = MDMGenerationConfig
+    # Declared for configs with tie_word_embeddings=True; MDLM's DiT keeps them separate (the default).
+    _tied_weights_keys = {"output_layer.linear.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MDMConfig):
+        super().__init__(config)
+        self.model = MDMModel(config)
+        self.output_layer = MDMOutputLayer(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.output_layer.linear
+
+    def set_output_embeddings(self, new_embeddings):
+        self.output_layer.linear = new_embeddings
+
+    def compute_logits(self, outputs: MDMModelOutput, output_positions: torch.LongTensor | None) -> torch.Tensor:
+        hidden_states = outputs.last_hidden_state
+        if output_positions is not None:
+            hidden_states = gather_positions(hidden_states, output_positions)
+        return self.output_layer(hidden_states, outputs.conditioning)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Llama family: pretrained base, backbone, head.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class MDMLlamaPreTrainedModel(MDMPreTrainedBase):
+    config: MDMLlamaConfig
+    config_class = MDMLlamaConfig
+    _no_split_modules = ["MDMLlamaBlock"]
+
+
+class MDMLlamaModel(MDMLlamaPreTrainedModel):
+    """The bidirectional Llama-family backbone: token embedding, blocks and the final RMSNorm, without the head."""
+
+    def __init__(self, config: MDMLlamaConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary_emb = MDMRotaryEmbedding(config)
+        self.layers = nn.ModuleList([MDMLlamaBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = MDMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MDMModelOutput | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, seq_len)`): partly masked token ids.
+            attention_mask (`torch.Tensor` of shape `(batch, seq_len)`, *optional*): 1 for real tokens, 0 for
+                padding (left or right). Padding is never attended to, and rotary positions count real tokens only.
+            timesteps (`torch.Tensor`, *optional*): ignored (the network reads no noise level); accepted so that
+                every hf_mdm backbone takes the same arguments.
+            inputs_embeds, output_attentions, output_hidden_states, return_dict: as for `MDMModel`.
+
+        The last entry of `hidden_states` is `last_hidden_state`, after the final norm, as in transformers' Llama.
+        """
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        validate_inputs(self.config, input_ids, inputs_embeds, attention_mask, timesteps)
+
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch_size, seq_len = hidden_states.shape[:2]
+        position_ids = position_ids_from_mask(attention_mask, batch_size, seq_len, hidden_states.device)
+        position_embeddings = self.rotary_emb(position_ids)
+        attn_implementation = resolve_attn_implementation(self, output_attentions)
+        mask = bidirectional_attention_mask(self.config, hidden_states, attention_mask, attn_implementation)
+
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            hidden_states, attn_weights = layer(hidden_states, position_embeddings, mask, attn_implementation)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+        output = MDMModelOutput(hidden_states, None, all_hidden_states, all_attentions)
+        return output if return_dict else output.to_tuple()
+
+
+class MDMLlamaForMaskedDiffusion(MDMHeadMixin, MDMLlamaPreTrainedModel, MDMGenerationMixin):
+    """The bidirectional Llama-family backbone plus its output projection (`lm_head`): LLaDA and Dream.
+
+    With `config.shift_logits` (Dream), the network's output at position i - 1 is the prediction for token i, so
+    the logits at position i are computed from the hidden state at i - 1: every family returns logits aligned with
+    its input positions, and samplers never know. Position 0 then has no prediction of its own: its logits are
+    those of position 0's hidden state (Dream's convention), and `generate()` never lets it be masked.
+    `forward` is `MDMHeadMixin.forward`.
+    """
+
+    _auto_class = "AutoModel"
+    generation_config_class = MDMGenerationConfig
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MDMLlamaConfig):
+        super().__init__(config)
+        self.model = MDMLlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def compute_logits(self, outputs: MDMModelOutput, output_positions: torch.LongTensor | None) -> torch.Tensor:
+        hidden_states = outputs.last_hidden_state
+        if self.config.shift_logits:
+            if output_positions is None:
+                hidden_states = torch.cat([hidden_states[:, :1], hidden_states[:, :-1]], dim=1)
+            else:
+                output_positions = (output_positions - 1).clamp(min=0)
+        if output_positions is not None:
+            hidden_states = gather_positions(hidden_states, output_positions)
+        return self.lm_head(hidden_states)
+
+
+__all__ = [
+    "MASK_LOGIT",
+    "MDMPreTrainedModel",
+    "MDMModel",
+    "MDMForMaskedDiffusion",
+    "MDMLlamaPreTrainedModel",
+    "MDMLlamaModel",
+    "MDMLlamaForMaskedDiffusion",
+]
