@@ -1,17 +1,34 @@
-"""Checkpoint conversion into hf_mdm: `convert_mdlm` for MDLM's Hub layout and Lightning checkpoints.
+"""Checkpoint conversion into hf_mdm: `convert_mdlm` for MDLM's Hub layout and Lightning checkpoints,
+`convert_llada` and `convert_dream` for LLaDA's and Dream's Hub layouts (streamed shard by shard).
 
-    from hf_mdm.convert import convert_mdlm
+    from hf_mdm.convert import convert_dream, convert_llada, convert_mdlm
     convert_mdlm("kuleshov-group/mdlm-owt", "mdlm-owt-hf")
+    convert_llada("GSAI-ML/LLaDA-8B-Instruct", "llada-8b-instruct-hf")
+    convert_dream("Dream-org/Dream-v0-Instruct-7B", "dream-7b-instruct-hf")
 
-Command line: `hf-mdm convert mdlm SRC DST` (see `hf_mdm.convert.cli`).
+Command line: `hf-mdm convert {mdlm,llada,dream} SRC DST` (see `hf_mdm.convert.cli`).
 """
 
+from .llama_family import (
+    LlamaFamilyConversion,
+    LlamaFamilySource,
+    convert_dream,
+    convert_llada,
+    convert_llama_family,
+    read_llama_family_source,
+)
 from .mdlm import ConversionResult, MDLMSource, convert_mdlm, load_mdlm_weights, parameter_map, read_mdlm_source
 from .safe_load import ConversionError, UnsafeCheckpointError, torch_load_weights_only
 
 
 __all__ = [
     "convert_mdlm",
+    "convert_llada",
+    "convert_dream",
+    "convert_llama_family",
+    "read_llama_family_source",
+    "LlamaFamilySource",
+    "LlamaFamilyConversion",
     "read_mdlm_source",
     "load_mdlm_weights",
     "parameter_map",

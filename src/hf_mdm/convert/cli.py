@@ -2,6 +2,8 @@
 
     hf-mdm convert mdlm kuleshov-group/mdlm-owt ./mdlm-owt-hf        # Hub repo id (downloaded) or Hub-layout folder
     hf-mdm convert mdlm outputs/owt/checkpoints/last.ckpt ./mdlm-hf   # MDLM Lightning checkpoint (EMA weights)
+    hf-mdm convert llada GSAI-ML/LLaDA-8B-Instruct ./llada-8b-instruct-hf
+    hf-mdm convert dream Dream-org/Dream-v0-Instruct-7B ./dream-7b-instruct-hf
 
 `add_convert_parser(subparsers)` adds the `convert` subcommand to the `hf-mdm` parser; `main()` runs it alone
 (`python -m hf_mdm.convert.cli mdlm SRC DST`).
@@ -51,6 +53,28 @@ def convert_mdlm_command(args: argparse.Namespace) -> None:
         print("  verified: the saved folder reloads to identical logits")
 
 
+def convert_llama_family_command(args: argparse.Namespace) -> None:
+    from .llama_family import convert_llama_family
+    from .safe_load import ConversionError
+
+    try:
+        result = convert_llama_family(args.format, args.src, args.dst, revision=args.revision, license=args.license,
+                                      overwrite=args.overwrite, verify=not args.no_verify)
+    except ConversionError as error:
+        print(f"hf-mdm convert {args.format}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    config = result.source.config
+    print(f"converted {result.source.name} ({len(result.source.shards)} shard(s), "
+          f"{str(result.source.dtype).replace('torch.', '')}) -> {result.path}")
+    print(f"  {config.num_hidden_layers} layers of width {config.hidden_size}, {config.num_attention_heads} heads "
+          f"({config.num_key_value_heads} key/value), vocab {config.vocab_size}, [MASK] = {config.mask_token_id}"
+          f"{', logits shifted inside the model' if config.shift_logits else ''}")
+    for note in result.notes:
+        print(f"  note: {note}")
+    if not args.no_verify:
+        print("  verified: every weight equals the source's byte for byte, the folder reloads cleanly, a forward pass is finite")
+
+
 def _add_format_parsers(parser: argparse.ArgumentParser) -> None:
     formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
     mdlm = formats.add_parser(
@@ -73,6 +97,23 @@ def _add_format_parsers(parser: argparse.ArgumentParser) -> None:
     mdlm.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
     mdlm.add_argument("--no-verify", action="store_true", help="skip reloading DST to check its logits")
     mdlm.set_defaults(func=convert_mdlm_command)
+
+    for name, title, example in (("llada", "LLaDA", "GSAI-ML/LLaDA-8B-Instruct"),
+                                 ("dream", "Dream", "Dream-org/Dream-v0-Instruct-7B")):
+        family = formats.add_parser(
+            name,
+            help=f"{title} ({example}): Hub-layout folder or repo id, streamed shard by shard",
+            description=f"Convert a {title} checkpoint into a hub-ready hf_mdm folder (MDMLlamaForMaskedDiffusion), "
+                        "shard by shard, weights unchanged.",
+        )
+        family.add_argument("src", metavar="SRC", help=f"Hub-layout folder or Hub repo id (e.g. {example})")
+        family.add_argument("dst", metavar="DST", help="output folder (empty or absent unless --overwrite)")
+        family.add_argument("--revision", help="Hub revision (branch, tag or commit) when SRC is a repo id")
+        family.add_argument("--license", help="the card's Hub license id (default: the source card's, else 'other')")
+        family.add_argument("--overwrite", action="store_true", help="replace a non-empty DST (only once complete)")
+        family.add_argument("--no-verify", action="store_true",
+                            help="skip reloading DST to compare every weight with the source")
+        family.set_defaults(func=convert_llama_family_command)
 
 
 def add_convert_parser(subparsers) -> argparse.ArgumentParser:

@@ -212,6 +212,19 @@ def card_license(readme: Path) -> str | None:
     return license if isinstance(license, str) and license.strip() else None
 
 
+def resolve_license(license: str | None, source_license: str | None, notes: list[str]) -> str:
+    """The card's license: the one given, else the source card's, else "other" (converted weights keep their
+    source's terms, so a converter never guesses one); what was decided goes into `notes`."""
+    if license is None:
+        if source_license is None:
+            notes.append("the source has no license in a model card: the card says license 'other'; set the "
+                         "source's license (--license) before publishing")
+        return source_license or "other"
+    if source_license not in (None, license):
+        notes.append(f"license {license!r} given, overriding the source card's {source_license!r}")
+    return license
+
+
 def read_lightning_checkpoint(path: Path, use_ema: bool = True, name: str | None = None) -> MDLMSource:
     """A Lightning checkpoint saved by MDLM's `main.py` (see the module docstring)."""
     checkpoint = torch_load_weights_only(path)
@@ -316,20 +329,24 @@ def _ema_weights(weights: dict, ema, num_blocks: int, where: str) -> dict:
     return averaged
 
 
-def resolve_source(src: str | Path, revision: str | None = None) -> tuple[Path, str | None]:
-    """A local path, or a Hub repo id ("owner/name") downloaded with huggingface_hub: (path, hub_id or None)."""
+def resolve_source(src: str | Path, revision: str | None = None, allow_patterns=HUB_DOWNLOAD_PATTERNS,
+                   fallback_patterns=HUB_BIN_PATTERNS, example: str = "kuleshov-group/mdlm-owt") -> tuple[Path, str | None]:
+    """A local path, or a Hub repo id ("owner/name") downloaded with huggingface_hub: (path, hub_id or None).
+
+    `allow_patterns` are downloaded first; `fallback_patterns` are added when that gives no safetensors.
+    """
     path = Path(src).expanduser()
     if path.exists():
         return path, None
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(src)):
-        raise ConversionError(f"{src} does not exist (and is not a Hub repo id such as kuleshov-group/mdlm-owt).")
+        raise ConversionError(f"{src} does not exist (and is not a Hub repo id such as {example}).")
     from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(snapshot_download(str(src), revision=revision, allow_patterns=HUB_DOWNLOAD_PATTERNS))
-        if not any(folder.glob("*.safetensors")):
+        folder = Path(snapshot_download(str(src), revision=revision, allow_patterns=list(allow_patterns)))
+        if not any(folder.glob("*.safetensors")) and fallback_patterns:
             folder = Path(snapshot_download(str(src), revision=revision,
-                                            allow_patterns=HUB_DOWNLOAD_PATTERNS + HUB_BIN_PATTERNS))
+                                            allow_patterns=list(allow_patterns) + list(fallback_patterns)))
     except Exception as error:
         raise ConversionError(f"{src} is not a local path, and downloading it from the Hugging Face Hub failed: {error}") from error
     return folder, str(src)
@@ -516,13 +533,7 @@ def convert_mdlm(
     if dst.resolve() in source_folders:
         raise ConversionError(f"{dst} is the source itself; choose another output folder.")
     notes = list(source.notes)
-    if license is None:
-        license = source.license or "other"
-        if source.license is None:
-            notes.append("the source has no license in a model card: the card says license 'other'; set the "
-                         "source's license (--license) before publishing")
-    elif source.license not in (None, license):
-        notes.append(f"license {license!r} given, overriding the source card's {source.license!r}")
+    license = resolve_license(license, source.license, notes)
     for key, value in (("n_heads", n_heads), ("model_length", model_length), ("time_conditioning", time_conditioning)):
         if value is not None:
             if source.fields.get(key) not in (None, value):

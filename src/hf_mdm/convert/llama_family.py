@@ -1,0 +1,727 @@
+"""Convert LLaDA and Dream checkpoints into hf_mdm's `MDMLlamaForMaskedDiffusion`, streaming shard by shard.
+
+    from hf_mdm.convert import convert_llada, convert_dream
+    convert_llada("GSAI-ML/LLaDA-8B-Instruct", "llada-8b-instruct-hf")
+    convert_dream("Dream-org/Dream-v0-Instruct-7B", "dream-7b-instruct-hf")
+
+The sources, in the layouts their Hub repos use:
+
+LLaDA (GSAI-ML/LLaDA-8B-Base, -8B-Instruct, LLaDA-1.5): model_type "llada", OLMo-style config.json (d_model,
+    n_heads, n_kv_heads, n_layers, mlp_hidden_size, embedding_size, rope_theta, rms_norm_eps, max_sequence_length,
+    weight_tying, mask_token_id 126336, ...) and weights under `model.transformer.` (wte, blocks.{i}.{attn_norm,
+    q_proj, k_proj, v_proj, attn_out, ff_norm, ff_proj, up_proj, ff_out}, ln_f, ff_out), in shards whose index maps
+    names to files in no particular order. The block is Llama's: RMSNorm, SwiGLU with ff_proj as the gate,
+    rotary q/k (rotate-half, float32), bidirectional attention; no logit shift.
+
+Dream (Dream-org/Dream-v0-Base-7B, -Instruct-7B): model_type "Dream", Qwen2's config.json fields and weight names
+    (model.embed_tokens, model.layers.{i}.self_attn.{q,k,v,o}_proj with q/k/v biases, mlp.{gate,up,down}_proj,
+    input_layernorm, post_attention_layernorm, model.norm, lm_head), grouped-query attention, bidirectional; its
+    output at position i predicts token i + 1 (initialised from Qwen2.5), which hf_mdm's model shifts internally.
+
+The conversion, `convert_llama_family`:
+    1. Read the source: config.json (every field is known to the converter or refused, naming it, so an MoE or
+       other variant never converts silently), the shard index, and the header of every shard (names, shapes,
+       dtypes), checking each weight against the shapes the config implies, all before anything is written.
+    2. Stream: for each source shard in turn, write one output shard with the tensors renamed and their bytes
+       copied unchanged, a chunk at a time (no tensor is loaded: memory stays flat; bf16 stays bf16).
+    3. Add config.json (`MDMLlamaConfig`), the remote code, generation_config.json, the tokenizer with its chat
+       template, and a model card naming the source and its license.
+    4. Verify: every tensor's bytes equal the source's (streamed again), the folder reloads with no missing or
+       unexpected weight, and a forward pass gives finite logits.
+   Everything is written into a hidden folder beside the destination, renamed into place at the end: the
+   destination is never left half-written.
+"""
+
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..configuration_mdm import MDMLlamaConfig
+from ..generation_mdm import MDMGenerationConfig
+from ..modeling_mdm import MDMLlamaForMaskedDiffusion
+from .mdlm import card_license, resolve_license, resolve_source
+from .safe_load import ConversionError
+
+
+REMOTE_CODE = ("configuration_mdm.py", "modeling_mdm.py", "generation_mdm.py", "sampling_mdm.py")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "tokenizer.model")
+HUB_PATTERNS = ["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                "model-*.safetensors", "README.md", "LICENSE*", *TOKENIZER_FILES]
+INDEX_FILE = "model.safetensors.index.json"
+ROTARY_BUFFER = re.compile(r".*rotary_emb\.inv_freq$")  # recomputed by hf_mdm, never a weight
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The two families: config fields and weight names.
+# ----------------------------------------------------------------------------------------------------------------
+
+# Fields that change nothing in the forward pass of a trained model (initialisation, dropout at training time,
+# bookkeeping), accepted as they come.
+COMMON_IGNORED = {"architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype",
+                  "_name_or_path", "use_cache", "initializer_range", "tokenizer_class", "return_dict",
+                  "output_hidden_states", "output_attentions", "id2label", "label2id", "pretraining_tp"}
+
+
+def _require(raw: dict, key: str, allowed, config_path: Path, why: str) -> None:
+    value = raw.get(key)
+    if value not in allowed:
+        raise ConversionError(f"{config_path}: {key}={value!r} is not supported (allowed: {allowed}): {why}.")
+
+
+def _refuse_unknown(raw: dict, known: set, config_path: Path, family: str) -> None:
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConversionError(
+            f"{config_path}: config field {unknown[0]!r} (= {raw[unknown[0]]!r}) is not part of the {family} "
+            f"architecture hf_mdm converts{f' ({len(unknown)} unknown fields: {unknown})' if len(unknown) > 1 else ''}; "
+            "a variant (e.g. mixture-of-experts) would be converted wrongly, so nothing was written."
+        )
+
+
+LLADA_FIELDS = {
+    # mapped onto MDMLlamaConfig
+    "d_model", "n_heads", "n_kv_heads", "multi_query_attention", "n_layers", "mlp_hidden_size", "mlp_ratio",
+    "vocab_size", "embedding_size", "rope_theta", "rms_norm_eps", "max_sequence_length", "weight_tying",
+    "include_bias", "include_qkv_bias", "mask_token_id", "pad_token_id", "eos_token_id", "bos_token_id",
+    "attention_dropout",
+    # checked: the values that make the network Llama's
+    "block_type", "activation_type", "layer_norm_type", "layer_norm_with_affine", "bias_for_layer_norm",
+    "attention_layer_norm", "alibi", "rope", "scale_logits", "input_emb_norm", "block_group_size", "clip_qkv",
+    # no effect on the forward pass
+    "alibi_bias_max", "attention_layer_norm_with_affine", "rope_full_precision", "flash_attention",
+    "residual_dropout", "embedding_dropout", "init_device", "init_fn", "init_std", "init_cutoff_factor",
+    "precision", "layer_norm_eps", "weight_tying_and_init", "subln", "emb_init_std",
+} | COMMON_IGNORED
+
+
+def llada_config(raw: dict, config_path: Path, notes: list[str]) -> dict:
+    """MDMLlamaConfig fields from LLaDA's OLMo-style config.json; refuses anything that is not its Llama block."""
+    if raw.get("model_type") != "llada":
+        raise ConversionError(f"{config_path} has model_type {raw.get('model_type')!r}; a LLaDA checkpoint has 'llada'.")
+    _refuse_unknown(raw, LLADA_FIELDS, config_path, "LLaDA")
+    _require(raw, "block_type", ("llama",), config_path, "hf_mdm converts LLaDA's Llama block (LLaDALlamaBlock)")
+    _require(raw, "activation_type", ("silu",), config_path, "the Llama block's MLP is silu(ff_proj(x)) * up_proj(x)")
+    _require(raw, "layer_norm_type", ("rms",), config_path, "the Llama block normalises with RMSNorm")
+    _require(raw, "layer_norm_with_affine", (True, None), config_path, "RMSNorm has a weight")
+    _require(raw, "bias_for_layer_norm", (False, None), config_path, "RMSNorm has no bias")
+    _require(raw, "attention_layer_norm", (False, None), config_path, "there is no query/key norm")
+    _require(raw, "alibi", (False, None), config_path, "positions are rotary, not ALiBi")
+    _require(raw, "rope", (True,), config_path, "positions are rotary")
+    _require(raw, "scale_logits", (False, None), config_path, "logits are not rescaled")
+    _require(raw, "input_emb_norm", (False, None), config_path, "embeddings are not rescaled")
+    _require(raw, "include_bias", (False, None), config_path, "only q/k/v projections may carry a bias")
+    _require(raw, "block_group_size", (1, None), config_path, "blocks are not grouped")
+    _require(raw, "clip_qkv", (None,), config_path, "q/k/v are not clipped")
+    for key in ("residual_dropout", "embedding_dropout", "attention_dropout"):
+        if raw.get(key):
+            notes.append(f"{key}={raw[key]} (training only) is not kept")
+    if raw.get("rope_full_precision") is False:
+        notes.append("the source applies RoPE in its activation dtype; hf_mdm applies it in float32 (more exact)")
+    heads = raw["n_heads"]
+    kv_heads = 1 if raw.get("multi_query_attention") else (raw.get("n_kv_heads") or heads)
+    hidden = raw["d_model"]
+    intermediate = raw.get("mlp_hidden_size") or int(raw.get("mlp_ratio", 4) * hidden)
+    return dict(
+        vocab_size=raw.get("embedding_size") or raw["vocab_size"], hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=raw["n_layers"], num_attention_heads=heads, num_key_value_heads=kv_heads,
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-5), attention_bias=bool(raw.get("include_qkv_bias")),
+        max_position_embeddings=raw["max_sequence_length"],
+        rope_parameters={"rope_type": "default", "rope_theta": float(raw.get("rope_theta", 10000.0))},
+        tie_word_embeddings=bool(raw.get("weight_tying")), shift_logits=False, mask_token_id=raw.get("mask_token_id"),
+        pad_token_id=raw.get("pad_token_id"), eos_token_id=raw.get("eos_token_id"), bos_token_id=raw.get("bos_token_id"),
+        source_family="llada",
+    )
+
+
+LLADA_BLOCK_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "q_proj.weight": "self_attn.q_proj.weight", "q_proj.bias": "self_attn.q_proj.bias",
+    "k_proj.weight": "self_attn.k_proj.weight", "k_proj.bias": "self_attn.k_proj.bias",
+    "v_proj.weight": "self_attn.v_proj.weight", "v_proj.bias": "self_attn.v_proj.bias",
+    "attn_out.weight": "self_attn.o_proj.weight",
+    "ff_norm.weight": "post_attention_layernorm.weight",
+    "ff_proj.weight": "mlp.gate_proj.weight",  # LLaDA's ff_proj takes the SiLU: the gate
+    "up_proj.weight": "mlp.up_proj.weight",
+    "ff_out.weight": "mlp.down_proj.weight",  # inside a block, ff_out is the down projection
+}
+LLADA_TOP_NAMES = {
+    "model.transformer.wte.weight": "model.embed_tokens.weight",
+    "model.transformer.ln_f.weight": "model.norm.weight",
+    "model.transformer.ff_out.weight": "lm_head.weight",  # at the top, ff_out is the LM head
+}
+
+
+def llada_weight_name(name: str) -> str | None:
+    """hf_mdm's name for a LLaDA weight, or None for a name LLaDA's architecture does not have."""
+    if name in LLADA_TOP_NAMES:
+        return LLADA_TOP_NAMES[name]
+    match = re.fullmatch(r"model\.transformer\.blocks\.(\d+)\.(.+)", name)
+    if match and match.group(2) in LLADA_BLOCK_NAMES:
+        return f"model.layers.{match.group(1)}.{LLADA_BLOCK_NAMES[match.group(2)]}"
+    return None
+
+
+DREAM_FIELDS = {
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings", "vocab_size",
+    "tie_word_embeddings", "mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id", "attention_dropout",
+    "hidden_act", "use_sliding_window", "sliding_window", "max_window_layers",
+} | COMMON_IGNORED
+
+
+def dream_config(raw: dict, config_path: Path, notes: list[str]) -> dict:
+    """MDMLlamaConfig fields from Dream's Qwen2-style config.json: q/k/v biases, grouped-query heads, shifted logits."""
+    if raw.get("model_type") != "Dream":
+        raise ConversionError(f"{config_path} has model_type {raw.get('model_type')!r}; a Dream checkpoint has 'Dream'.")
+    _refuse_unknown(raw, DREAM_FIELDS, config_path, "Dream")
+    _require(raw, "hidden_act", ("silu", None), config_path, "the MLP is silu(gate_proj(x)) * up_proj(x)")
+    _require(raw, "use_sliding_window", (False, None), config_path, "Dream's attention is full (no sliding window)")
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling")
+    if rope:
+        rope = dict(rope)
+        rope.setdefault("rope_type", rope.pop("type", "default"))
+        rope.setdefault("rope_theta", float(raw.get("rope_theta", 10000.0)))
+    else:
+        rope = {"rope_type": "default", "rope_theta": float(raw.get("rope_theta", 10000.0))}
+    if raw.get("attention_dropout"):
+        notes.append(f"attention_dropout={raw['attention_dropout']} (training only) is not kept")
+    return dict(
+        vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], intermediate_size=raw["intermediate_size"],
+        num_hidden_layers=raw["num_hidden_layers"], num_attention_heads=raw["num_attention_heads"],
+        num_key_value_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6), attention_bias=True,
+        max_position_embeddings=raw.get("max_position_embeddings", 32768), rope_parameters=rope,
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings")), shift_logits=True,
+        mask_token_id=raw.get("mask_token_id"), pad_token_id=raw.get("pad_token_id"),
+        eos_token_id=raw.get("eos_token_id"), bos_token_id=raw.get("bos_token_id"), source_family="dream",
+    )
+
+
+def dream_weight_name(name: str) -> str | None:
+    """Dream's names are Qwen2's, which hf_mdm's Llama family uses as they are."""
+    return name
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # "llada" or "dream"
+    title: str
+    config_fields: object  # (raw config, config path, notes) -> MDMLlamaConfig kwargs
+    weight_name: object  # source name -> hf_mdm name, or None
+    example: str
+    # generation_config.json: how the family is sampled by default (exact first-hitting sampling), and the
+    # end-of-turn tokens decoded output is cut at, when the tokenizer has them.
+    end_of_turn_tokens: tuple[str, ...]
+    paper: str
+
+
+FAMILIES = {
+    "llada": Family("llada", "LLaDA", llada_config, llada_weight_name, "GSAI-ML/LLaDA-8B-Instruct", ("<|eot_id|>",),
+                    "Nie et al., *Large Language Diffusion Models*, arXiv:2502.09992"),
+    "dream": Family("dream", "Dream", dream_config, dream_weight_name, "Dream-org/Dream-v0-Instruct-7B", ("<|im_end|>",),
+                    "Ye et al., *Dream 7B: Diffusion Large Language Models*, arXiv:2508.15487"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a source without loading its weights.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Shard:
+    path: Path
+    names: list[str]  # source names, in file order
+
+
+@dataclass
+class LlamaFamilySource:
+    """A LLaDA or Dream checkpoint, read down to its shard headers.
+
+    Args:
+        name: what the card calls the source (Hub id or path as given).
+        folder: where its files are.
+        family: "llada" or "dream".
+        raw_config: its config.json.
+        config: the `MDMLlamaConfig` it converts to.
+        shards: its weight files with the names each holds.
+        dtype: the weights' dtype (one for all of them).
+        license: the source card's license, if any.
+        hub_id, revision: set when downloaded from the Hub.
+        notes: what was decided on the way.
+    """
+
+    name: str
+    folder: Path
+    family: str
+    raw_config: dict
+    config: MDMLlamaConfig
+    shards: list[Shard]
+    dtype: torch.dtype
+    license: str | None = None
+    hub_id: str | None = None
+    revision: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConversionError(f"{path} cannot be read as JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} must hold a JSON object.")
+    return data
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConversionError(f"{index} has no weight_map.")
+        files = []
+        for name in dict.fromkeys(weight_map.values()):
+            path = folder / name
+            if path.parent != folder or not path.is_file():
+                raise ConversionError(f"{index} names the shard {name}, which is missing from {folder}; nothing was written.")
+            files.append(path)
+        return files
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    if any(folder.glob("*.bin")):
+        raise ConversionError(f"{folder} holds pytorch .bin weights; hf_mdm converts LLaDA and Dream from safetensors, "
+                              "as their Hub repos ship them.")
+    raise ConversionError(f"{folder} has no weights: expected {INDEX_FILE} with its shards, or model.safetensors.")
+
+
+def expected_shapes(config: MDMLlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight hf_mdm's model has for this config, with its shape (the model is built on the meta device)."""
+    with torch.device("meta"):
+        model = MDMLlamaForMaskedDiffusion(config)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # a tied lm_head is not listed twice
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def read_llama_family_source(family: str, src: str | Path, revision: str | None = None) -> LlamaFamilySource:
+    """Reads config.json, the index and every shard header of a LLaDA or Dream checkpoint, and checks them all."""
+    spec = FAMILIES[family]
+    folder, hub_id = resolve_source(src, revision, allow_patterns=HUB_PATTERNS, fallback_patterns=(), example=spec.example)
+    if not folder.is_dir():
+        raise ConversionError(f"{folder} is a file; a {spec.title} checkpoint is a folder (config.json, shards, tokenizer).")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{folder} has no config.json: it is not a {spec.title} checkpoint folder.")
+    raw = _read_json(config_path)
+    if raw.get("model_type") in ("mdm", "mdm_llama"):
+        raise ConversionError(f"{config_path}: this is already an hf_mdm checkpoint; load it with AutoModel.from_pretrained.")
+    notes: list[str] = []
+    fields = spec.config_fields(raw, config_path, notes)
+    generation = folder / "generation_config.json"
+    if fields.get("bos_token_id") is None and generation.is_file():
+        fields["bos_token_id"] = _read_json(generation).get("bos_token_id")
+    try:
+        config = MDMLlamaConfig(**fields)
+    except (ValueError, TypeError) as error:
+        raise ConversionError(f"{config_path} gives an invalid hf_mdm config: {error}") from None
+    if raw.get("mask_token_id") is None:
+        raise ConversionError(f"{config_path} has no mask_token_id; {spec.title} checkpoints name their [MASK] id there.")
+
+    shards, dtypes, seen = [], {}, {}
+    shapes = expected_shapes(config)
+    for path in _shard_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                names = list(handle.keys())
+                for name in names:
+                    piece = handle.get_slice(name)
+                    target = spec.weight_name(name)
+                    if ROTARY_BUFFER.match(name):
+                        continue
+                    if target is None or target not in shapes and not (config.tie_word_embeddings and target == "lm_head.weight"):
+                        raise ConversionError(
+                            f"{path.name}: weight {name} (shape {tuple(piece.get_shape())}) is not part of the "
+                            f"{spec.title} architecture of {config_path.name}; nothing was written."
+                        )
+                    if target in seen:
+                        raise ConversionError(f"{path.name}: weight {name} is also in {seen[target]}.")
+                    got = tuple(piece.get_shape())
+                    want = shapes.get(target, shapes.get("model.embed_tokens.weight"))
+                    if got != want:
+                        raise ConversionError(
+                            f"{path.name}: weight {name} has shape {got}, but config.json implies {want} for it "
+                            f"(hf_mdm {target}); nothing was written."
+                        )
+                    seen[target] = path.name
+                    dtypes[piece.get_dtype()] = name
+        except ConversionError:
+            raise
+        except Exception as error:  # a truncated or corrupt file
+            raise ConversionError(f"{path} is not a readable safetensors file: {error}") from None
+        shards.append(Shard(path, names))
+    missing = sorted(set(shapes) - set(seen))
+    if missing:
+        raise ConversionError(
+            f"{folder}: the shards lack {len(missing)} weight(s) of the architecture config.json describes, e.g. "
+            f"hf_mdm {missing[0]} (shape {shapes[missing[0]]}); nothing was written."
+        )
+    if len(dtypes) > 1:
+        notes.append(f"the weights mix dtypes {sorted(dtypes)}; each is kept as it is")
+    dtype_name = sorted(dtypes)[0]
+    dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(dtype_name, torch.float32)
+    source = LlamaFamilySource(name=hub_id or str(src), folder=folder, family=family, raw_config=raw, config=config,
+                               shards=shards, dtype=dtype, license=card_license(folder / "README.md"), hub_id=hub_id,
+                               revision=revision, notes=notes)
+    return source
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _copied_weights(source: LlamaFamilySource, shard: Shard):
+    """(source name, hf_mdm name) of the weights of `shard` that the output keeps: not rotary buffers (recomputed)
+    nor, with tied embeddings, a stored copy of the head (the embedding is the head)."""
+    spec = FAMILIES[source.family]
+    for name in shard.names:
+        target = spec.weight_name(name)
+        if ROTARY_BUFFER.match(name) or (source.config.tie_word_embeddings and target == "lm_head.weight"):
+            continue
+        yield name, target
+
+
+def copy_safetensors(source: Path, target: Path, names: dict[str, str], chunk_bytes: int = 64 << 20) -> int:
+    """Writes `target` holding the tensors of `source` listed in `names` (source name -> new name), their bytes
+    copied unchanged, `chunk_bytes` at a time: no tensor is ever materialised, so memory stays flat whatever the
+    shard size. Returns the bytes of tensor data written.
+
+    The safetensors layout: an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+    data_offsets: [begin, end]}} padded with spaces to a multiple of 8, then the tensors' bytes, contiguous.
+    """
+    with open(source, "rb") as src:
+        header_length = int.from_bytes(src.read(8), "little")
+        header = json.loads(src.read(header_length))
+        data_start = 8 + header_length
+        entries = sorted(((header[name]["data_offsets"][0], name, new_name) for name, new_name in names.items()))
+        new_header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for begin, name, new_name in entries:
+            size = header[name]["data_offsets"][1] - begin
+            new_header[new_name] = {"dtype": header[name]["dtype"], "shape": header[name]["shape"],
+                                    "data_offsets": [offset, offset + size]}
+            offset += size
+        encoded = json.dumps(new_header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        with open(target, "wb") as dst:
+            dst.write(len(encoded).to_bytes(8, "little"))
+            dst.write(encoded)
+            for begin, name, _ in entries:
+                src.seek(data_start + begin)
+                remaining = header[name]["data_offsets"][1] - begin
+                while remaining:
+                    block = src.read(min(chunk_bytes, remaining))
+                    if not block:
+                        raise ConversionError(f"{source} ends inside the data of {name}: the file is truncated.")
+                    dst.write(block)
+                    remaining -= len(block)
+    return offset
+
+
+def _stream_weights(source: LlamaFamilySource, out: Path) -> None:
+    """One output shard per source shard, written by `copy_safetensors` (renamed, bytes unchanged, flat memory)."""
+    count = len(source.shards)
+    weight_map, total = {}, 0
+    for number, shard in enumerate(source.shards, start=1):
+        file_name = "model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
+        names = dict(_copied_weights(source, shard))
+        total += copy_safetensors(shard.path, out / file_name, names)
+        weight_map.update({target: file_name for target in names.values()})
+    if count > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _save_tokenizer(source: LlamaFamilySource, out: Path, notes: list[str]):
+    """The source tokenizer with its chat template, loadable without remote code; None if the source has none."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+    folder = source.folder
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        notes.append("the source has no tokenizer files: none is shipped")
+        return None
+    settings = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    # The tokenizer files alone, in a scratch folder: next to the source's config.json (model_type "llada" with an
+    # auto_map), AutoTokenizer would ask to run the source's remote code.
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in TOKENIZER_FILES:
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, Path(scratch) / name)
+        try:
+            if settings.get("tokenizer_class") == "DreamTokenizer":
+                # Dream's tokenizer is remote code around Qwen2's byte-level BPE: transformers' own class reads its files.
+                from transformers import Qwen2Tokenizer
+
+                tokenizer = Qwen2Tokenizer.from_pretrained(scratch, local_files_only=True)
+                notes.append("Dream's DreamTokenizer (remote code) is shipped as transformers' Qwen2Tokenizer, the same BPE")
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(scratch, local_files_only=True, trust_remote_code=False)
+        except Exception as error:
+            raise ConversionError(f"{folder} has tokenizer files that transformers cannot load: {error}") from None
+    assert isinstance(tokenizer, PreTrainedTokenizerBase)
+    config = source.config
+    if tokenizer.mask_token_id != config.mask_token_id:
+        token = tokenizer.convert_ids_to_tokens(config.mask_token_id)
+        if isinstance(token, str) and tokenizer.convert_tokens_to_ids(token) == config.mask_token_id:
+            tokenizer.mask_token = token
+            notes.append(f"the tokenizer's mask_token is now {token!r} (id {config.mask_token_id}, the model's [MASK])")
+    if not getattr(tokenizer, "chat_template", None):
+        notes.append("the tokenizer has no chat template")
+    tokenizer.save_pretrained(str(out))
+    saved = out / "tokenizer_config.json"
+    if saved.is_file():  # no remote code: drop an auto_map that points to the source's tokenizer module
+        data = _read_json(saved)
+        if data.pop("auto_map", None) is not None:
+            saved.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return tokenizer
+
+
+def _generation_config(source: LlamaFamilySource, tokenizer) -> MDMGenerationConfig:
+    """Exact first-hitting sampling in float64, 128 new tokens (LLaDA's and Dream's demo length), stopping at the
+    family's end-of-turn token too when the tokenizer has it."""
+    config = source.config
+    stops = [config.eos_token_id] if config.eos_token_id is not None else []
+    if tokenizer is not None:
+        for token in FAMILIES[source.family].end_of_turn_tokens:
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in stops:
+                stops.append(token_id)
+    eos = stops[0] if len(stops) == 1 else (stops or None)
+    return MDMGenerationConfig(sampler="first_hitting", sampling_dtype="float64", max_new_tokens=128,
+                               bos_token_id=config.bos_token_id, eos_token_id=eos, pad_token_id=config.pad_token_id)
+
+
+def _model_card(source: LlamaFamilySource, license: str, notes: list[str], tokenizer_saved: bool) -> str:
+    from huggingface_hub import ModelCardData
+
+    spec = FAMILIES[source.family]
+    config = source.config
+    metadata = ModelCardData(library_name="transformers", pipeline_tag="text-generation", license=license,
+                             tags=["hf_mdm", "masked-diffusion", "diffusion-lm", source.family],
+                             base_model=source.hub_id)
+    revision = f" (revision {source.revision})" if source.revision else ""
+    shift = ("Dream's network predicts token i + 1 at position i (it was initialised from Qwen2.5); hf_mdm shifts "
+             "its logits inside the model, so logits at position i are the distribution of token i and the first "
+             "position of every sequence must be a real token (a prompt, or BOS)." if config.shift_logits else
+             "No logit shift: the output at position i is the distribution of token i.")
+    body = f"""
+# {Path(str(source.name)).name} for hf_mdm
+
+Converted from **{source.name}**{revision} with `hf-mdm convert {source.family}`: {spec.title} ({spec.paper}) as
+hf_mdm's `MDMLlamaForMaskedDiffusion`, a bidirectional Llama-family transformer that loads with transformers 5
+(`AutoModel.from_pretrained`, in-library or with `trust_remote_code=True`) and samples with every hf_mdm sampler
+through `generate()`. The weights are copied unchanged ({str(source.dtype).replace('torch.', '')}); the conversion
+checks that the folder reloads to them bit for bit. Use of these weights is governed by the source's license and
+model card.
+
+## Use
+
+```python
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+model = AutoModel.from_pretrained("path/to/this/folder", dtype=torch.bfloat16, trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+prompt = tokenizer.apply_chat_template([{{"role": "user", "content": "Explain diffusion models."}}],
+                                       add_generation_prompt=True, return_tensors="pt")
+out = model.generate(prompt, max_new_tokens=128, generator=torch.Generator().manual_seed(0))
+print(tokenizer.decode(out[0, prompt.shape[1]:]))
+```
+
+Or `hf-mdm generate path/to/this/folder --chat "Explain diffusion models." --max-new-tokens 128`.
+
+## What the conversion set
+
+| field | value |
+| --- | --- |
+| layers / width / heads / key-value heads / MLP | {config.num_hidden_layers} / {config.hidden_size} / {config.num_attention_heads} / {config.num_key_value_heads} / {config.intermediate_size} |
+| vocab_size (embedding rows) | {config.vocab_size} |
+| mask_token_id | {config.mask_token_id} (never predicted: its logit is MASK_LOGIT) |
+| rotary | base {config.rope_parameters['rope_theta']}, applied in float32 |
+| RMSNorm eps | {config.rms_norm_eps} |
+| q/k/v bias | {config.attention_bias} |
+| tied embeddings | {config.tie_word_embeddings} |
+| logits | {shift} |
+| tokenizer | {"copied from the source, with its chat template" if tokenizer_saved else "none in the source"} |
+| generation | `MDMGenerationConfig`: first_hitting (exact), float64 sampling, 128 new tokens |
+"""
+    if notes:
+        body += "\nConversion notes:\n" + "".join(f"- {note}\n" for note in notes)
+    return f"---\n{metadata.to_yaml()}\n---\n" + body
+
+
+def _same_bytes(first: Path, second: Path, first_name: str, second_name: str, chunk_bytes: int = 64 << 20) -> bool:
+    """Whether tensor `first_name` of file `first` and `second_name` of `second` have the same dtype, shape and
+    bytes, read a chunk at a time (memory stays flat)."""
+    def locate(path, name):
+        handle = open(path, "rb")
+        length = int.from_bytes(handle.read(8), "little")
+        info = json.loads(handle.read(length))[name]
+        begin, end = info["data_offsets"]
+        handle.seek(8 + length + begin)
+        return handle, (info["dtype"], info["shape"]), end - begin
+
+    a, a_kind, a_size = locate(first, first_name)
+    b, b_kind, b_size = locate(second, second_name)
+    with a, b:
+        if a_kind != b_kind or a_size != b_size:
+            return False
+        while a_size:
+            step = min(chunk_bytes, a_size)
+            if a.read(step) != b.read(step):
+                return False
+            a_size -= step
+    return True
+
+
+def verify_converted(source: LlamaFamilySource, folder: Path) -> None:
+    """Checks the written folder: every tensor's bytes equal the source's (streamed, flat memory); transformers
+    reloads it with no missing, unexpected or mismatched weight, in the source's dtype; a forward pass is finite."""
+    index = folder / INDEX_FILE
+    weight_map = _read_json(index)["weight_map"] if index.is_file() else None
+    for shard in source.shards:
+        for name, target in _copied_weights(source, shard):
+            written = folder / (weight_map[target] if weight_map else "model.safetensors")
+            if not _same_bytes(shard.path, written, name, target):
+                raise ConversionError(f"{written.name}: {target} differs from the source's {name}; please report this.")
+    model, info = MDMLlamaForMaskedDiffusion.from_pretrained(folder, dtype=source.dtype, output_loading_info=True)
+    problems = {key: value for key, value in info.items() if value}
+    if problems:
+        raise ConversionError(f"{folder} does not reload cleanly: {problems}; please report this.")
+    config = model.config
+    ids = torch.randint(0, config.vocab_size, (1, min(8, config.max_position_embeddings)),
+                        generator=torch.Generator().manual_seed(0))
+    ids[0, 1::2] = config.mask_token_id
+    with torch.no_grad():
+        logits = model(ids).logits
+    if logits.dtype != source.dtype or not torch.isfinite(logits).all():
+        raise ConversionError(f"{folder} gives {logits.dtype} logits with non-finite values; please report this.")
+
+
+@dataclass
+class LlamaFamilyConversion:
+    """What a conversion made: where, from what, and what was decided on the way."""
+
+    path: Path
+    source: LlamaFamilySource
+    notes: list[str]
+
+
+def _check_destination(dst: Path, overwrite: bool, source_folder: Path | None = None) -> None:
+    if dst.exists() and not dst.is_dir():
+        raise ConversionError(f"{dst} is a file; the output is a folder.")
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise ConversionError(f"{dst} exists and is not empty; pass overwrite=True (--overwrite) to replace it.")
+    if source_folder is not None and dst.resolve() == source_folder.resolve():
+        raise ConversionError(f"{dst} is the source itself; choose another output folder.")
+
+
+def _move_into_place(staging: Path, dst: Path) -> None:
+    """Renames the finished staging folder to `dst`, replacing what was there only after it is complete."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{staging.name[-8:]}")
+        dst.rename(old)
+        staging.rename(dst)
+        shutil.rmtree(old)
+    else:
+        staging.rename(dst)
+
+
+def convert_llama_family(
+    family: str,
+    src: str | Path,
+    dst: str | Path,
+    *,
+    revision: str | None = None,
+    license: str | None = None,
+    overwrite: bool = False,
+    verify: bool = True,
+) -> LlamaFamilyConversion:
+    """Converts a LLaDA (`family="llada"`) or Dream (`family="dream"`) checkpoint into a hub-ready hf_mdm folder;
+    the steps are in the module docstring.
+
+    Args:
+        src: a folder in the source's Hub layout, or a Hub repo id (downloaded).
+        dst: the output folder; must be absent or empty unless `overwrite`.
+        license: the card's Hub license id; default the source card's, else "other" with a note.
+        verify: compare every written tensor with the source's, byte for byte, and reload the output.
+    """
+    if family not in FAMILIES:
+        raise ConversionError(f"family must be one of {tuple(FAMILIES)}, got {family!r}.")
+    if license is not None and (not isinstance(license, str) or not license.strip()):
+        raise ConversionError(f"license must be a non-empty Hub license id (e.g. mit), got {license!r}.")
+    dst = Path(dst)
+    _check_destination(dst, overwrite)
+
+    # 1. Read and check everything before writing anything.
+    source = read_llama_family_source(family, src, revision)
+    _check_destination(dst, overwrite, source.folder)
+    notes = list(source.notes)
+    license = resolve_license(license, source.license, notes)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        # 2. The weights, shard by shard.
+        _stream_weights(source, staging)
+        # 3. Config, remote code, generation config, tokenizer, card.
+        config = source.config
+        config.dtype = source.dtype
+        config.architectures = ["MDMLlamaForMaskedDiffusion"]
+        config.save_pretrained(staging)
+        package = Path(__file__).resolve().parents[1]
+        for name in REMOTE_CODE:
+            shutil.copyfile(package / name, staging / name)
+        tokenizer = _save_tokenizer(source, staging, notes)
+        _generation_config(source, tokenizer).save_pretrained(staging)
+        (staging / "README.md").write_text(_model_card(source, license, notes, tokenizer is not None))
+        # 4. Verify, then move into place.
+        if verify:
+            verify_converted(source, staging)
+        _move_into_place(staging, dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return LlamaFamilyConversion(path=dst, source=source, notes=notes)
+
+
+def convert_llada(src, dst, **kwargs) -> LlamaFamilyConversion:
+    """`convert_llama_family("llada", src, dst, ...)`: GSAI-ML/LLaDA-8B-Base, -8B-Instruct, LLaDA-1.5."""
+    return convert_llama_family("llada", src, dst, **kwargs)
+
+
+def convert_dream(src, dst, **kwargs) -> LlamaFamilyConversion:
+    """`convert_llama_family("dream", src, dst, ...)`: Dream-org/Dream-v0-Base-7B, -Instruct-7B."""
+    return convert_llama_family("dream", src, dst, **kwargs)
+
+
+__all__ = [
+    "FAMILIES",
+    "LlamaFamilySource",
+    "LlamaFamilyConversion",
+    "read_llama_family_source",
+    "convert_llama_family",
+    "convert_llada",
+    "convert_dream",
+    "llada_weight_name",
+    "expected_shapes",
+    "verify_converted",
+]
