@@ -4,7 +4,7 @@
     hf-mdm generate [CHECKPOINT]       sample a checkpoint (default: the shipped shakespeare-mdm), streaming one sample
     hf-mdm train                       train an MDM or an autoregressive baseline (Accelerate)
     hf-mdm evaluate CHECKPOINT         sample under a sweep of sampler settings and judge the samples
-    hf-mdm convert                     convert a checkpoint from another format (MDLM) into hf_mdm
+    hf-mdm convert                     convert a checkpoint from another format (MDLM, LLaDA, Dream) into hf_mdm
     hf-mdm publish PATH REPO_ID        push a checkpoint with its model card and remote code to the Hub
 
 CHECKPOINT (and evaluate's --judge, --ar-model) is a folder, a Hub id, or the name of a checkpoint shipped inside
@@ -19,6 +19,7 @@ import time
 
 
 DEMO_PROMPT = "ROMEO.\nBut soft, what light"
+LOAD_DTYPES = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 class DraftPrinter:
@@ -177,17 +178,28 @@ def generate(args: argparse.Namespace) -> None:
     from transformers import AutoModel, AutoTokenizer
 
     from hf_mdm import MDMGenerationConfig  # also registers "mdm" with the Auto classes
+    from hf_mdm.generation_mdm import cut_at_eos
     from hf_mdm.pretrained import resolve_checkpoint
 
     settings = {k: v for k, v in dict(sampler=args.sampler, steps=args.steps, tokens_per_step=args.tokens_per_step,
                                       sampling_dtype=args.sampling_dtype, temperature=args.temperature,
                                       top_k=args.top_k, top_p=args.top_p).items() if v is not None}
     MDMGenerationConfig(**settings)  # bad settings fail here, before the model is loaded
+    if args.prompt is not None and args.chat is not None:
+        raise ValueError("give --prompt (a prefix) or --chat (a user message), not both.")
+    if args.dtype not in LOAD_DTYPES:
+        raise ValueError(f"--dtype must be one of {tuple(LOAD_DTYPES)}, got {args.dtype!r}.")
     checkpoint = resolve_checkpoint(args.checkpoint)
-    model = AutoModel.from_pretrained(checkpoint).to(args.device)
     tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(args.tokenizer or checkpoint))
+    if args.chat is not None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"--chat needs a tokenizer with a chat template; {args.tokenizer or checkpoint}'s has none "
+                         "(use --prompt for a plain prefix).")
+    model = AutoModel.from_pretrained(checkpoint, dtype=LOAD_DTYPES[args.dtype]).to(args.device)
     prompt = None
-    if args.prompt:
+    if args.chat is not None:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.chat}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)["input_ids"].to(args.device)
+    elif args.prompt:
         prompt = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(args.device)
     stream = args.num_samples == 1 and not args.no_stream
     start = time.perf_counter()
@@ -195,9 +207,15 @@ def generate(args: argparse.Namespace) -> None:
                          generator=torch.Generator().manual_seed(args.seed), return_dict_in_generate=True,
                          streamer=DraftPrinter(tokenizer, model.config.mask_token_id) if stream else None, **settings)
     seconds = time.perf_counter() - start
-    for i, text in enumerate(tokenizer.batch_decode(out.sequences, skip_special_tokens=False)):
+    prompt_length = 0 if prompt is None else prompt.shape[1]
+    if args.chat is not None:  # the answer only, up to its first end-of-turn/EOS (instruct MDMs pad with EOS)
+        answers = cut_at_eos(out.sequences, model.generation_config.eos_token_id, start=prompt_length)
+        texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
+    else:
+        texts = tokenizer.batch_decode(out.sequences, skip_special_tokens=False)
+    for i, text in enumerate(texts):
         print(f"--- sample {i}\n{text}")
-    generated = out.sequences.shape[1] - (0 if prompt is None else prompt.shape[1])
+    generated = out.sequences.shape[1] - prompt_length
     print(f"NFE = {out.nfe} network calls for {generated} tokens x {args.num_samples} sample(s); "
           f"{seconds / args.num_samples:.2f} s per sample")
 
@@ -225,6 +243,10 @@ def main(argv: list[str] | None = None) -> None:
                      help="a saved hf_mdm folder or Hub id with its tokenizer, or a shipped name "
                      "(default: %(default)s)")
     gen.add_argument("--prompt", default=None, help="a prefix; without it, unconditional samples")
+    gen.add_argument("--chat", default=None, metavar="TEXT",
+                     help="a user message, wrapped in the tokenizer's chat template; prints the answer up to its EOS")
+    gen.add_argument("--dtype", default="auto",
+                     help="weights dtype: auto (the checkpoint's), float32, bfloat16, float16 (default: auto)")
     gen.add_argument("--max-new-tokens", type=int, default=None, help="default: fill the model's context")
     gen.add_argument("--num-samples", type=int, default=1)
     gen.add_argument("--sampler", default=None, help="first_hitting (default), ancestral, ancestral_cache")
