@@ -67,7 +67,7 @@ def time_sampler_steps(model, name, length, batch, count, sampler_steps, device,
     start_tokens = torch.randint(0, mask_id, (batch, length), generator=generator).masked_fill(half_masked, mask_id)
     schedule = get_noise_schedule(model.config.noise_schedule, model.config.noise_eps)
 
-    def denoise(rows, tokens, positions, times):
+    def denoise(rows, tokens, positions, times, window=None):
         return model(tokens, output_positions=positions).logits
 
     def run():

@@ -135,7 +135,7 @@ def test_first_hitting_times_follow_order_statistics():
     state = DiffusionState.start(tokens, torch.ones(batch, n, dtype=torch.bool))
     seen = []
 
-    def denoise(rows, row_tokens, positions, times):
+    def denoise(rows, row_tokens, positions, times, window=None):
         seen.append(times.clone())
         return torch.zeros(len(rows), positions.shape[1], 6).index_fill_(-1, torch.tensor([5]), float("-inf"))
 
@@ -159,7 +159,7 @@ def test_first_hitting_times_other_schedules(schedule_name):
     schedule = get_noise_schedule(schedule_name)
     sampler = FirstHittingSampler(schedule, CategoricalSampler(generator=torch.Generator().manual_seed(1)))
     state = DiffusionState.start(torch.full((batch, n), 2), torch.ones(batch, n, dtype=torch.bool))
-    denoise = lambda rows, tok, pos, t: torch.zeros(len(rows), pos.shape[1], 3)
+    denoise = lambda rows, tok, pos, t, window=None: torch.zeros(len(rows), pos.shape[1], 3)
     state = sampler.step(state, denoise)
     scale = 1 - float(schedule.alpha(torch.tensor(1.0, dtype=torch.float64)))
     first = (1 - schedule.alpha(state.time)) / scale
@@ -172,7 +172,7 @@ def test_parallel_steps_budget_unmasks_everything_in_budget():
     masked[0, :10] = True
     masked[1, :4] = True
     state = DiffusionState.start(torch.full((2, 10), 3), masked)
-    denoise = lambda rows, tok, pos, t: torch.zeros(len(rows), pos.shape[1], 4)
+    denoise = lambda rows, tok, pos, t, window=None: torch.zeros(len(rows), pos.shape[1], 4)
     counts = []
     while not state.done:
         before = state.masked.sum(1)

@@ -141,7 +141,7 @@ def test_first_hitting_with_the_time_before_the_jump_fails(ancestral_samples):
     while not state.done:
         previous_time = state.time.clone()
 
-        def stale_denoise(rows, row_tokens, positions, times):
+        def stale_denoise(rows, row_tokens, positions, times, window=None):
             sigma = schedule.total_noise(previous_time[rows]).float()
             return oracle(row_tokens, timesteps=sigma, output_positions=positions).logits
 
@@ -160,7 +160,7 @@ def test_network_sees_each_rows_new_time():
     while not state.done:
         seen = {}
 
-        def denoise(rows, row_tokens, positions, times):
+        def denoise(rows, row_tokens, positions, times, window=None):
             seen.update(rows=rows, times=times.clone())
             sigma = schedule.total_noise(times).float()
             return oracle(row_tokens, timesteps=sigma, output_positions=positions).logits

@@ -16,8 +16,16 @@ from tqdm.auto import tqdm
 from ..generation_mdm import MDMGenerationConfig
 
 
+def _boolean(text: str) -> bool:
+    if text.strip().lower() not in ("true", "false", "1", "0"):
+        raise ValueError(text)
+    return text.strip().lower() in ("true", "1")
+
+
 # The generation fields a sweep varies, and how a `--setting` string spells their values.
-_FIELD_TYPES = {"sampler": str, "steps": int, "tokens_per_step": int, "sampling_dtype": str, "temperature": float}
+_FIELD_TYPES = {"sampler": str, "steps": int, "tokens_per_step": int, "sampling_dtype": str, "temperature": float,
+                "unmasking": str, "confidence_threshold": float, "block_length": int, "remasking": str,
+                "remasking_schedule": str, "remasking_eta": float, "use_cache": _boolean, "cache_mode": str}
 SETTING_FIELDS = tuple(_FIELD_TYPES)
 
 
@@ -27,6 +35,9 @@ class SamplerSetting:
 
     `steps`: ancestral time steps (None: one per generated token), or a first_hitting budget of network calls.
     `tokens_per_step`: first_hitting only, positions unmasked per call (1 is exact).
+    The decoding strategies of instruct MDMs: `unmasking` (a confidence order), `confidence_threshold`,
+    `block_length`, `remasking` (with `remasking_schedule`, `remasking_eta`), `use_cache` (with `cache_mode`);
+    see `MDMGenerationConfig`.
     """
 
     sampler: str = "first_hitting"
@@ -34,6 +45,14 @@ class SamplerSetting:
     tokens_per_step: int | None = None
     sampling_dtype: str = "float64"
     temperature: float = 1.0
+    unmasking: str = "random"
+    confidence_threshold: float | None = None
+    block_length: int | None = None
+    remasking: str | None = None
+    remasking_schedule: str | None = None
+    remasking_eta: float | None = None
+    use_cache: bool = False
+    cache_mode: str | None = None
 
     def __post_init__(self):
         MDMGenerationConfig(**self.generation_kwargs())  # raises ValueError naming the field and the allowed values
@@ -44,11 +63,23 @@ class SamplerSetting:
 
     @property
     def label(self) -> str:
-        """A short name for tables and plots, e.g. "FHS k=1 float64" or "ancestral 256 steps float32 T=0.9"."""
-        if self.sampler == "first_hitting":
+        """A short name for tables and plots, e.g. "FHS k=1 float64", "ancestral 256 steps float32 T=0.9" or
+        "confidence 64 calls blocks 32 cache float64"."""
+        if self.sampler == "first_hitting" and self.unmasking != "random":
+            how = f"thr {self.confidence_threshold:g}" if self.confidence_threshold is not None else (
+                f"{self.steps} calls" if self.steps else f"k={self.tokens_per_step or 1}")
+            name = f"{self.unmasking} {how}"
+        elif self.sampler == "first_hitting":
             name = f"FHS {self.steps} calls" if self.steps else f"FHS k={self.tokens_per_step or 1}"
         else:
             name = f"{self.sampler} {self.steps} steps" if self.steps else f"{self.sampler} L steps"
+            if self.remasking:
+                eta = f" eta={self.remasking_eta:g}" if self.remasking_eta is not None else ""
+                name = f"ReMDM-{self.remasking_schedule or 'cap'}{eta} {self.steps or 'L'} steps"
+        if self.block_length:
+            name += f" blocks {self.block_length}"
+        if self.use_cache:
+            name += f" {self.cache_mode or 'prefix'} cache"
         name += f" {self.sampling_dtype}"
         return name + (f" T={self.temperature:g}" if self.temperature != 1.0 else "")
 

@@ -12,10 +12,26 @@ from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig
+from transformers.utils import logging
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import ModelOutput
 
-from .sampling_mdm import SAMPLERS, SAMPLING_DTYPES, CategoricalSampler, DiffusionState, build_sampler, get_noise_schedule
+from .sampling_mdm import (
+    DEFAULT_REMASKING_ETA,
+    REMASKING_SCHEDULES,
+    SAMPLERS,
+    SAMPLING_DTYPES,
+    UNMASKING_ORDERS,
+    CategoricalSampler,
+    DiffusionState,
+    build_sampler,
+    get_noise_schedule,
+)
+
+
+CACHE_MODES = ("prefix", "dual")
+
+logger = logging.get_logger(__name__)
 
 
 # GenerationConfig fields that mean nothing to a masked diffusion model: a value other than the neutral one
@@ -59,7 +75,7 @@ UNSUPPORTED_GENERATION_FIELDS = {
 }
 # GenerationConfig fields that are harmless to an MDM (caching, timing, metadata) and accepted as they come.
 IGNORED_GENERATION_FIELDS = {
-    "use_cache", "cache_implementation", "cache_config", "max_cache_len", "max_time", "early_stopping",
+    "cache_implementation", "cache_config", "max_cache_len", "max_time", "early_stopping",
     "renormalize_logits", "remove_invalid_values", "token_healing", "low_memory", "compile_config",
     "disable_compile", "is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule",
     "assistant_confidence_threshold", "max_matching_ngram_size", "assistant_lookbehind", "target_lookbehind",
@@ -89,6 +105,28 @@ class MDMGenerationConfig(GenerationConfig):
             effective temperature (arXiv:2409.02908, section 5).
         noise_removal (`bool`, defaults to `False`): ancestral only. The last step takes the argmax instead
             of sampling, as MDLM's scripts do (not exact).
+
+        > Decoding strategies of instruct MDMs (approximations of the reverse process, except FHS in blocks)
+
+        unmasking (`str`, defaults to `"random"`): first_hitting only. Which masked positions a call unmasks:
+            `"random"` (uniformly chosen: FHS), or the most confident draws, scored by `"confidence"` (probability
+            of the drawn token, LLaDA's low_confidence), `"margin"` (top-1 minus top-2 probability, Dream's
+            topk_margin) or `"entropy"` (negative entropy, Dream's entropy). How many: `tokens_per_step`, `steps`,
+            or `confidence_threshold`.
+        confidence_threshold (`float`, *optional*): with a confidence order, unmask every draw whose score exceeds
+            it, and at least the most confident one per row and call (Fast-dLLM's threshold decoding).
+        block_length (`int`, *optional*): semi-autoregressive decoding (LLaDA): the generated region is cut into
+            blocks of this many positions, decoded left to right, each with its share of `steps`.
+        remasking (`str`, *optional*): `"remdm"`: ancestral only, ReMDM's remasking of decoded tokens
+            (arXiv:2503.00307), with `remasking_schedule` (`"cap"`, `"rescale"` or `"conf"`) and `remasking_eta`
+            (default: 0.008 for cap, 0.015 for rescale, ReMDM's; none for conf).
+        use_cache (`bool`, defaults to `False`): with `block_length`, reuse the keys and values of positions outside
+            the active block, refreshed once per block (Fast-dLLM's cache); without blocks it has no effect. An APPROXIMATION for a bidirectional
+            network: in a block's later steps, positions outside it do not see what the block decoded.
+        cache_mode (`str`, defaults to `"prefix"`): `"prefix"` recomputes the active block and everything after it
+            each call, reusing the prompt and finished blocks; `"dual"` recomputes the active block only.
+        cache_refresh_steps (`int`, *optional*): also refresh the cache every this many calls within a block
+            (1: every call, the exact computation).
 
         > Token distribution
 
@@ -121,6 +159,16 @@ class MDMGenerationConfig(GenerationConfig):
         self.steps: int | None = kwargs.pop("steps", None)
         self.sampling_dtype: str = kwargs.pop("sampling_dtype", "float64")
         self.noise_removal: bool = kwargs.pop("noise_removal", False)
+
+        self.unmasking: str = kwargs.pop("unmasking", "random")
+        self.confidence_threshold: float | None = kwargs.pop("confidence_threshold", None)
+        self.block_length: int | None = kwargs.pop("block_length", None)
+        self.remasking: str | None = kwargs.pop("remasking", None)
+        self.remasking_schedule: str = kwargs.pop("remasking_schedule", "cap")
+        self.remasking_eta: float | None = kwargs.pop("remasking_eta", None)
+        self.use_cache: bool = kwargs.pop("use_cache", False)
+        self.cache_mode: str = kwargs.pop("cache_mode", "prefix")
+        self.cache_refresh_steps: int | None = kwargs.pop("cache_refresh_steps", None)
 
         self.temperature: float = kwargs.pop("temperature", 1.0)
         self.top_k: int = kwargs.pop("top_k", 0)
@@ -163,6 +211,46 @@ class MDMGenerationConfig(GenerationConfig):
             raise ValueError("first_hitting takes either tokens_per_step or steps (a budget of network calls), not both.")
         if self.sampler != "first_hitting" and self.tokens_per_step not in (None, 1):
             raise ValueError(f"tokens_per_step applies to sampler='first_hitting' only, got sampler={self.sampler!r}.")
+        if self.unmasking not in UNMASKING_ORDERS:
+            raise ValueError(f"unmasking must be one of {UNMASKING_ORDERS}, got {self.unmasking!r}.")
+        if self.unmasking != "random" and self.sampler != "first_hitting":
+            raise ValueError(f"unmasking={self.unmasking!r} orders the positions of sampler='first_hitting'; "
+                             f"got sampler={self.sampler!r}.")
+        if self.confidence_threshold is not None:
+            value = self.confidence_threshold
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
+                raise ValueError(f"confidence_threshold must be a number in (0, 1) (or None), got {value!r}.")
+            if self.unmasking == "random":
+                raise ValueError("confidence_threshold needs a confidence order: unmasking must be one of "
+                                 f"{UNMASKING_ORDERS[1:]}, got 'random'.")
+            if self.tokens_per_step is not None or self.steps is not None:
+                raise ValueError("confidence_threshold decides how many positions each call unmasks: do not also "
+                                 "set tokens_per_step or steps.")
+        value = self.block_length
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"block_length must be an integer >= 1 (or None), got {value!r}.")
+        if value is not None and self.sampler == "ancestral_cache":
+            raise ValueError("block_length works with sampler='first_hitting' or 'ancestral', not 'ancestral_cache' "
+                             "(it reuses whole-sequence outputs).")
+        if self.remasking not in (None, "remdm"):
+            raise ValueError(f"remasking must be None or 'remdm', got {self.remasking!r}.")
+        if self.remasking is not None and self.sampler == "first_hitting":
+            raise ValueError("remasking='remdm' runs on a time grid: use sampler='ancestral' (or 'ancestral_cache').")
+        if self.remasking_schedule not in REMASKING_SCHEDULES:
+            raise ValueError(f"remasking_schedule must be one of {REMASKING_SCHEDULES}, got {self.remasking_schedule!r}.")
+        if self.remasking_eta is not None:
+            value = self.remasking_eta
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+                raise ValueError(f"remasking_eta must be a number in [0, 1] (or None), got {value!r}.")
+            if DEFAULT_REMASKING_ETA[self.remasking_schedule] is None:
+                raise ValueError(f"remasking_schedule={self.remasking_schedule!r} takes no remasking_eta.")
+        if not isinstance(self.use_cache, bool):
+            raise ValueError(f"use_cache must be True or False, got {self.use_cache!r}.")
+        if self.cache_mode not in CACHE_MODES:
+            raise ValueError(f"cache_mode must be one of {CACHE_MODES}, got {self.cache_mode!r}.")
+        value = self.cache_refresh_steps
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"cache_refresh_steps must be an integer >= 1 (or None), got {value!r}.")
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}.")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
@@ -181,7 +269,8 @@ class MDMGenerationConfig(GenerationConfig):
         """Maps a plain `GenerationConfig` (e.g. from a pipeline) onto an MDM one; raises on fields an MDM cannot honour."""
         if isinstance(config, MDMGenerationConfig):
             return copy.deepcopy(config)
-        fields = {k: v for k, v in config.to_dict().items() if v is not None}
+        # A plain GenerationConfig's use_cache (True by default) is an autoregressive KV cache, not block caching.
+        fields = {k: v for k, v in config.to_dict().items() if v is not None and k != "use_cache"}
         return cls(**fields)
 
     @classmethod
@@ -286,7 +375,10 @@ class MDMGenerationMixin:
                `CategoricalSampler` in `sampling_dtype`.
             4. Step until nothing is masked: `state = sampler.step(state, denoise)`, where `denoise` calls the
                model's `forward` (with `output_positions` when only some positions are needed, and the time input
-               when the model is time-conditioned). The streamer receives the draft after each step.
+               when the model is time-conditioned). With `use_cache`, a call that names a decoding window runs the
+               network on the window only (the active block, and everything after it for the prefix cache),
+               reading the other positions' keys and values from the model's cache, which every call without a
+               window (one per block) records. The streamer receives the draft after each step.
             5. Return the sequences, or an `MDMGenerationOutput` with the number of network calls (and the history).
 
         Args:
@@ -312,7 +404,7 @@ class MDMGenerationMixin:
             )
 
         # 2. Lay out the canvas.
-        tokens, attention_mask, prompt_length = self._prepare_canvas(input_ids, attention_mask, config)
+        tokens, attention_mask, prompt_length, region_start = self._prepare_canvas(input_ids, attention_mask, config)
         masked = tokens == mask_id
         if attention_mask is not None:
             masked &= attention_mask.bool()
@@ -328,27 +420,51 @@ class MDMGenerationMixin:
         steps = config.steps
         if config.sampler != "first_hitting" and steps is None:
             steps = max(int(masked.sum(dim=1).max()), 1)
-        sampler = build_sampler(config.sampler, schedule, categorical, mask_id, config.tokens_per_step, steps, config.noise_removal)
+        sampler = build_sampler(
+            config.sampler, schedule, categorical, mask_id, config.tokens_per_step, steps, config.noise_removal,
+            unmasking=config.unmasking, confidence_threshold=config.confidence_threshold, remasking=config.remasking,
+            remasking_schedule=config.remasking_schedule, remasking_eta=config.remasking_eta,
+        )
 
         nfe_per_sequence = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
         nfe = 0
+        if config.use_cache and config.block_length is None:
+            # transformers users pass use_cache=True out of habit (an autoregressive KV cache): nothing to reuse here.
+            logger.warning_once("use_cache=True caches keys and values between the blocks of block decoding; without "
+                                "block_length there is nothing to reuse, so no cache is used.")
+        cache = self.make_kv_cache() if config.use_cache and config.block_length is not None else None
+        calls_since_refresh = 0
 
-        def denoise(rows, row_tokens, positions, times):
-            nonlocal nfe
+        def denoise(rows, row_tokens, positions, times, window=None):
+            nonlocal nfe, calls_since_refresh
             nfe += 1
             nfe_per_sequence[rows] += 1
             timesteps = schedule.total_noise(times).float() if self.config.time_conditioning else None
             row_mask = attention_mask[rows] if attention_mask is not None else None
-            return self(row_tokens, attention_mask=row_mask, timesteps=timesteps, output_positions=positions).logits
+            refresh = window is None or calls_since_refresh + 1 == (config.cache_refresh_steps or 0)
+            if cache is None or refresh:
+                calls_since_refresh = 0
+                if cache is not None:
+                    cache.record(rows)
+                return self(row_tokens, attention_mask=row_mask, timesteps=timesteps, output_positions=positions,
+                            kv_cache=cache).logits
+            # A cached call: only the active block (and, for the prefix cache, what follows it) runs the network.
+            calls_since_refresh += 1
+            start, end = window[0], window[1] if config.cache_mode == "dual" else row_tokens.shape[1]
+            cache.read(rows, start, end)
+            # Entries of `positions` past a row's count are padding (their logits are never read): keep them in range.
+            segment_positions = (positions - start).clamp(0, end - start - 1) if positions is not None else None
+            return self(row_tokens[:, start:end], attention_mask=row_mask, timesteps=timesteps,
+                        output_positions=segment_positions, kv_cache=cache).logits
 
         # 4. Step until nothing is masked.
         stream_from = 0 if prompt_length is None else prompt_length
         put_draft = getattr(streamer, "put_draft", None) if streamer is not None else None
         if streamer is not None:
             streamer.put(tokens[:, :stream_from].cpu())
-        state = DiffusionState.start(tokens, masked)
+        state = DiffusionState.start(tokens, masked, config.block_length, region_start)
         history = [] if config.output_history else None
-        max_steps = int(masked.sum(dim=1).max()) if config.sampler == "first_hitting" else steps
+        max_steps = sampler.step_limit(state)
         while not state.done:
             if state.step >= max_steps:
                 raise RuntimeError(f"{config.sampler} left [MASK] tokens after {state.step} steps; please report this.")
@@ -368,7 +484,8 @@ class MDMGenerationMixin:
         return MDMGenerationOutput(sequences=state.tokens, nfe=nfe, nfe_per_sequence=nfe_per_sequence, history=history)
 
     def _prepare_canvas(self, input_ids, attention_mask, config):
-        """Returns (tokens, attention_mask or None, prompt_length or None); checks ids and lengths first."""
+        """Returns (tokens, attention_mask or None, prompt_length or None, region_start); checks ids and lengths
+        first. region_start is where the appended positions begin (0 when nothing is appended: infilling)."""
         mask_id = self.config.mask_token_id
         device = self.device
         shifted = getattr(self.config, "shift_logits", False)
@@ -440,7 +557,8 @@ class MDMGenerationMixin:
             canvas = canvas.repeat_interleave(config.num_return_sequences, dim=0)
             if attention_mask is not None:
                 attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
-        return canvas, attention_mask, (None if has_masks else prompt_length)
+        region_start = prompt_length if new_tokens else 0  # where semi-autoregressive blocks start
+        return canvas, attention_mask, (None if has_masks else prompt_length), region_start
 
 
 def cut_at_eos(sequences: torch.LongTensor, eos_token_id: int | list[int] | None, start: int = 0) -> list[list[int]]:

@@ -146,6 +146,72 @@ def position_ids_from_mask(attention_mask: torch.Tensor | None, batch_size: int,
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def segment_position_ids(attention_mask, batch_size: int, seq_len: int, device, kv_cache=None) -> torch.Tensor:
+    """The rotary positions of the input: the whole canvas's, or those of the segment a KV-cache read runs on."""
+    if kv_cache is None or not kv_cache.reading:
+        return position_ids_from_mask(attention_mask, batch_size, seq_len, device)
+    start, end = kv_cache.segment
+    return position_ids_from_mask(attention_mask, batch_size, kv_cache.length, device)[:, start:end]
+
+
+class MDMKVCache:
+    """Keys and values (after rotary) of every layer over a whole canvas, for block decoding (Fast-dLLM's cache).
+
+    A forward pass with the cache in record mode (`record(rows)`) stores, for each layer, the keys and values of
+    all positions of those batch rows, and the backbone's last hidden states. In read mode (`read(rows, start, end)`)
+    the model is given the tokens of positions [start, end) only: each layer computes their queries, keys and
+    values and attends over the recorded keys and values with [start, end) replaced by the fresh ones. That is
+    exact if nothing outside [start, end) changed since the recording, and an approximation otherwise (for a
+    bidirectional network, recorded positions then do not see the new tokens). `rows` of a read must be among the
+    recorded ones.
+    """
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.hidden: torch.Tensor | None = None
+        self.rows: torch.LongTensor | None = None
+        self.segment: tuple[int, int] | None = None
+        self._index: torch.LongTensor | None = None
+
+    def record(self, rows: torch.LongTensor) -> None:
+        self.keys, self.values, self.hidden = {}, {}, None
+        self.rows, self.segment, self._index = rows, None, None
+
+    def read(self, rows: torch.LongTensor, start: int, end: int) -> None:
+        if self.rows is None:
+            raise ValueError("MDMKVCache.read: nothing was recorded; call record() and a forward pass first.")
+        self.segment = (start, end)
+        # rows only ever shrink within a generate() call (finished rows drop out); both are sorted batch indices.
+        self._index = None if len(rows) == len(self.rows) else torch.searchsorted(self.rows, rows)
+
+    @property
+    def reading(self) -> bool:
+        return self.segment is not None
+
+    @property
+    def length(self) -> int:
+        return next(iter(self.keys.values())).shape[2]
+
+    def _rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self._index is None else tensor[self._index]
+
+    def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Records (batch, kv_heads, seq_len, head_dim) keys and values, or returns the recorded ones of the whole
+        canvas with the segment's replaced by these."""
+        if self.segment is None:
+            self.keys[layer_idx], self.values[layer_idx] = key, value
+            return key, value
+        start, end = self.segment
+        keys, values = self._rows(self.keys[layer_idx]), self._rows(self.values[layer_idx])
+        return (torch.cat([keys[:, :, :start], key, keys[:, :, end:]], dim=2),
+                torch.cat([values[:, :, :start], value, values[:, :, end:]], dim=2))
+
+    def hidden_before(self, start: int) -> torch.Tensor:
+        """(rows, 1, hidden): the recorded last hidden state at position start - 1 (a shifted head reads it)."""
+        return self._rows(self.hidden)[:, start - 1 : start]
+
+
 class MDMRotaryEmbedding(nn.Module):
     """cos/sin tables for rotary attention, computed in float32 from position ids.
 
@@ -211,7 +277,7 @@ def _first_bad_value(name: str, values: torch.Tensor, low: int, high: int):
         raise ValueError(f"{name} must lie in [{low}, {high}), got values in [{smallest}, {largest}].")
 
 
-def validate_inputs(config, input_ids, inputs_embeds, attention_mask, timesteps):
+def validate_inputs(config, input_ids, inputs_embeds, attention_mask, timesteps, kv_cache=None):
     """Clear errors for malformed backbone inputs before any tensor work; returns the timesteps as a (batch,)
     tensor (None for a time-agnostic network).
 
@@ -242,9 +308,11 @@ def validate_inputs(config, input_ids, inputs_embeds, attention_mask, timesteps)
         )
     if input_ids is not None:
         _first_bad_value(f"input_ids (vocab_size={config.vocab_size})", input_ids, 0, config.vocab_size)
-    if attention_mask is not None and tuple(attention_mask.shape) != tuple(shape):
+    # Reading a KV cache, the inputs are a segment of the canvas and the mask covers the whole canvas.
+    mask_shape = (batch_size, kv_cache.length) if kv_cache is not None and kv_cache.reading else tuple(shape)
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(mask_shape):
         raise ValueError(
-            f"attention_mask must have the shape (batch, seq_len) = {tuple(shape)}, got {tuple(attention_mask.shape)}."
+            f"attention_mask must have the shape (batch, seq_len) = {tuple(mask_shape)}, got {tuple(attention_mask.shape)}."
         )
     if not config.time_conditioning:
         return None
@@ -319,12 +387,14 @@ class MDMAttention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, attn_implementation="sdpa"):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, attn_implementation="sdpa", kv_cache=None):
         """(batch, seq_len, hidden) -> (batch, seq_len, hidden) and the attention weights (eager only, else None)."""
         batch_size, seq_len, _ = hidden_states.shape
         qkv = self.qkv_proj(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
         query, key, value = (t.transpose(1, 2) for t in qkv.unbind(dim=2))
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        if kv_cache is not None:
+            key, value = kv_cache.update(self.layer_idx, key, value)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(attn_implementation, eager_attention_forward)
         # MDLM trains without attention dropout; dropout acts on the residual branches instead.
@@ -356,13 +426,15 @@ class MDMBlock(GradientCheckpointingLayer):
         self.modulation = nn.Linear(config.cond_dim, 6 * config.hidden_size, bias=True)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, hidden_states, conditioning, position_embeddings, attention_mask=None, attn_implementation="sdpa"):
+    def forward(self, hidden_states, conditioning, position_embeddings, attention_mask=None, attn_implementation="sdpa",
+                kv_cache=None):
         """Returns the block's output (batch, seq_len, hidden) and its attention weights (or None)."""
         shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = (
             self.modulation(conditioning)[:, None].chunk(6, dim=2)
         )
         attn_input = modulate(self.norm1(hidden_states), shift_attn, scale_attn)
-        attn_output, attn_weights = self.self_attn(attn_input, position_embeddings, attention_mask, attn_implementation)
+        attn_output, attn_weights = self.self_attn(attn_input, position_embeddings, attention_mask, attn_implementation,
+                                                   kv_cache)
         hidden_states = hidden_states + gate_attn * self.dropout(attn_output)
 
         mlp_output = self.mlp(modulate(self.norm2(hidden_states), shift_mlp, scale_mlp))
@@ -422,13 +494,15 @@ class MDMLlamaAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, attn_implementation="sdpa"):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, attn_implementation="sdpa", kv_cache=None):
         """(batch, seq_len, hidden) -> (batch, seq_len, hidden) and the attention weights (eager only, else None)."""
         batch_size, seq_len, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
         key = self.k_proj(hidden_states).view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        if kv_cache is not None:
+            key, value = kv_cache.update(self.layer_idx, key, value)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(attn_implementation, eager_attention_forward)
         dropout = self.config.attention_dropout if self.training else 0.0
@@ -461,10 +535,10 @@ class MDMLlamaBlock(GradientCheckpointingLayer):
         self.post_attention_layernorm = MDMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MDMLlamaMLP(config)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, attn_implementation="sdpa"):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, attn_implementation="sdpa", kv_cache=None):
         """Returns the block's output (batch, seq_len, hidden) and its attention weights (or None)."""
         attn_output, attn_weights = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, attn_implementation
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, attn_implementation, kv_cache
         )
         hidden_states = hidden_states + attn_output
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)), attn_weights
@@ -482,8 +556,13 @@ class MDMHeadMixin:
     # Trainer passes num_items_in_batch, so that gradient accumulation averages over all masked tokens.
     accepts_loss_kwargs = True
 
-    def compute_logits(self, outputs: MDMModelOutput, output_positions: torch.LongTensor | None) -> torch.Tensor:
+    def compute_logits(self, outputs: MDMModelOutput, output_positions: torch.LongTensor | None,
+                       kv_cache: "MDMKVCache | None" = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def make_kv_cache(self) -> MDMKVCache:
+        """An empty key/value cache for block decoding (`generate(use_cache=True)` makes one per call)."""
+        return MDMKVCache()
 
     def forward(
         self,
@@ -497,6 +576,7 @@ class MDMHeadMixin:
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        kv_cache: MDMKVCache | None = None,
     ) -> MaskedLMOutput | tuple:
         r"""
         Args:
@@ -518,6 +598,8 @@ class MDMHeadMixin:
                 model; default to the config's fields of the same names. Attention weights come from eager
                 attention: with another implementation the call falls back to eager, with a warning.
             num_items_in_batch (`int` or `torch.Tensor`, *optional*): divisor of the summed loss.
+            kv_cache (`MDMKVCache`, *optional*): block decoding's key/value cache (see `MDMKVCache`); in read mode
+                `input_ids` are the tokens of the cache's segment and positions are relative to it.
 
         Returns:
             `MaskedLMOutput` with `loss` (with `labels`), `logits` of shape `(batch, seq_len, vocab)`, or
@@ -537,9 +619,11 @@ class MDMHeadMixin:
 
         outputs = self.model(
             input_ids, attention_mask, timesteps, inputs_embeds=inputs_embeds, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, return_dict=True,
+            output_hidden_states=output_hidden_states, return_dict=True, kv_cache=kv_cache,
         )
-        logits = self.compute_logits(outputs, output_positions)
+        if kv_cache is not None and not kv_cache.reading:
+            kv_cache.hidden = outputs.last_hidden_state
+        logits = self.compute_logits(outputs, output_positions, kv_cache)
         logits[..., self.config.mask_token_id] = MASK_LOGIT
 
         loss = None
@@ -680,6 +764,7 @@ class MDMModel(MDMPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        kv_cache: MDMKVCache | None = None,
     ) -> MDMModelOutput | tuple:
         r"""
         Args:
@@ -693,18 +778,20 @@ class MDMModel(MDMPreTrainedModel):
                 `input_ids`, vectors in the embedding space.
             output_attentions, output_hidden_states, return_dict (`bool`, *optional*): as in every transformers
                 model; default to the config's fields of the same names.
+            kv_cache (`MDMKVCache`, *optional*): records every layer's keys and values, or, in read mode, lets the
+                inputs be a segment of the canvas (`attention_mask` then covers the whole canvas).
         """
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        timesteps = validate_inputs(self.config, input_ids, inputs_embeds, attention_mask, timesteps)
+        timesteps = validate_inputs(self.config, input_ids, inputs_embeds, attention_mask, timesteps, kv_cache)
 
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch_size, seq_len = hidden_states.shape[:2]
         if not self.config.time_conditioning:
             timesteps = torch.zeros(batch_size, device=hidden_states.device)
         conditioning = F.silu(self.timestep_embedder(timesteps))
-        position_ids = position_ids_from_mask(attention_mask, batch_size, seq_len, hidden_states.device)
+        position_ids = segment_position_ids(attention_mask, batch_size, seq_len, hidden_states.device, kv_cache)
         position_embeddings = self.rotary_emb(position_ids)
         attn_implementation = resolve_attn_implementation(self, output_attentions)
         mask = bidirectional_attention_mask(self.config, hidden_states, attention_mask, attn_implementation)
@@ -712,7 +799,8 @@ class MDMModel(MDMPreTrainedModel):
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for layer in self.layers:
-            hidden_states, attn_weights = layer(hidden_states, conditioning, position_embeddings, mask, attn_implementation)
+            hidden_states, attn_weights = layer(hidden_states, conditioning, position_embeddings, mask, attn_implementation,
+                                                kv_cache)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if output_attentions:
@@ -751,7 +839,8 @@ class MDMForMaskedDiffusion(MDMHeadMixin, MDMPreTrainedModel, MDMGenerationMixin
     def set_output_embeddings(self, new_embeddings):
         self.output_layer.linear = new_embeddings
 
-    def compute_logits(self, outputs: MDMModelOutput, output_positions: torch.LongTensor | None) -> torch.Tensor:
+    def compute_logits(self, outputs: MDMModelOutput, output_positions: torch.LongTensor | None,
+                       kv_cache: MDMKVCache | None = None) -> torch.Tensor:
         hidden_states = outputs.last_hidden_state
         if output_positions is not None:
             hidden_states = gather_positions(hidden_states, output_positions)
@@ -796,6 +885,7 @@ class MDMLlamaModel(MDMLlamaPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        kv_cache: MDMKVCache | None = None,
     ) -> MDMModelOutput | tuple:
         r"""
         Args:
@@ -804,18 +894,18 @@ class MDMLlamaModel(MDMLlamaPreTrainedModel):
                 padding (left or right). Padding is never attended to, and rotary positions count real tokens only.
             timesteps (`torch.Tensor`, *optional*): ignored (the network reads no noise level); accepted so that
                 every hf_mdm backbone takes the same arguments.
-            inputs_embeds, output_attentions, output_hidden_states, return_dict: as for `MDMModel`.
+            inputs_embeds, output_attentions, output_hidden_states, return_dict, kv_cache: as for `MDMModel`.
 
         The last entry of `hidden_states` is `last_hidden_state`, after the final norm, as in transformers' Llama.
         """
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        validate_inputs(self.config, input_ids, inputs_embeds, attention_mask, timesteps)
+        validate_inputs(self.config, input_ids, inputs_embeds, attention_mask, timesteps, kv_cache)
 
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch_size, seq_len = hidden_states.shape[:2]
-        position_ids = position_ids_from_mask(attention_mask, batch_size, seq_len, hidden_states.device)
+        position_ids = segment_position_ids(attention_mask, batch_size, seq_len, hidden_states.device, kv_cache)
         position_embeddings = self.rotary_emb(position_ids)
         attn_implementation = resolve_attn_implementation(self, output_attentions)
         mask = bidirectional_attention_mask(self.config, hidden_states, attention_mask, attn_implementation)
@@ -823,7 +913,7 @@ class MDMLlamaModel(MDMLlamaPreTrainedModel):
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for layer in self.layers:
-            hidden_states, attn_weights = layer(hidden_states, position_embeddings, mask, attn_implementation)
+            hidden_states, attn_weights = layer(hidden_states, position_embeddings, mask, attn_implementation, kv_cache)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if output_attentions:
@@ -867,13 +957,15 @@ class MDMLlamaForMaskedDiffusion(MDMHeadMixin, MDMLlamaPreTrainedModel, MDMGener
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def compute_logits(self, outputs: MDMModelOutput, output_positions: torch.LongTensor | None) -> torch.Tensor:
+    def compute_logits(self, outputs: MDMModelOutput, output_positions: torch.LongTensor | None,
+                       kv_cache: MDMKVCache | None = None) -> torch.Tensor:
         hidden_states = outputs.last_hidden_state
         if self.config.shift_logits:
-            if output_positions is None:
-                hidden_states = torch.cat([hidden_states[:, :1], hidden_states[:, :-1]], dim=1)
-            else:
-                output_positions = (output_positions - 1).clamp(min=0)
+            # Token i is predicted from position i - 1. The first position of a cache segment reads the recorded
+            # hidden state before it; the first of the sequence its own (Dream's convention: it has no prediction).
+            reading = kv_cache is not None and kv_cache.reading and kv_cache.segment[0] > 0
+            before = kv_cache.hidden_before(kv_cache.segment[0]) if reading else hidden_states[:, :1]
+            hidden_states = torch.cat([before.to(hidden_states.dtype), hidden_states[:, :-1]], dim=1)
         if output_positions is not None:
             hidden_states = gather_positions(hidden_states, output_positions)
         return self.lm_head(hidden_states)
@@ -881,6 +973,7 @@ class MDMLlamaForMaskedDiffusion(MDMHeadMixin, MDMLlamaPreTrainedModel, MDMGener
 
 __all__ = [
     "MASK_LOGIT",
+    "MDMKVCache",
     "MDMPreTrainedModel",
     "MDMModel",
     "MDMForMaskedDiffusion",

@@ -196,18 +196,31 @@ class CategoricalSampler:
     def __call__(self, logits: torch.Tensor) -> torch.LongTensor:
         return self.draw(self.probabilities(logits))
 
+    def confidence_probabilities(self, logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """The distribution confidences are read from: the one drawn from (`probs`), except when greedy, where that
+        is one-hot; then the softmax of the logits at temperature 1 (LLaDA's low_confidence with temperature 0)."""
+        if not self.greedy:
+            return probs
+        scores = logits.to(self.dtype, copy=True)
+        if self.mask_token_id is not None:
+            scores[..., self.mask_token_id] = float("-inf")
+        return torch.softmax(scores, dim=-1)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # The shared contract of every strategy.
 # ----------------------------------------------------------------------------------------------------------------
 
-# denoise(rows, tokens, positions, times) -> logits
+# denoise(rows, tokens, positions, times, window=None) -> logits
 #   rows:      (R,) indices of the batch rows being denoised
 #   tokens:    (R, L) their current tokens
 #   positions: (R, k) positions whose logits are needed, or None for all L positions
 #   times:     (R,) float64 diffusion times (the network reads them only if it is time-conditioned)
+#   window:    (start, end), or None: with block decoding, the positions the strategy is decoding now; only they
+#              can have changed since the last call made with window=None (when a row entered a new block). A
+#              denoiser may reuse what it computed for the other positions (a KV cache); `positions` lie inside.
 #   returns    (R, k, V) or (R, L, V) logits; the [MASK] logit is ignored (the categorical sampler zeroes it)
-Denoiser = Callable[[torch.LongTensor, torch.LongTensor, torch.LongTensor | None, torch.Tensor], torch.Tensor]
+Denoiser = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -217,9 +230,23 @@ class DiffusionState:
     Args:
         tokens (`torch.LongTensor` of shape `(batch, seq_len)`): the current draft; masked positions hold [MASK].
         masked (`torch.BoolTensor` of shape `(batch, seq_len)`): positions still to be generated.
-        time (`torch.DoubleTensor` of shape `(batch,)`): each row's diffusion time, 1 = fully noised.
+        time (`torch.DoubleTensor` of shape `(batch,)`): each row's diffusion time, 1 = fully noised (with blocks:
+            within its current block).
         step (`int`): number of steps taken so far.
         cache (`dict`, *optional*): strategy-private scratch space (ancestral_cache keeps its probabilities here).
+        generated (`torch.BoolTensor` of shape `(batch, seq_len)`): the positions generate() fills (masked at the
+            start): the only ones a remasking strategy may mask again. The prompt never is.
+        block (`torch.LongTensor` of shape `(batch, seq_len)`): each position's block for semi-autoregressive
+            decoding (all 0 without blocks).
+        block_length (`int`, *optional*): the block size; None without blocks.
+        region_start (`int`): where block 0's generated region starts (the prompt length); earlier masked
+            positions (infilling) belong to block 0.
+        active_block (`torch.LongTensor` of shape `(batch,)`): the block each row decodes now.
+        block_step (`torch.LongTensor` of shape `(batch,)`): steps the row has taken in its active block.
+        confidence (`torch.DoubleTensor` of shape `(batch, seq_len)`): each generated token's confidence when it was
+            unmasked (the probability of the drawn token; NaN where none was recorded).
+        pending (`torch.BoolTensor` of shape `(batch,)`): rows with steps left although nothing is masked (a
+            remasking strategy runs its whole time grid, as it may still mask tokens again).
     """
 
     tokens: torch.LongTensor
@@ -227,15 +254,115 @@ class DiffusionState:
     time: torch.Tensor
     step: int = 0
     cache: dict | None = None
+    generated: torch.BoolTensor | None = None
+    block: torch.LongTensor | None = None
+    block_length: int | None = None
+    region_start: int = 0
+    active_block: torch.LongTensor | None = None
+    block_step: torch.LongTensor | None = None
+    confidence: torch.Tensor | None = None
+    pending: torch.BoolTensor | None = None
 
     @classmethod
-    def start(cls, tokens: torch.LongTensor, masked: torch.BoolTensor) -> "DiffusionState":
-        time = torch.ones(tokens.shape[0], dtype=torch.float64, device=tokens.device)
-        return cls(tokens=tokens.clone(), masked=masked.clone(), time=time)
+    def start(cls, tokens: torch.LongTensor, masked: torch.BoolTensor, block_length: int | None = None,
+              region_start: int = 0) -> "DiffusionState":
+        batch, seq_len = tokens.shape
+        device = tokens.device
+        time = torch.ones(batch, dtype=torch.float64, device=device)
+        position = torch.arange(seq_len, device=device)
+        if block_length is None:
+            block = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+        else:
+            block = ((position - region_start).clamp(min=0) // block_length).expand(batch, -1).contiguous()
+        state = cls(tokens=tokens.clone(), masked=masked.clone(), time=time, generated=masked.clone(), block=block,
+                    block_length=block_length, region_start=region_start,
+                    active_block=torch.full((batch,), -1, dtype=torch.long, device=device),
+                    block_step=torch.zeros(batch, dtype=torch.long, device=device),
+                    confidence=torch.full((batch, seq_len), float("nan"), dtype=torch.float64, device=device),
+                    pending=torch.zeros(batch, dtype=torch.bool, device=device))
+        return state
 
     @property
     def done(self) -> bool:
-        return not bool(self.masked.any())
+        return not bool(self.masked.any() or (self.pending is not None and self.pending.any()))
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.block.max()) + 1
+
+    def block_bounds(self, block: int) -> tuple[int, int]:
+        """[start, end) of a block (block 0 also holds any masked position before the generated region)."""
+        if self.block_length is None:
+            return 0, self.tokens.shape[1]
+        start = 0 if block == 0 else self.region_start + block * self.block_length
+        return start, min(self.region_start + (block + 1) * self.block_length, self.tokens.shape[1])
+
+
+def enter_blocks(state: DiffusionState, keep: torch.BoolTensor | None = None) -> tuple[DiffusionState, torch.BoolTensor]:
+    """Moves each row whose active block has no [MASK] left to its next block with one (resetting its block step and
+    time), unless `keep` says the row stays (a remasking strategy finishing its block's time grid). Returns the new
+    state and which rows entered a block."""
+    far = torch.iinfo(torch.long).max
+    next_block = torch.where(state.masked, state.block, far).amin(dim=1)
+    entered = state.masked.any(dim=1) & (next_block != state.active_block)
+    if keep is not None:
+        entered &= ~keep
+    if not bool(entered.any()):
+        return state, entered
+    active = torch.where(entered, next_block, state.active_block)
+    block_step = torch.where(entered, 0, state.block_step)
+    time = torch.where(entered, torch.ones_like(state.time), state.time)
+    return replace(state, active_block=active, block_step=block_step, time=time), entered
+
+
+def candidates(state: DiffusionState) -> torch.BoolTensor:
+    """(batch, seq_len): the masked positions of each row's active block, the only ones a step may unmask."""
+    return state.masked & (state.block == state.active_block[:, None])
+
+
+def decoding_window(state: DiffusionState, rows: torch.LongTensor, entered: torch.BoolTensor):
+    """The `window` a strategy passes to denoise: None without blocks or when a row of the call just entered a new
+    block (everything may have changed), else the span of the rows' active blocks: from the start of the first
+    (block 0 starting at the generated region, or at an earlier [MASK] being infilled) to the end of the last."""
+    if state.block_length is None or bool(entered[rows].any()):
+        return None
+    blocks = state.active_block[rows]
+    first = int(blocks.min())
+    start = state.region_start + first * state.block_length
+    if first == 0:
+        in_first = state.masked[rows] & (state.block[rows] == 0) & (blocks[:, None] == 0)
+        if bool(in_first.any()):
+            start = min(start, int(in_first.nonzero()[:, 1].min()))
+    return start, state.block_bounds(int(blocks.max()))[1]
+
+
+def block_budget(state: DiffusionState, steps: int) -> torch.LongTensor:
+    """(batch,) network calls each row may spend on its active block: `steps` split evenly across the blocks, the
+    remainder to the first ones (LLaDA's generate.py requires steps % num_blocks == 0; this does not)."""
+    if state.block_length is None:
+        return torch.full_like(state.active_block, steps)
+    per_block, extra = divmod(steps, state.num_blocks)
+    return (per_block + (state.active_block < extra).long()).clamp(min=1)
+
+
+def count_per_row(num_candidates: torch.LongTensor, state: DiffusionState, rows, tokens_per_step=None, steps=None):
+    """(R,) positions each row unmasks this call: `tokens_per_step`, or the row's candidates spread evenly over the
+    calls its block has left (ceil(n / calls left); with 10 positions and 4 calls: 3, 3, 2, 2), else one."""
+    if tokens_per_step is not None:
+        return num_candidates.clamp(max=tokens_per_step)
+    if steps is None:
+        return num_candidates.clamp(max=1)
+    calls_left = (block_budget(state, steps)[rows] - state.block_step[rows]).clamp(min=1)
+    return torch.div(num_candidates + calls_left - 1, calls_left, rounding_mode="floor")
+
+
+def candidate_positions(mask: torch.BoolTensor) -> tuple[torch.LongTensor, torch.BoolTensor]:
+    """(R, L) candidate mask -> their positions (R, c_max), in order, and which entries are real."""
+    counts = mask.sum(dim=1)
+    c_max = max(int(counts.max()), 1)
+    positions = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :c_max]
+    valid = torch.arange(c_max, device=mask.device)[None, :] < counts[:, None]
+    return positions, valid
 
 
 def uniformly_chosen_positions(masked: torch.BoolTensor, count: torch.LongTensor, generator) -> tuple:
@@ -250,6 +377,28 @@ def uniformly_chosen_positions(masked: torch.BoolTensor, count: torch.LongTensor
     return positions, valid
 
 
+def commit(state: DiffusionState, rows, positions, valid, sampled, confidence=None, **updates) -> DiffusionState:
+    """The state after writing `sampled` at the `valid` entries of `positions` of `rows` (each step's last act)."""
+    tokens, still_masked = state.tokens.clone(), state.masked.clone()
+    row_index = rows[:, None].expand_as(positions)
+    tokens[row_index, positions] = torch.where(valid, sampled, tokens[row_index, positions])
+    still_masked[row_index, positions] = still_masked[row_index, positions] & ~valid
+    recorded = state.confidence
+    if confidence is not None:
+        recorded = recorded.clone()
+        current = recorded[row_index, positions]
+        recorded[row_index, positions] = torch.where(valid, confidence.to(recorded.dtype), current)
+    block_step = state.block_step.clone()
+    block_step[rows] += 1
+    return replace(state, tokens=tokens, masked=still_masked, step=state.step + 1, block_step=block_step,
+                   confidence=recorded, **updates)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Strategies.
+# ----------------------------------------------------------------------------------------------------------------
+
+
 class FirstHittingSampler:
     """First-hitting sampler (FHS, arXiv:2409.02908 section 4; notes section 3.2).
 
@@ -262,26 +411,32 @@ class FirstHittingSampler:
     unmasked per call, each sampled independently from the same output, and tau advances through k
     first-hitting draws. This parallel decoding is an APPROXIMATION: it ignores the dependence between the k
     tokens unmasked together.
+
+    With blocks (`DiffusionState.block_length`), each row decodes its blocks left to right, the first-hitting
+    process running within the active block (time restarting at 1, n = the block's masked positions), and
+    `steps` is the budget of the whole sequence, split across blocks. With k = 1 this samples EXACTLY the
+    block-factorised process p(block_1) p(block_2 | block_1) ..., each factor the MDM's reverse process with the
+    later blocks fully masked, which is not the MDM's joint distribution.
     """
 
     def __init__(self, schedule: NoiseSchedule, categorical: CategoricalSampler, tokens_per_step=None, steps=None):
         self.schedule = schedule
         self.categorical = categorical
-        self.tokens_per_step = tokens_per_step or 1
+        self.tokens_per_step = tokens_per_step if steps is None else None
         self.steps = steps
+        if tokens_per_step is None and steps is None:
+            self.tokens_per_step = 1
 
-    def tokens_this_step(self, num_masked: torch.LongTensor, step: int) -> torch.LongTensor:
-        if self.steps is None:
-            return num_masked.clamp(max=self.tokens_per_step)
-        steps_left = max(self.steps - step, 1)
-        return torch.div(num_masked + steps_left - 1, steps_left, rounding_mode="floor")
+    def step_limit(self, state: DiffusionState) -> int:
+        return int(state.masked.sum(dim=1).max())
 
     def step(self, state: DiffusionState, denoise: Denoiser) -> DiffusionState:
         generator = self.categorical.generator
+        state, entered = enter_blocks(state)
         rows = state.masked.any(dim=1).nonzero().squeeze(1)
-        masked = state.masked[rows]
+        masked = candidates(state)[rows]
         num_masked = masked.sum(dim=1)
-        count = self.tokens_this_step(num_masked, state.step)
+        count = count_per_row(num_masked, state, rows, self.tokens_per_step, self.steps)
 
         # Next unmasking times, drawn from the top down: the order statistics of i.i.d. uniforms (eq. 4.1).
         time = state.time[rows]
@@ -294,17 +449,118 @@ class FirstHittingSampler:
                 network_time = time  # the network predicts at the time of the first unmasking of this step
 
         positions, valid = uniformly_chosen_positions(masked, count, generator)
-        logits = denoise(rows, state.tokens[rows], positions, network_time)
+        logits = denoise(rows, state.tokens[rows], positions, network_time, decoding_window(state, rows, entered))
         sampled = self.categorical(logits)
-
-        tokens, still_masked = state.tokens.clone(), state.masked.clone()
-        row_index = rows[:, None].expand_as(positions)
-        current = tokens[row_index, positions]
-        tokens[row_index, positions] = torch.where(valid, sampled, current)
-        still_masked[row_index, positions] = still_masked[row_index, positions] & ~valid
         new_time = state.time.clone()
         new_time[rows] = time
-        return replace(state, tokens=tokens, masked=still_masked, time=new_time, step=state.step + 1)
+        return commit(state, rows, positions, valid, sampled, time=new_time)
+
+
+def confidence_scores(order: str, probs: torch.Tensor, sampled: torch.LongTensor) -> torch.Tensor:
+    """How sure the model is at each position, higher = surer (probs: (..., V) in the sampling dtype):
+
+    - "confidence": the probability of the drawn token (LLaDA's low_confidence remasking, Dream's maskgit_plus);
+    - "margin": top-1 minus top-2 probability (Dream's topk_margin);
+    - "entropy": the negative entropy sum_v p_v log p_v (Dream's entropy), with 0 log 0 = 0.
+    """
+    if order == "confidence":
+        return probs.gather(-1, sampled[..., None])[..., 0]
+    if order == "margin":
+        top = probs.topk(2, dim=-1).values
+        return top[..., 0] - top[..., 1]
+    if order == "entropy":
+        return torch.where(probs > 0, probs * probs.clamp(min=torch.finfo(probs.dtype).tiny).log(), 0.0).sum(-1)
+    raise ValueError(f"unmasking order must be one of {CONFIDENCE_ORDERS}, got {order!r}.")
+
+
+CONFIDENCE_ORDERS = ("confidence", "margin", "entropy")
+
+
+class ConfidenceSampler:
+    """Confidence-ordered unmasking (LLaDA's low_confidence remasking, Dream's maskgit_plus / topk_margin / entropy,
+    Fast-dLLM's threshold decoding). An APPROXIMATION of the MDM's reverse process, biased towards likely tokens.
+
+    Each step runs the network at every candidate position (the masked positions of the row's active block, or of
+    the whole sequence without blocks), draws a token at each from the categorical sampler (in `sampling_dtype`),
+    scores each draw with `order` (`confidence_scores`, from the same distribution, or the temperature-1 softmax
+    when greedy) and keeps per row:
+        - the `count` most confident (`tokens_per_step`, or the block's candidates spread over its `steps` budget,
+          else one per call), or
+        - with `threshold`, every draw whose score exceeds it, and at least the most confident one (Fast-dLLM).
+    The others stay masked and are drawn again next step. Rows are independent: each has its own count.
+    """
+
+    def __init__(self, categorical: CategoricalSampler, order: str = "confidence", tokens_per_step=None, steps=None,
+                 threshold: float | None = None):
+        if order not in CONFIDENCE_ORDERS:
+            raise ValueError(f"unmasking must be one of {('random',) + CONFIDENCE_ORDERS}, got {order!r}.")
+        self.categorical = categorical
+        self.order = order
+        self.tokens_per_step = tokens_per_step if steps is None else None
+        self.steps = steps
+        self.threshold = threshold
+        if tokens_per_step is None and steps is None and threshold is None:
+            self.tokens_per_step = 1
+
+    def step_limit(self, state: DiffusionState) -> int:
+        return int(state.masked.sum(dim=1).max())
+
+    def step(self, state: DiffusionState, denoise: Denoiser) -> DiffusionState:
+        state, entered = enter_blocks(state)
+        rows = state.masked.any(dim=1).nonzero().squeeze(1)
+        positions, valid = candidate_positions(candidates(state)[rows])
+        logits = denoise(rows, state.tokens[rows], positions, state.time[rows], decoding_window(state, rows, entered))
+        probs = self.categorical.probabilities(logits)
+        sampled = self.categorical.draw(probs)
+        scores = confidence_scores(self.order, self.categorical.confidence_probabilities(logits, probs), sampled)
+        scores = scores.masked_fill(~valid, float("-inf"))
+        if self.threshold is not None:
+            chosen = valid & (scores > self.threshold)
+            chosen.scatter_(1, scores.argmax(dim=1, keepdim=True), True)  # at least one per row and call
+        else:
+            count = count_per_row(valid.sum(dim=1), state, rows, self.tokens_per_step, self.steps)
+            rank = scores.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+            chosen = valid & (rank < count[:, None])
+        probability = probs.gather(-1, sampled[..., None])[..., 0]
+        return commit(state, rows, positions, chosen, sampled, confidence=probability)
+
+
+REMASKING_SCHEDULES = ("cap", "rescale", "conf")
+# ReMDM's published settings for OpenWebText at 1024 steps (kuleshov-group/remdm scripts): eta_cap 0.008,
+# eta_rescale 0.015; the confidence schedule has no eta.
+DEFAULT_REMASKING_ETA = {"cap": 0.008, "rescale": 0.015, "conf": None}
+
+
+class RemaskingSchedule:
+    """ReMDM's remasking probability sigma_t (Wang et al., arXiv:2503.00307, section 4).
+
+    From t to s < t, a decoded token is masked again with probability sigma, and a masked position becomes token
+    x with probability (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t) p(x) (stays masked otherwise), which keeps
+    the marginals of the forward process when 0 <= sigma <= sigma_max = min(1, (1 - alpha_s) / alpha_t):
+        - "cap": sigma = min(eta, sigma_max);
+        - "rescale": sigma = eta * sigma_max;
+        - "conf": per decoded position, sigma_l = sigma_max * softmax_l(-confidence) over the row's decoded
+          positions (the least confident most likely), masked positions using sigma = 0.
+    At the last step alpha_s = 1, so sigma_max = 0: nothing is remasked and every masked position unmasks.
+    """
+
+    def __init__(self, name: str = "cap", eta: float | None = None):
+        if name not in REMASKING_SCHEDULES:
+            raise ValueError(f"remasking_schedule must be one of {REMASKING_SCHEDULES}, got {name!r}.")
+        self.name = name
+        self.eta = DEFAULT_REMASKING_ETA[name] if eta is None else eta
+
+    def sigma_max(self, alpha_t: torch.Tensor, alpha_s: torch.Tensor) -> torch.Tensor:
+        return torch.where(alpha_t > 0, ((1 - alpha_s) / alpha_t.clamp(min=1e-300)).clamp(max=1.0), 1.0)
+
+    def sigmas(self, alpha_t, alpha_s, decoded: torch.BoolTensor, confidence: torch.Tensor):
+        """(sigma for masked positions (R,), remasking probability of each decoded position (R, L))."""
+        top = self.sigma_max(alpha_t, alpha_s)
+        if self.name == "conf":
+            weights = torch.softmax((-confidence.nan_to_num(0.0)).masked_fill(~decoded, float("-inf")), dim=1)
+            return torch.zeros_like(top), (weights.nan_to_num(0.0) * top[:, None]).masked_fill(~decoded, 0.0)
+        sigma = torch.minimum(torch.full_like(top, self.eta), top) if self.name == "cap" else self.eta * top
+        return sigma, sigma[:, None].expand_as(confidence).masked_fill(~decoded, 0.0)
 
 
 class AncestralSampler:
@@ -318,23 +574,44 @@ class AncestralSampler:
     MDLM's scripts do. With `reuse_unchanged` ("ancestral_cache", MDLM's "ddpm_cache"), a row whose tokens
     did not change since its last network call reuses that call's probabilities (kept in the sampling dtype,
     batch x L x V values); only changed rows are recomputed. That is valid only for a time-agnostic network.
+
+    With `remasking` (a `RemaskingSchedule`), this is ReMDM: decoded tokens are masked again with probability
+    sigma_t and the unmasking probabilities adjust to keep the forward marginals; the prompt is never remasked.
+    With blocks, each block runs its own grid of `steps / num_blocks` times, over its own positions only.
     """
 
-    def __init__(self, schedule, categorical, steps: int, noise_removal=False, reuse_unchanged=False, mask_token_id=None):
+    def __init__(self, schedule, categorical, steps: int, noise_removal=False, reuse_unchanged=False, mask_token_id=None,
+                 remasking: RemaskingSchedule | None = None):
         self.schedule = schedule
         self.categorical = categorical
         self.steps = steps
         self.noise_removal = noise_removal
         self.reuse_unchanged = reuse_unchanged
         self.mask_token_id = mask_token_id
+        self.remasking = remasking
+
+    def step_limit(self, state: DiffusionState) -> int:
+        if state.block_length is None:
+            return self.steps
+        per_block, extra = divmod(self.steps, state.num_blocks)
+        return sum(max(per_block + (block < extra), 1) for block in range(state.num_blocks))
 
     def step(self, state: DiffusionState, denoise: Denoiser) -> DiffusionState:
         device = state.tokens.device
-        t = torch.tensor(1.0 - state.step / self.steps, dtype=torch.float64, device=device)
-        s = torch.tensor(max(1.0 - (state.step + 1) / self.steps, 0.0), dtype=torch.float64, device=device)
-        rows = state.masked.any(dim=1).nonzero().squeeze(1)
-        # Only masked positions are drawn: the (V + 1)-way categorical of every step is the sampler's main cost.
-        masked_rows, masked_positions = state.masked.nonzero(as_tuple=True)
+        # With remasking a row stays in its block until the block's time grid is over, even if nothing is masked.
+        in_grid = (state.active_block >= 0) & (state.block_step < block_budget(state, self.steps))
+        keep = in_grid if self.remasking is not None else None
+        state, entered = enter_blocks(state, keep)
+        busy = state.masked.any(dim=1) | (keep if keep is not None else False)
+        rows = busy.nonzero().squeeze(1)
+        budget = block_budget(state, self.steps)[rows].double()
+        t = (1.0 - state.block_step[rows].double() / budget).clamp(min=0.0)
+        s = (1.0 - (state.block_step[rows].double() + 1) / budget).clamp(min=0.0)
+        active = candidates(state)
+        # Only masked positions of the active blocks are drawn: the (V + 1)-way categorical is the main cost.
+        masked_rows, masked_positions = active.nonzero(as_tuple=True)
+        row_of = torch.empty(state.tokens.shape[0], dtype=torch.long, device=device)
+        row_of[rows] = torch.arange(len(rows), device=device)
 
         cache = dict(state.cache or {})
         if self.reuse_unchanged:
@@ -343,52 +620,92 @@ class AncestralSampler:
             fresh = cache.get("fresh", torch.zeros(state.tokens.shape[0], dtype=torch.bool, device=device))
             stale = rows[~fresh[rows]]
             if len(stale):
-                new_probs = self.categorical.probabilities(denoise(stale, state.tokens[stale], None, t.expand(len(stale))))
+                new_probs = self.categorical.probabilities(denoise(stale, state.tokens[stale], None, t[row_of[stale]]))
                 if probs is None:
                     probs = new_probs.new_empty((state.tokens.shape[0],) + tuple(new_probs.shape[1:]))
                 probs[stale] = new_probs
             masked_probs = probs[masked_rows, masked_positions]
-        else:
-            logits = denoise(rows, state.tokens[rows], None, t.expand(len(rows)))
-            row_of = torch.empty(state.tokens.shape[0], dtype=torch.long, device=device)
-            row_of[rows] = torch.arange(len(rows), device=device)
+        elif state.block_length is None:
+            logits = denoise(rows, state.tokens[rows], None, t)
             masked_probs = self.categorical.probabilities(logits[row_of[masked_rows], masked_positions])
+        else:
+            positions, valid = candidate_positions(active[rows])
+            logits = denoise(rows, state.tokens[rows], positions, t, decoding_window(state, rows, entered))
+            masked_probs = self.categorical.probabilities(logits[valid])  # row-major: the order of active.nonzero()
 
-        last_step = bool(s == 0)
-        if last_step and self.noise_removal:
+        alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s)
+        decoded = state.generated[rows] & ~state.masked[rows] & (state.block[rows] == state.active_block[rows, None])
+        sigma = remask = None
+        if self.remasking is not None:
+            sigma, remask = self.remasking.sigmas(alpha_t, alpha_s, decoded, state.confidence[rows])
+        last_step = s == 0
+        if self.noise_removal and bool(last_step.all()):
             sampled = masked_probs.argmax(dim=-1)
         else:
-            alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s)
-            token_scale = ((alpha_s - alpha_t) / (1 - alpha_t)).to(masked_probs.dtype)
-            stay_masked = ((1 - alpha_s) / (1 - alpha_t)).to(masked_probs.dtype)
-            weights = masked_probs.mul_(token_scale)  # in place: masked_probs is a fresh (masked, V) tensor
-            weights[..., self.mask_token_id] = stay_masked
+            kept = 1 - (sigma if sigma is not None else torch.zeros_like(alpha_t))
+            token_scale = ((alpha_s - kept * alpha_t) / (1 - alpha_t)).to(masked_probs.dtype)
+            stay_masked = ((1 - alpha_s - (1 - kept) * alpha_t) / (1 - alpha_t)).to(masked_probs.dtype)
+            which = row_of[masked_rows]
+            confidence = masked_probs
+            weights = masked_probs.mul(token_scale[which, None]) if self.remasking is not None else \
+                masked_probs.mul_(token_scale[which, None])  # in place when nothing else reads the probabilities
+            weights[..., self.mask_token_id] = stay_masked[which]
             sampled = self.categorical.draw(weights)
+            if self.remasking is None:
+                confidence = None
 
         unmasked_now = sampled != self.mask_token_id
         changed_rows, changed_positions = masked_rows[unmasked_now], masked_positions[unmasked_now]
         tokens, still_masked = state.tokens.clone(), state.masked.clone()
         tokens[changed_rows, changed_positions] = sampled[unmasked_now]
         still_masked[changed_rows, changed_positions] = False
+        recorded = state.confidence
+        if self.remasking is not None:
+            recorded = recorded.clone()
+            recorded[changed_rows, changed_positions] = confidence[unmasked_now].gather(
+                -1, sampled[unmasked_now][:, None])[:, 0].double()
+            # ReMDM: each decoded token of the active block is masked again with its probability (a 2-way draw).
+            decoded_rows, decoded_positions = (decoded & (remask > 0)).nonzero(as_tuple=True)
+            if len(decoded_rows):  # no draw where nothing can be remasked (eta = 0 is then MDLM's sampler exactly)
+                p = remask[decoded_rows, decoded_positions].to(self.categorical.dtype)
+                again = self.categorical.draw(torch.stack([1 - p, p], dim=-1)) == 1
+                again_rows, again_positions = rows[decoded_rows[again]], decoded_positions[again]
+                tokens[again_rows, again_positions] = self.mask_token_id
+                still_masked[again_rows, again_positions] = True
+                recorded[again_rows, again_positions] = float("nan")
+                changed_rows = torch.cat([changed_rows, again_rows])
         new_time = state.time.clone()
         new_time[rows] = s
+        block_step = state.block_step.clone()
+        block_step[rows] += 1
         if self.reuse_unchanged:
             fresh = fresh.clone()
             fresh[rows] = True
             fresh[changed_rows] = False  # a row that did not change keeps a valid network output
             cache.update(probs=probs, fresh=fresh)
-        return DiffusionState(tokens, still_masked, new_time, state.step + 1, cache)
+        pending = state.pending
+        if self.remasking is not None:
+            pending = block_step < block_budget(replace(state, block_step=block_step), self.steps)
+        return replace(state, tokens=tokens, masked=still_masked, time=new_time, step=state.step + 1, cache=cache,
+                       block_step=block_step, confidence=recorded, pending=pending)
 
 
 SAMPLERS = ("first_hitting", "ancestral", "ancestral_cache")
+UNMASKING_ORDERS = ("random",) + CONFIDENCE_ORDERS
 
 
-def build_sampler(name, schedule, categorical, mask_token_id, tokens_per_step=None, steps=None, noise_removal=False):
-    """The strategy named by `MDMGenerationConfig.sampler`."""
+def build_sampler(name, schedule, categorical, mask_token_id, tokens_per_step=None, steps=None, noise_removal=False,
+                  unmasking="random", confidence_threshold=None, remasking=None, remasking_schedule="cap",
+                  remasking_eta=None):
+    """The strategy named by `MDMGenerationConfig.sampler` (and its `unmasking` / `remasking` fields)."""
+    remasker = RemaskingSchedule(remasking_schedule, remasking_eta) if remasking == "remdm" else None
     factories = {
-        "first_hitting": lambda: FirstHittingSampler(schedule, categorical, tokens_per_step, steps),
-        "ancestral": lambda: AncestralSampler(schedule, categorical, steps, noise_removal, False, mask_token_id),
-        "ancestral_cache": lambda: AncestralSampler(schedule, categorical, steps, noise_removal, True, mask_token_id),
+        "first_hitting": lambda: (
+            FirstHittingSampler(schedule, categorical, tokens_per_step, steps) if unmasking == "random"
+            else ConfidenceSampler(categorical, unmasking, tokens_per_step, steps, confidence_threshold)),
+        "ancestral": lambda: AncestralSampler(schedule, categorical, steps, noise_removal, False, mask_token_id, remasker),
+        "ancestral_cache": lambda: AncestralSampler(schedule, categorical, steps, noise_removal, True, mask_token_id,
+                                                    remasker),
     }
     if name not in factories:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}.")
