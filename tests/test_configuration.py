@@ -43,6 +43,7 @@ def test_mask_token_defaults_to_last_id():
         (dict(rope_parameters={"rope_type": "default", "rope_theta": "big"}), "rope_theta"),
         (dict(rope_parameters={"rope_type": "default", "rope_theta": -1.0}), "rope_theta"),
         (dict(rope_parameters={"rope_type": "ntk", "rope_theta": 10.0}), "rope_type"),
+        (dict(rope_parameters={"rope_type": "linear", "rope_theta": 10.0}), "factor"),
     ],
 )
 def test_invalid_config_names_the_field(overrides, field):

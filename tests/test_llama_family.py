@@ -115,10 +115,12 @@ def test_converted_logits_match_the_reference(converted, case):
             # A shifted model's first real position has no prediction of its own (it reads the position before).
             first = 1 if family.shift else 0
             padding = max(padding, max_difference(ours_padded[row, span][first:], alone[first:], columns))
-        if family.shift:  # Dream's own padded call (positions from the mask, a (B, 1, L, L) mask) agrees too
-            own = family.reference(config, weights, padded, mask)
-            for row, span in enumerate(spans):
-                padding = max(padding, max_difference(ours_padded[row, span][1:], own[row, span][1:], columns))
+        # Each family's own padded call agrees too: Dream's positions from the mask and (B, 1, L, L) mask; LLaDA's
+        # key-padding bias with positions 0..L-1 over the padded row (rotary attention sees relative positions only).
+        own = family.reference(config, weights, padded, mask)
+        first = 1 if family.shift else 0
+        for row, span in enumerate(spans):
+            padding = max(padding, max_difference(ours_padded[row, span][first:], own[row, span][first:], columns))
 
         # output_positions: the projection at the asked positions only, equal to the full output there.
         positions = torch.tensor([[0, 5, 19], [3, 3, 12], [1, 18, 0]])
@@ -130,8 +132,7 @@ def test_converted_logits_match_the_reference(converted, case):
 
 
 def test_the_reference_comparison_can_fail(converted):
-    """The check above is sensitive: an unshifted Dream, LLaDA's positions under left padding, or another rotary
-    base are all far outside its tolerance."""
+    """The check above is sensitive: an unshifted Dream, or another rotary base, is far outside its tolerance."""
     family, config, weights, folder = converted["dream-untied_gqa"]
     model = AutoModel.from_pretrained(folder)
     ids = partly_masked(family)
@@ -186,11 +187,12 @@ def test_converted_folder_is_hub_ready(converted, family_name):
     assert f"hf-mdm convert {family_name}" in card
     generation = MDMGenerationConfig.from_pretrained(folder)
     assert generation.sampler == "first_hitting" and generation.sampling_dtype == "float64"
+    assert generation.unmasking == ("confidence" if family_name == "llada" else "entropy")
     end_of_turn = LLADA_EOT if family_name == "llada" else DREAM_IM_END
     assert generation.eos_token_id == [config["eos_token_id"], end_of_turn]
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert tokenizer.mask_token_id == family.mask and tokenizer.chat_template
-    assert "auto_map" not in json.loads((folder / "tokenizer_config.json").read_text())
+    assert not {"auto_map", "local_files_only", "is_local"} & set(json.loads((folder / "tokenizer_config.json").read_text()))
     saved = json.loads((folder / "config.json").read_text())
     assert saved["model_type"] == "mdm_llama" and saved["source_family"] == family_name
 
@@ -304,6 +306,9 @@ def test_a_shifted_model_needs_a_real_first_token(converted):
     model = AutoModel.from_pretrained(folder)
     with pytest.raises(ValueError, match="first real token"):
         model.generate(torch.tensor([[family.mask, 5, 6]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match="all zeros"):
+        model.generate(torch.tensor([[5, 6, 7], [1, 2, 3]]), attention_mask=torch.tensor([[0, 0, 0], [1, 1, 1]]),
+                       max_new_tokens=2)
     out = model.generate(max_new_tokens=5, generator=torch.Generator().manual_seed(0))  # no prompt: BOS first
     assert out.shape == (1, 6) and out[0, 0] == model.config.bos_token_id
 
@@ -343,6 +348,8 @@ def test_command_line_convert_and_chat(tmp_path, capsys):
           "--temperature", "0"])
     printed = capsys.readouterr().out
     assert "--- sample 0" in printed and "<|start_header_id|>" not in printed  # the answer only
+    main(["generate", str(tmp_path / "dst"), "--chat", "hi", "--no-stream"])  # the folder's own length: 32 here
+    assert "for 32 tokens" in capsys.readouterr().out
     with pytest.raises(SystemExit) as error:
         main(["convert", "llada", str(tmp_path / "src"), str(tmp_path / "dst")])  # not empty
     assert error.value.code == 2 and "not empty" in capsys.readouterr().err
@@ -374,6 +381,8 @@ def test_a_checkpoint_of_another_family_is_refused(tmp_path):
         ("llada", {"block_type": "sequential"}, "block_type='sequential' is not supported"),
         ("llada", {"alibi": True}, "alibi=True"),
         ("llada", {"attention_layer_norm": True}, "attention_layer_norm"),
+        ("llada", {"multi_query_attention": True}, "multi_query_attention=true but n_kv_heads=4"),
+        ("llada", {"multi_query_attention": False, "n_kv_heads": 2}, "multi_query_attention=false but n_kv_heads=2"),
         ("dream", {"num_experts": 4, "moe_intermediate_size": 32}, "config field 'moe_intermediate_size'"),
         ("dream", {"use_sliding_window": True}, "use_sliding_window"),
     ],
@@ -461,3 +470,29 @@ def test_a_failure_mid_write_leaves_no_half_written_destination(tmp_path, monkey
     convert_llada(tmp_path / "src", tmp_path / "dst", overwrite=True)
     assert not (tmp_path / "dst" / "keep.txt").exists() and (tmp_path / "dst" / "config.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".dst.")]
+
+
+def test_a_tied_checkpoint_that_stores_its_head_says_so(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, weights = make_dream_checkpoint(tmp_path / "src", tie_word_embeddings=True)
+    shard = tmp_path / "src" / "model-00002-of-00002.safetensors"
+    tensors = load_file(str(shard))
+    tensors["lm_head.weight"] = weights["model.embed_tokens.weight"] + 1.0  # stored, and not the embedding
+    save_file(tensors, str(shard))
+    index = json.loads((tmp_path / "src" / "model.safetensors.index.json").read_text())
+    index["weight_map"]["lm_head.weight"] = shard.name
+    (tmp_path / "src" / "model.safetensors.index.json").write_text(json.dumps(index))
+    result = convert_dream(tmp_path / "src", tmp_path / "dst")
+    assert any("lm_head.weight is dropped" in note and "DIFFERS" in note for note in result.notes)
+
+
+def test_hf_mdm_evaluate_runs_on_a_converted_dream(converted, tmp_path):
+    from hf_mdm.evaluation.cli import main as evaluate
+
+    _, _, _, folder = converted["dream-untied_gqa"]
+    results = evaluate([str(folder), "--judge", "shakespeare-ar", "--num-samples", "2", "--batch-size", "2",
+                        "--length", "8", "--output-dir", str(tmp_path / "eval"), "--setting", "unmasking=entropy,steps=4"])
+    rows = [row for row in results["rows"] if row["kind"] == "mdm"]
+    assert len(rows) == 1 and rows[0]["num_samples"] == 2 and rows[0]["label"] == "entropy 4 calls float64"
+    assert rows[0]["nfe_per_sample"] == 4 and (tmp_path / "eval" / "plot.png").is_file()

@@ -15,7 +15,7 @@ from transformers import AutoModel, AutoModelForMaskedLM, Trainer, TrainingArgum
 from hf_mdm import MASK_LOGIT, MDMForMaskedDiffusion, MDMLlamaForMaskedDiffusion, MDMLlamaModel, MDMModel
 from hf_mdm.pretrained import DEFAULT_MDM, pretrained_path
 
-from conftest import randomize_, run_without_hf_mdm, tiny_config, tiny_llama_config, tiny_model
+from conftest import randomize_, run_without_hf_mdm, tiny_config, tiny_llama_config, tiny_llama_model, tiny_model
 
 
 class MDMModelTester:
@@ -228,6 +228,9 @@ def test_loss_is_the_mean_cross_entropy_over_masked_real_positions(tester):
     output = model(**inputs, labels=labels)
     mask_id = model.config.mask_token_id
     scored = (inputs["input_ids"] == mask_id) & inputs["attention_mask"].bool()
+    if tester.family == "dream":  # a shifted model never scores a row's first real position
+        first_real = inputs["attention_mask"].argmax(dim=1)
+        scored[torch.arange(tester.batch_size), first_real] = False
     log_probs = torch.log_softmax(output.logits.double(), -1)
     nll = -log_probs.gather(-1, labels[..., None])[..., 0]
     expected = nll[scored].sum() / scored.sum()
@@ -264,25 +267,41 @@ def test_loss_backpropagates_and_the_mask_column_gets_no_gradient(tester):
 
 
 def test_trainer_trains_one_step(tmp_path, tester):
+    """Labels are the clean ids everywhere (no -100): Trainer's loss is the model's own, the masked-token mean."""
     model = tester.model().train()
     mask_id = model.config.mask_token_id
-    generator = torch.Generator().manual_seed(0)
-    clean = torch.randint(1, mask_id, (8, tester.seq_len), generator=generator)
+    clean = torch.randint(2, mask_id, (4, tester.seq_len), generator=torch.Generator().manual_seed(0))
 
     def collate(rows):
         input_ids = torch.stack([row["input_ids"] for row in rows])
-        masked = torch.rand(input_ids.shape, generator=generator) < 0.5
-        return dict(input_ids=input_ids.masked_fill(masked, mask_id), labels=input_ids.masked_fill(~masked, -100))
+        masked = (torch.arange(input_ids.shape[1]) % 2 == 1).expand_as(input_ids)  # the same masking every time
+        return dict(input_ids=input_ids.masked_fill(masked, mask_id), labels=input_ids)
 
+    batch = collate([{"input_ids": row} for row in clean])
+    expected = model(**batch).loss.item()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, learning_rate=1e-2,
                              report_to=[], save_strategy="no", use_cpu=True, logging_steps=1, disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": row} for row in clean], data_collator=collate)
     result = trainer.train()
-    assert result.global_step == 1 and 0 < result.training_loss < 10
+    assert result.global_step == 1
+    assert result.training_loss == pytest.approx(expected, rel=1e-5)
     changed = [name for name, p in model.named_parameters() if not torch.equal(before[name], p.detach())]
     head = next(name for name, p in model.named_parameters() if p is model.get_output_embeddings().weight)
     assert head in changed and any(".qkv_proj." in name or ".q_proj." in name for name in changed)
+
+
+def test_a_shifted_model_never_scores_its_first_real_position():
+    model = tiny_llama_model(dream=True)
+    ids = torch.tensor([[0, 0, 7, 8, 9, 10], [7, 8, 9, 10, 11, 12]])
+    attention = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    labels = ids.clone()
+    only_first = ids.clone()
+    only_first[0, 2] = only_first[1, 0] = model.config.mask_token_id
+    assert model(only_first, attention_mask=attention, labels=labels).loss.item() == 0.0
+    second = ids.clone()
+    second[0, 3] = model.config.mask_token_id
+    assert model(second, attention_mask=attention, labels=labels.int()).loss.item() > 0  # int32 labels are fine
 
 
 @pytest.mark.parametrize(
@@ -326,6 +345,11 @@ def test_resize_token_embeddings_grows_both_ends_and_keeps_the_mask_id(tmp_path,
         assert model.get_output_embeddings().bias.shape[0] == old_vocab + 6
     after = model(ids).logits
     assert after.shape[-1] == old_vocab + 6 and torch.isfinite(after).all()
+    # New rows as transformers initialises them (mean_resizing): drawn around the mean of the old rows.
+    weights = model.get_input_embeddings().weight.detach()
+    old_rows, new_rows = weights[:old_vocab], weights[old_vocab:]
+    spread = (old_rows - old_rows.mean(0)).norm(dim=1).mean()
+    assert ((new_rows - old_rows.mean(0)).norm(dim=1) < 3 * spread).all()  # (the mean alone when the covariance is singular)
     torch.testing.assert_close(after[..., :old_vocab], before, rtol=0, atol=1e-6)  # old rows are kept
     assert (after[..., mask_id] == MASK_LOGIT).all()
     new_ids = ids.clone()
@@ -442,10 +466,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(tester):
                 model.gradient_checkpointing_enable()
             assert all(layer.gradient_checkpointing for layer in model.model.layers)
         sigma = torch.tensor([0.3, 1.2, 4.0])
+        calls = []
+        hook = model.model.layers[0].self_attn.register_forward_hook(lambda *args: calls.append(1))
         model(**inputs, labels=labels, timesteps=sigma).loss.backward()
-        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        hook.remove()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}, len(calls)
 
-    plain, checkpointed = gradients(False), gradients(True)
+    (plain, plain_calls), (checkpointed, checkpointed_calls) = gradients(False), gradients(True)
+    assert (plain_calls, checkpointed_calls) == (1, 2)  # checkpointing recomputes the block in the backward pass
     assert plain.keys() == checkpointed.keys() and len(plain) > 10
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)

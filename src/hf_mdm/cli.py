@@ -5,6 +5,7 @@
     hf-mdm train                       train an MDM or an autoregressive baseline (Accelerate)
     hf-mdm evaluate CHECKPOINT         sample under a sweep of sampler settings and judge the samples
     hf-mdm convert                     convert a checkpoint from another format (MDLM, LLaDA, Dream) into hf_mdm
+    hf-mdm lm-eval ...                 lm-evaluation-harness with the model hf_mdm (Monte-Carlo ELBO likelihoods)
     hf-mdm publish PATH REPO_ID        push a checkpoint with its model card and remote code to the Hub
 
 CHECKPOINT (and evaluate's --judge, --ar-model) is a folder, a Hub id, or the name of a checkpoint shipped inside
@@ -203,7 +204,9 @@ def generate(args: argparse.Namespace) -> None:
         prompt = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(args.device)
     stream = args.num_samples == 1 and not args.no_stream
     start = time.perf_counter()
-    out = model.generate(prompt, max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_samples,
+    if args.max_new_tokens is not None:  # else the checkpoint's generation_config decides (128 in converted folders)
+        settings["max_new_tokens"] = args.max_new_tokens
+    out = model.generate(prompt, num_return_sequences=args.num_samples,
                          generator=torch.Generator().manual_seed(args.seed), return_dict_in_generate=True,
                          streamer=DraftPrinter(tokenizer, model.config.mask_token_id) if stream else None, **settings)
     seconds = time.perf_counter() - start
@@ -247,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
                      help="a user message, wrapped in the tokenizer's chat template; prints the answer up to its EOS")
     gen.add_argument("--dtype", default="auto",
                      help="weights dtype: auto (the checkpoint's), float32, bfloat16, float16 (default: auto)")
-    gen.add_argument("--max-new-tokens", type=int, default=None, help="default: fill the model's context")
+    gen.add_argument("--max-new-tokens", type=int, default=None,
+                     help="default: the checkpoint's generation config, else fill the model's context")
     gen.add_argument("--num-samples", type=int, default=1)
     gen.add_argument("--sampler", default=None, help="first_hitting (default), ancestral, ancestral_cache")
     gen.add_argument("--steps", type=int, default=None)
@@ -265,6 +269,15 @@ def main(argv: list[str] | None = None) -> None:
     add_evaluate_parser(commands)
     add_convert_parser(commands)
     add_publish_parser(commands)
+    commands.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness with the model hf_mdm (lm-eval's own "
+                        "flags; pip install hf_mdm[lm-eval])")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:  # lm-eval parses its own flags
+        try:
+            from hf_mdm.evaluation.harness import main as lm_eval_main
+        except ImportError as error:
+            parser.exit(2, f"hf-mdm lm-eval: error: lm-eval is not installed ({error}); pip install 'hf_mdm[lm-eval]'.\n")
+        return lm_eval_main(argv[1:])
     args = parser.parse_args(argv)
     try:
         args.func(args)

@@ -33,6 +33,7 @@ The conversion, `convert_llama_family`:
 """
 
 import json
+import math
 import re
 import shutil
 import tempfile
@@ -125,7 +126,14 @@ def llada_config(raw: dict, config_path: Path, notes: list[str]) -> dict:
     if raw.get("rope_full_precision") is False:
         notes.append("the source applies RoPE in its activation dtype; hf_mdm applies it in float32 (more exact)")
     heads = raw["n_heads"]
-    kv_heads = 1 if raw.get("multi_query_attention") else (raw.get("n_kv_heads") or heads)
+    # LLaDA's (OLMo's) effective_n_kv_heads: multi_query_attention true means one key/value head, false means
+    # n_heads of them; unset, n_kv_heads decides.
+    multi_query, kv_heads = raw.get("multi_query_attention"), raw.get("n_kv_heads")
+    if multi_query and kv_heads not in (None, 1):
+        raise ConversionError(f"{config_path}: multi_query_attention=true but n_kv_heads={kv_heads} (must be 1).")
+    if multi_query is False and kv_heads not in (None, heads):
+        raise ConversionError(f"{config_path}: multi_query_attention=false but n_kv_heads={kv_heads} != n_heads={heads}.")
+    kv_heads = 1 if multi_query else (kv_heads or heads)
     hidden = raw["d_model"]
     intermediate = raw.get("mlp_hidden_size") or int(raw.get("mlp_ratio", 4) * hidden)
     return dict(
@@ -216,17 +224,22 @@ class Family:
     config_fields: object  # (raw config, config path, notes) -> MDMLlamaConfig kwargs
     weight_name: object  # source name -> hf_mdm name, or None
     example: str
-    # generation_config.json: how the family is sampled by default (exact first-hitting sampling), and the
-    # end-of-turn tokens decoded output is cut at, when the tokenizer has them.
+    # The end-of-turn tokens decoded output is cut at, when the tokenizer has them.
     end_of_turn_tokens: tuple[str, ...]
     paper: str
+    # generation_config.json: how the family's authors decode it (one token per network call, 128 new tokens).
+    generation: dict
 
 
 FAMILIES = {
+    # LLaDA's chat.py: greedy, low-confidence remasking, semi-autoregressive blocks of 32, steps = answer length.
     "llada": Family("llada", "LLaDA", llada_config, llada_weight_name, "GSAI-ML/LLaDA-8B-Instruct", ("<|eot_id|>",),
-                    "Nie et al., *Large Language Diffusion Models*, arXiv:2502.09992"),
+                    "Nie et al., *Large Language Diffusion Models*, arXiv:2502.09992",
+                    dict(unmasking="confidence", block_length=32, temperature=0.0)),
+    # Dream's README: entropy order, temperature 0.2, top_p 0.95, steps = answer length.
     "dream": Family("dream", "Dream", dream_config, dream_weight_name, "Dream-org/Dream-v0-Instruct-7B", ("<|im_end|>",),
-                    "Ye et al., *Dream 7B: Diffusion Large Language Models*, arXiv:2508.15487"),
+                    "Ye et al., *Dream 7B: Diffusion Large Language Models*, arXiv:2508.15487",
+                    dict(unmasking="entropy", temperature=0.2, top_p=0.95)),
 }
 
 
@@ -336,7 +349,7 @@ def read_llama_family_source(family: str, src: str | Path, revision: str | None 
     if raw.get("mask_token_id") is None:
         raise ConversionError(f"{config_path} has no mask_token_id; {spec.title} checkpoints name their [MASK] id there.")
 
-    shards, dtypes, seen = [], {}, {}
+    shards, dtypes, seen, stored_head, embedding_at = [], {}, {}, None, None
     shapes = expected_shapes(config)
     for path in _shard_files(folder):
         try:
@@ -361,8 +374,13 @@ def read_llama_family_source(family: str, src: str | Path, revision: str | None 
                             f"{path.name}: weight {name} has shape {got}, but config.json implies {want} for it "
                             f"(hf_mdm {target}); nothing was written."
                         )
+                    if config.tie_word_embeddings and target == "lm_head.weight":
+                        stored_head = (path, name)
+                        continue
+                    if target == "model.embed_tokens.weight":
+                        embedding_at = (path, name)
                     seen[target] = path.name
-                    dtypes[piece.get_dtype()] = name
+                    dtypes[piece.get_dtype()] = dtypes.get(piece.get_dtype(), 0) + math.prod(piece.get_shape())
         except ConversionError:
             raise
         except Exception as error:  # a truncated or corrupt file
@@ -374,9 +392,14 @@ def read_llama_family_source(family: str, src: str | Path, revision: str | None 
             f"{folder}: the shards lack {len(missing)} weight(s) of the architecture config.json describes, e.g. "
             f"hf_mdm {missing[0]} (shape {shapes[missing[0]]}); nothing was written."
         )
+    dtype_name = max(dtypes, key=dtypes.get)  # the dtype of most weights: what dtype="auto" loads
     if len(dtypes) > 1:
-        notes.append(f"the weights mix dtypes {sorted(dtypes)}; each is kept as it is")
-    dtype_name = sorted(dtypes)[0]
+        notes.append(f"the weights mix dtypes {sorted(dtypes)}: the files keep each tensor's own, and the config says "
+                     f"{dtype_name} (most weights), which `dtype='auto'` loads them all in")
+    if stored_head is not None:
+        same = _same_bytes(stored_head[0], embedding_at[0], stored_head[1], embedding_at[1])
+        notes.append(f"the embeddings are tied, so the stored {stored_head[1]} is dropped (the embedding is the head, "
+                     f"as transformers ties them); it {'equals' if same else 'DIFFERS from'} the embedding")
     dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(dtype_name, torch.float32)
     source = LlamaFamilySource(name=hub_id or str(src), folder=folder, family=family, raw_config=raw, config=config,
                                shards=shards, dtype=dtype, license=card_license(folder / "README.md"), hub_id=hub_id,
@@ -489,14 +512,17 @@ def _save_tokenizer(source: LlamaFamilySource, out: Path, notes: list[str]):
     saved = out / "tokenizer_config.json"
     if saved.is_file():  # no remote code: drop an auto_map that points to the source's tokenizer module
         data = _read_json(saved)
-        if data.pop("auto_map", None) is not None:
+        leaked = [key for key in ("auto_map", "local_files_only", "is_local", "trust_remote_code") if key in data]
+        for key in leaked:  # the source's remote-code pointer, and arguments of our own scratch load
+            data.pop(key)
+        if leaked:
             saved.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     return tokenizer
 
 
 def _generation_config(source: LlamaFamilySource, tokenizer) -> MDMGenerationConfig:
-    """Exact first-hitting sampling in float64, 128 new tokens (LLaDA's and Dream's demo length), stopping at the
-    family's end-of-turn token too when the tokenizer has it."""
+    """The family's own decoding (`Family.generation`, one token per network call, float64 draws), 128 new tokens
+    (LLaDA's and Dream's demo length), stopping at the family's end-of-turn token too when the tokenizer has it."""
     config = source.config
     stops = [config.eos_token_id] if config.eos_token_id is not None else []
     if tokenizer is not None:
@@ -505,8 +531,10 @@ def _generation_config(source: LlamaFamilySource, tokenizer) -> MDMGenerationCon
             if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in stops:
                 stops.append(token_id)
     eos = stops[0] if len(stops) == 1 else (stops or None)
-    return MDMGenerationConfig(sampler="first_hitting", sampling_dtype="float64", max_new_tokens=128,
-                               bos_token_id=config.bos_token_id, eos_token_id=eos, pad_token_id=config.pad_token_id)
+    new_tokens = min(128, config.max_position_embeddings // 2)  # 128, or half the context of a small model
+    return MDMGenerationConfig(sampler="first_hitting", sampling_dtype="float64", max_new_tokens=new_tokens,
+                               bos_token_id=config.bos_token_id, eos_token_id=eos, pad_token_id=config.pad_token_id,
+                               **FAMILIES[source.family].generation)
 
 
 def _model_card(source: LlamaFamilySource, license: str, notes: list[str], tokenizer_saved: bool) -> str:
@@ -518,6 +546,7 @@ def _model_card(source: LlamaFamilySource, license: str, notes: list[str], token
                              tags=["hf_mdm", "masked-diffusion", "diffusion-lm", source.family],
                              base_model=source.hub_id)
     revision = f" (revision {source.revision})" if source.revision else ""
+    generation = ", ".join(f"{key}={value!r}" for key, value in spec.generation.items())
     shift = ("Dream's network predicts token i + 1 at position i (it was initialised from Qwen2.5); hf_mdm shifts "
              "its logits inside the model, so logits at position i are the distribution of token i and the first "
              "position of every sequence must be a real token (a prompt, or BOS)." if config.shift_logits else
@@ -537,14 +566,19 @@ model card.
 ```python
 import torch
 from transformers import AutoModel, AutoTokenizer
+from hf_mdm.generation_mdm import cut_at_eos
 
 model = AutoModel.from_pretrained("path/to/this/folder", dtype=torch.bfloat16, trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
 prompt = tokenizer.apply_chat_template([{{"role": "user", "content": "Explain diffusion models."}}],
-                                       add_generation_prompt=True, return_tensors="pt")
-out = model.generate(prompt, max_new_tokens=128, generator=torch.Generator().manual_seed(0))
-print(tokenizer.decode(out[0, prompt.shape[1]:]))
+                                       add_generation_prompt=True, return_tensors="pt", return_dict=True)
+out = model.generate(**prompt, max_new_tokens=128, generator=torch.Generator().manual_seed(0))
+answer = cut_at_eos(out, model.generation_config.eos_token_id, start=prompt["input_ids"].shape[1])[0]
+print(tokenizer.decode(answer, skip_special_tokens=True))
 ```
+
+(`cut_at_eos` is in the folder's `generation_mdm.py`, or `hf_mdm.generation_mdm`: instruct MDMs fill the tail of
+the answer with EOS.)
 
 Or `hf-mdm generate path/to/this/folder --chat "Explain diffusion models." --max-new-tokens 128`.
 
@@ -561,7 +595,7 @@ Or `hf-mdm generate path/to/this/folder --chat "Explain diffusion models." --max
 | tied embeddings | {config.tie_word_embeddings} |
 | logits | {shift} |
 | tokenizer | {"copied from the source, with its chat template" if tokenizer_saved else "none in the source"} |
-| generation | `MDMGenerationConfig`: first_hitting (exact), float64 sampling, 128 new tokens |
+| generation | `MDMGenerationConfig`: {generation}, float64 sampling, 128 new tokens; `unmasking="random"` (with `temperature=1.0`) samples the model exactly (first-hitting) |
 """
     if notes:
         body += "\nConversion notes:\n" + "".join(f"- {note}\n" for note in notes)

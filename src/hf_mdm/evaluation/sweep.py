@@ -180,8 +180,12 @@ def mdm_sampler(model, setting: SamplerSetting, length: int, show_progress: bool
         generator = torch.Generator(device=model.device).manual_seed(seed)
         progress = (UnmaskingProgress(model.config.mask_token_id, size * length, f"batch of {size}")
                     if show_progress else None)
+        # From neutral settings, not the folder's generation_config: a row is exactly what its label says (a converted
+        # Dream folder's top_p=0.95 must not leak into every setting of a sweep).
+        neutral = MDMGenerationConfig.from_model_config(model.config)
         out = model.generate(max_new_tokens=length, num_return_sequences=size, generator=generator,
-                             return_dict_in_generate=True, streamer=progress, **setting.generation_kwargs())
+                             generation_config=neutral, return_dict_in_generate=True, streamer=progress,
+                             **setting.generation_kwargs())
         return out.sequences, out.nfe_per_sequence
 
     return sample_batch

@@ -82,6 +82,9 @@ class MaskedDiffusionObjective:
         self.schedule = get_noise_schedule(config.noise_schedule, config.noise_eps)
         self.mask_token_id = config.mask_token_id
         self.time_conditioning = config.time_conditioning
+        # A network that predicts token i from position i - 1 (Dream) has no prediction for position 0: the
+        # bound is that of the other L - 1 tokens given the first, which is never masked.
+        self.first_position_kept = bool(getattr(config, "shift_logits", False))
 
     def draw_noise(self, generator: torch.Generator, batch_size: int, seq_len: int) -> Noise:
         return draw_noise(generator, batch_size, seq_len)
@@ -95,7 +98,11 @@ class MaskedDiffusionObjective:
 
     def sequence_losses(self, model, input_ids: torch.Tensor, noise: Noise) -> torch.Tensor:
         """(batch, seq_len) clean blocks -> (batch,) NELBO estimates in nats per token."""
-        masked, weight, t = self.corrupt(input_ids, noise)
+        if self.first_position_kept:  # the process runs on positions 1..L-1; position 0 stays clean
+            masked, weight, t = self.corrupt(input_ids[:, 1:], Noise(noise.times, noise.uniforms[:, 1:]))
+            masked = torch.cat([torch.zeros_like(masked[:, :1]), masked], dim=1)
+        else:
+            masked, weight, t = self.corrupt(input_ids, noise)
         noisy_ids = torch.where(masked, self.mask_token_id, input_ids)
         timesteps = self.schedule.total_noise(t).float() if self.time_conditioning else None
         logits = model(noisy_ids, timesteps=timesteps).logits
@@ -218,7 +225,8 @@ def validation_loss(model, input_ids: torch.Tensor, objective: str = "mdm", batc
         total = accelerator.reduce(total, reduction="sum")
     model.train(was_training)
     nats = total.item() / (num_blocks * num_passes)
-    tokens_per_block = seq_len - 1 if objective.name == "ar" else seq_len
+    predicted_first = objective.name != "ar" and not getattr(objective, "first_position_kept", False)
+    tokens_per_block = seq_len if predicted_first else seq_len - 1
     return ValidationResult(nats, math.exp(min(nats, 700.0)), num_blocks, num_blocks * tokens_per_block,
                             is_bound=objective.name != "ar")
 
