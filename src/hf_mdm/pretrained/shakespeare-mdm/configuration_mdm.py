@@ -58,6 +58,9 @@ def check_shared_fields(config) -> None:
     theta = rope.get("rope_theta")
     if not _is_number(theta) or not theta > 0:
         raise ValueError(f"{name}.rope_parameters['rope_theta'] must be a positive number, got {theta!r}.")
+    if rope["rope_type"] != "default" and not (_is_number(rope.get("factor")) and rope["factor"] > 0):
+        raise ValueError(f"{name}.rope_parameters['factor'] must be a positive number for rope_type "
+                         f"{rope['rope_type']!r}, got {rope.get('factor')!r}.")
     if config.noise_schedule not in NOISE_SCHEDULES:
         raise ValueError(f"{name}.noise_schedule must be one of {NOISE_SCHEDULES}, got {config.noise_schedule!r}.")
     if not _is_number(config.noise_eps) or not 0.0 <= config.noise_eps < 1.0:

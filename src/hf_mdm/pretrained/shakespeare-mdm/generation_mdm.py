@@ -30,6 +30,13 @@ from .sampling_mdm import (
 
 
 CACHE_MODES = ("prefix", "dual")
+# Per sampler, the fields it does not read, with their neutral values (reset when generate() switches to it).
+_FIRST_HITTING_ONLY = {"unmasking": "random", "confidence_threshold": None, "tokens_per_step": None}
+FIELDS_NOT_READ_BY = {
+    "first_hitting": {"remasking": None, "noise_removal": False},
+    "ancestral": _FIRST_HITTING_ONLY,
+    "ancestral_cache": {**_FIRST_HITTING_ONLY, "block_length": None, "use_cache": False},
+}
 
 logger = logging.get_logger(__name__)
 
@@ -283,10 +290,18 @@ class MDMGenerationConfig(GenerationConfig):
         )
 
     def update(self, **kwargs):
-        """Sets the given fields, validates, and returns the kwargs that are not generation fields."""
+        """Sets the given fields, validates, and returns the kwargs that are not generation fields.
+
+        Choosing another `sampler` resets the fields only the previous one reads, unless they are given too: a
+        folder whose default is confidence-ordered first-hitting decoding can be sampled with `sampler="ancestral"`.
+        """
         known = {k: v for k, v in kwargs.items() if k in self.__dict__ or k in UNSUPPORTED_GENERATION_FIELDS or k in IGNORED_GENERATION_FIELDS}
         rest = {k: v for k, v in kwargs.items() if k not in known}
         _reject_unsupported(known)
+        new_sampler = known.get("sampler", self.sampler)
+        if new_sampler != self.sampler:
+            for key, default in FIELDS_NOT_READ_BY.get(new_sampler, {}).items():
+                known.setdefault(key, default)
         for key, value in known.items():
             if key in self.__dict__:
                 setattr(self, key, value)
@@ -540,6 +555,9 @@ class MDMGenerationMixin:
             raise ValueError("nothing to generate: no input_ids and max_new_tokens = 0.")
 
         if shifted and prompt_length:
+            if attention_mask is not None and not bool(attention_mask.any(dim=1).all()):
+                raise ValueError("a row of attention_mask is all zeros, but this model predicts token i from position "
+                                 "i - 1 (config.shift_logits): every row needs a real first token (e.g. BOS).")
             first_real = attention_mask.argmax(dim=1) if attention_mask is not None else torch.zeros_like(input_ids[:, 0])
             if bool((input_ids.gather(1, first_real[:, None]) == mask_id).any()):
                 raise ValueError("the first real token of a row is [MASK], but this model predicts token i from "

@@ -553,8 +553,10 @@ class MDMHeadMixin:
     """`forward`, the loss and the embedding-resize guard of every hf_mdm head: `self.model` is the backbone and
     `compute_logits(backbone_outputs, output_positions)` the family's output projection."""
 
-    # Trainer passes num_items_in_batch, so that gradient accumulation averages over all masked tokens.
-    accepts_loss_kwargs = True
+    # Trainer would pass num_items_in_batch = the count of labels != -100, which is not the count of scored (masked)
+    # positions when labels are the clean ids everywhere: the loss normalises itself per batch instead, and Trainer
+    # averages over accumulation steps.
+    accepts_loss_kwargs = False
 
     def compute_logits(self, outputs: MDMModelOutput, output_positions: torch.LongTensor | None,
                        kv_cache: "MDMKVCache | None" = None) -> torch.Tensor:
@@ -591,8 +593,8 @@ class MDMHeadMixin:
                 is wanted). The loss is the cross-entropy of the label at every position that is [MASK] in
                 `input_ids` (every position with inputs_embeds), is not padding and whose label is not -100,
                 summed and divided by the number of those positions in the batch (by `num_items_in_batch` when
-                given, as Trainer does under gradient accumulation). It carries no NELBO weight: the training
-                objectives (`hf_mdm.training.objectives`) add that.
+                given). A shifted model (Dream) never scores a row's first real position, which it cannot predict.
+                It carries no NELBO weight: the training objectives (`hf_mdm.training.objectives`) add that.
             inputs_embeds (`torch.FloatTensor` of shape `(batch, seq_len, hidden)`, *optional*): instead of input_ids.
             output_attentions, output_hidden_states, return_dict (`bool`, *optional*): as in every transformers
                 model; default to the config's fields of the same names. Attention weights come from eager
@@ -644,9 +646,11 @@ class MDMHeadMixin:
             scored = scored & (input_ids == self.config.mask_token_id)
         if attention_mask is not None:
             scored = scored & attention_mask.bool()
+        if getattr(self.config, "shift_logits", False):
+            scored = scored & ~first_real_position(scored, attention_mask)  # it has no prediction of its own
         if output_positions is not None:
             labels, scored = labels.gather(1, output_positions), scored.gather(1, output_positions)
-        targets = labels.masked_fill(~scored, -100)
+        targets = labels.long().masked_fill(~scored, -100)
         total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
         if num_items_in_batch is None:
             num_items_in_batch = scored.sum().clamp(min=1)
@@ -681,6 +685,14 @@ class MDMHeadMixin:
                         f"it must be > {token_id}."
                     )
         return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+
+
+def first_real_position(like: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.BoolTensor:
+    """(batch, seq_len) True at each row's first real (non-padding) position."""
+    first = torch.zeros(like.shape, dtype=torch.bool, device=like.device)
+    index = attention_mask.long().argmax(dim=1, keepdim=True) if attention_mask is not None else \
+        torch.zeros(like.shape[0], 1, dtype=torch.long, device=like.device)
+    return first.scatter_(1, index, True)
 
 
 def gather_positions(hidden_states: torch.Tensor, positions: torch.LongTensor) -> torch.Tensor:
