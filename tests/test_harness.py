@@ -213,8 +213,9 @@ def test_model_args_are_checked_before_anything_loads(tmp_path):
     lm_args = "pretrained=shakespeare-mdm,mc_samples=2,batch_size=4,unmasking=confidence"
     from lm_eval.api.registry import get_model
 
-    model = get_model("hf_mdm").create_from_arg_string(lm_args)
-    assert model.mc_samples == 2 and model.generation == {"unmasking": "confidence"}
+    model = get_model("hf_mdm").create_from_arg_string(lm_args, {"batch_size": 1, "device": None})
+    assert model.mc_samples == 2 and model.batch_size == 4 and model.generation == {"unmasking": "confidence"}
+    assert get_model("hf").__name__ == "HFLM"  # registering hf_mdm leaves lm-eval's own models in place
 
 
 @pytest.mark.slow

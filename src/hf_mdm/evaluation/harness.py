@@ -20,6 +20,7 @@ registered: lm-eval 0.4 discovers no plugins, so its `lm_eval` script only knows
 
 import sys
 
+import lm_eval.models  # noqa: F401  (lm-eval's own models first: it loads them only into an empty registry)
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
