@@ -242,3 +242,25 @@ def test_the_command_line_on_one_and_two_processes(tmp_path):
         return result["results"]["mdm_toy_mc"]["acc,none"]
 
     assert accuracy(tmp_path / "one") == accuracy(tmp_path / "two")
+
+
+def test_rolling_loglikelihood_and_sampling_settings_on_a_shifted_model(monkeypatch):
+    from types import SimpleNamespace
+
+    from conftest import tiny_llama_model
+    from hf_mdm.evaluation.harness import MDMHarnessLM
+
+    model = tiny_llama_model(dream=True, bos_token_id=char_tokenizer().bos_token_id, vocab_size=len(char_tokenizer()),
+                             mask_token_id=char_tokenizer().mask_token_id, max_position_embeddings=16)
+    lm = MDMHarnessLM(pretrained=model, tokenizer=char_tokenizer(), mc_samples=2, batch_size=8)
+    request = lambda *args: SimpleNamespace(args=args)
+    totals = lm.loglikelihood_rolling([request("abcdefghij"), request("abcdefghijklmnopqrstuvwxyz" * 2)])
+    assert len(totals) == 2 and all(math.isfinite(t) and t < 0 for t in totals)  # longer than the window: fine
+
+    seen = []
+    monkeypatch.setattr(type(model), "generate", lambda self, *a, **k: seen.append(k) or torch.cat(
+        [a[0], torch.full((a[0].shape[0], k["max_new_tokens"]), 3)], dim=1))
+    lm.generate_until([request("abc?", {"until": ["."], "max_gen_toks": 2, "do_sample": False, "temperature": 0.7})])
+    lm.generate_until([request("abc?", {"until": ["."], "max_gen_toks": 2})])
+    lm.generate_until([request("abc?", {"until": ["."], "max_gen_toks": 2, "temperature": 0.5})])
+    assert [k["temperature"] for k in seen] == [0.0, 0.0, 0.5]

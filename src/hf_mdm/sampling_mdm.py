@@ -196,11 +196,9 @@ class CategoricalSampler:
     def __call__(self, logits: torch.Tensor) -> torch.LongTensor:
         return self.draw(self.probabilities(logits))
 
-    def confidence_probabilities(self, logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        """The distribution confidences are read from: the one drawn from (`probs`), except when greedy, where that
-        is one-hot; then the softmax of the logits at temperature 1 (LLaDA's low_confidence with temperature 0)."""
-        if not self.greedy:
-            return probs
+    def confidence_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's own distribution, which confidences are read from: the softmax of the logits at temperature
+        1, without top-k / top-p, in the sampling dtype (LLaDA's low_confidence, Fast-dLLM)."""
         scores = logits.to(self.dtype, copy=True)
         if self.mask_token_id is not None:
             scores[..., self.mask_token_id] = float("-inf")
@@ -211,14 +209,15 @@ class CategoricalSampler:
 # The shared contract of every strategy.
 # ----------------------------------------------------------------------------------------------------------------
 
-# denoise(rows, tokens, positions, times, window=None) -> logits
+# denoise(rows, tokens, positions, times, windows=None) -> logits
 #   rows:      (R,) indices of the batch rows being denoised
 #   tokens:    (R, L) their current tokens
 #   positions: (R, k) positions whose logits are needed, or None for all L positions
 #   times:     (R,) float64 diffusion times (the network reads them only if it is time-conditioned)
-#   window:    (start, end), or None: with block decoding, the positions the strategy is decoding now; only they
-#              can have changed since the last call made with window=None (when a row entered a new block). A
-#              denoiser may reuse what it computed for the other positions (a KV cache); `positions` lie inside.
+#   windows:   (R, 2) per row [start, end) of the block the strategy is decoding (block decoding only; else None);
+#              (-1, -1) for a row that has just entered its block. Since a row entered its block only positions in
+#              its window changed, so a denoiser may reuse what it computed for the others (a KV cache), row by row.
+#              `positions` lie inside the windows.
 #   returns    (R, k, V) or (R, L, V) logits; the [MASK] logit is ignored (the categorical sampler zeroes it)
 Denoiser = Callable[..., torch.Tensor]
 
@@ -321,19 +320,19 @@ def candidates(state: DiffusionState) -> torch.BoolTensor:
 
 
 def decoding_window(state: DiffusionState, rows: torch.LongTensor, entered: torch.BoolTensor):
-    """The `window` a strategy passes to denoise: None without blocks or when a row of the call just entered a new
-    block (everything may have changed), else the span of the rows' active blocks: from the start of the first
-    (block 0 starting at the generated region, or at an earlier [MASK] being infilled) to the end of the last."""
-    if state.block_length is None or bool(entered[rows].any()):
+    """The `windows` a strategy passes to denoise: None without blocks, else per row the [start, end) of its active
+    block (block 0 starting at the generated region, or at an earlier position being infilled), (-1, -1) for a row
+    that has just entered it."""
+    if state.block_length is None:
         return None
     blocks = state.active_block[rows]
-    first = int(blocks.min())
-    start = state.region_start + first * state.block_length
-    if first == 0:
-        in_first = state.masked[rows] & (state.block[rows] == 0) & (blocks[:, None] == 0)
-        if bool(in_first.any()):
-            start = min(start, int(in_first.nonzero()[:, 1].min()))
-    return start, state.block_bounds(int(blocks.max()))[1]
+    starts = state.region_start + blocks * state.block_length
+    ends = (state.region_start + (blocks + 1) * state.block_length).clamp(max=state.tokens.shape[1])
+    infilled = state.generated[rows] & (state.block[rows] == 0) & (blocks[:, None] == 0)  # decoded or not
+    first = torch.where(infilled, torch.arange(state.tokens.shape[1], device=rows.device), state.tokens.shape[1])
+    starts = torch.minimum(starts, first.amin(dim=1))
+    windows = torch.stack([starts, ends], dim=1)
+    return windows.masked_fill(entered[rows][:, None], -1)
 
 
 def block_budget(state: DiffusionState, steps: int) -> torch.LongTensor:
@@ -341,8 +340,11 @@ def block_budget(state: DiffusionState, steps: int) -> torch.LongTensor:
     remainder to the first ones (LLaDA's generate.py requires steps % num_blocks == 0; this does not)."""
     if state.block_length is None:
         return torch.full_like(state.active_block, steps)
+    if steps < state.num_blocks:
+        raise ValueError(f"steps={steps} is fewer than the {state.num_blocks} blocks of block_length="
+                         f"{state.block_length}: every block needs at least one network call.")
     per_block, extra = divmod(steps, state.num_blocks)
-    return (per_block + (state.active_block < extra).long()).clamp(min=1)
+    return per_block + (state.active_block < extra).long()
 
 
 def count_per_row(num_candidates: torch.LongTensor, state: DiffusionState, rows, tokens_per_step=None, steps=None):
@@ -481,20 +483,22 @@ class ConfidenceSampler:
     Fast-dLLM's threshold decoding). An APPROXIMATION of the MDM's reverse process, biased towards likely tokens.
 
     Each step runs the network at every candidate position (the masked positions of the row's active block, or of
-    the whole sequence without blocks), draws a token at each from the categorical sampler (in `sampling_dtype`),
-    scores each draw with `order` (`confidence_scores`, from the same distribution, or the temperature-1 softmax
-    when greedy) and keeps per row:
+    the whole sequence without blocks), draws a token at each from the categorical sampler (in `sampling_dtype`,
+    with its temperature and top-k / top-p), scores each draw with `order` (`confidence_scores`) under the model's
+    own distribution (the softmax of the logits at temperature 1, unfiltered, in `sampling_dtype`: what LLaDA's
+    low_confidence and Fast-dLLM score; Dream's code scores its tempered, filtered one) and keeps per row:
         - the `count` most confident (`tokens_per_step`, or the block's candidates spread over its `steps` budget,
           else one per call), or
-        - with `threshold`, every draw whose score exceeds it, and at least the most confident one (Fast-dLLM).
+        - with `threshold`, every draw whose score reaches it, and at least the most confident one (Fast-dLLM).
     The others stay masked and are drawn again next step. Rows are independent: each has its own count.
     """
 
     def __init__(self, categorical: CategoricalSampler, order: str = "confidence", tokens_per_step=None, steps=None,
-                 threshold: float | None = None):
+                 threshold: float | None = None, schedule: NoiseSchedule | None = None):
         if order not in CONFIDENCE_ORDERS:
             raise ValueError(f"unmasking must be one of {('random',) + CONFIDENCE_ORDERS}, got {order!r}.")
         self.categorical = categorical
+        self.schedule = schedule
         self.order = order
         self.tokens_per_step = tokens_per_step if steps is None else None
         self.steps = steps
@@ -508,14 +512,22 @@ class ConfidenceSampler:
     def step(self, state: DiffusionState, denoise: Denoiser) -> DiffusionState:
         state, entered = enter_blocks(state)
         rows = state.masked.any(dim=1).nonzero().squeeze(1)
-        positions, valid = candidate_positions(candidates(state)[rows])
+        in_block = candidates(state)[rows]
+        positions, valid = candidate_positions(in_block)
+        # A time-conditioned network is told the time at which its block's masked fraction is expected.
+        if self.schedule is not None:
+            block = state.generated[rows] & (state.block[rows] == state.active_block[rows, None])
+            fraction = in_block.sum(dim=1).double() / block.sum(dim=1).clamp(min=1).double()
+            time = state.time.clone()
+            time[rows] = self.schedule.inverse(1 - fraction).clamp(0.0, 1.0)
+            state = replace(state, time=time)
         logits = denoise(rows, state.tokens[rows], positions, state.time[rows], decoding_window(state, rows, entered))
         probs = self.categorical.probabilities(logits)
         sampled = self.categorical.draw(probs)
-        scores = confidence_scores(self.order, self.categorical.confidence_probabilities(logits, probs), sampled)
+        scores = confidence_scores(self.order, self.categorical.confidence_probabilities(logits), sampled)
         scores = scores.masked_fill(~valid, float("-inf"))
         if self.threshold is not None:
-            chosen = valid & (scores > self.threshold)
+            chosen = valid & (scores >= self.threshold)
             chosen.scatter_(1, scores.argmax(dim=1, keepdim=True), True)  # at least one per row and call
         else:
             count = count_per_row(valid.sum(dim=1), state, rows, self.tokens_per_step, self.steps)
@@ -639,6 +651,7 @@ class AncestralSampler:
         if self.remasking is not None:
             sigma, remask = self.remasking.sigmas(alpha_t, alpha_s, decoded, state.confidence[rows])
         last_step = s == 0
+        confidence = masked_probs
         if self.noise_removal and bool(last_step.all()):
             sampled = masked_probs.argmax(dim=-1)
         else:
@@ -646,13 +659,10 @@ class AncestralSampler:
             token_scale = ((alpha_s - kept * alpha_t) / (1 - alpha_t)).to(masked_probs.dtype)
             stay_masked = ((1 - alpha_s - (1 - kept) * alpha_t) / (1 - alpha_t)).to(masked_probs.dtype)
             which = row_of[masked_rows]
-            confidence = masked_probs
             weights = masked_probs.mul(token_scale[which, None]) if self.remasking is not None else \
                 masked_probs.mul_(token_scale[which, None])  # in place when nothing else reads the probabilities
             weights[..., self.mask_token_id] = stay_masked[which]
             sampled = self.categorical.draw(weights)
-            if self.remasking is None:
-                confidence = None
 
         unmasked_now = sampled != self.mask_token_id
         changed_rows, changed_positions = masked_rows[unmasked_now], masked_positions[unmasked_now]
@@ -702,7 +712,7 @@ def build_sampler(name, schedule, categorical, mask_token_id, tokens_per_step=No
     factories = {
         "first_hitting": lambda: (
             FirstHittingSampler(schedule, categorical, tokens_per_step, steps) if unmasking == "random"
-            else ConfidenceSampler(categorical, unmasking, tokens_per_step, steps, confidence_threshold)),
+            else ConfidenceSampler(categorical, unmasking, tokens_per_step, steps, confidence_threshold, schedule)),
         "ancestral": lambda: AncestralSampler(schedule, categorical, steps, noise_removal, False, mask_token_id, remasker),
         "ancestral_cache": lambda: AncestralSampler(schedule, categorical, steps, noise_removal, True, mask_token_id,
                                                     remasker),

@@ -595,7 +595,7 @@ Or `hf-mdm generate path/to/this/folder --chat "Explain diffusion models." --max
 | tied embeddings | {config.tie_word_embeddings} |
 | logits | {shift} |
 | tokenizer | {"copied from the source, with its chat template" if tokenizer_saved else "none in the source"} |
-| generation | `MDMGenerationConfig`: {generation}, float64 sampling, 128 new tokens; `unmasking="random"` (with `temperature=1.0`) samples the model exactly (first-hitting) |
+| generation | `MDMGenerationConfig`: {generation}, float64 sampling, 128 new tokens; `generate(unmasking="random", block_length=None, temperature=1.0, top_p=1.0)` samples the model exactly (first-hitting) |
 """
     if notes:
         body += "\nConversion notes:\n" + "".join(f"- {note}\n" for note in notes)

@@ -13,8 +13,9 @@ registered: lm-eval 0.4 discovers no plugins, so its `lm_eval` script only knows
 - `loglikelihood_rolling`: the same over lm-eval's rolling windows of the model's context.
 - `generate_until`: `model.generate` on the (left-padded) contexts, `max_gen_toks` new tokens, cut at the first
   end-of-sequence token and at the first of the request's `until` strings. Generation settings: the request's
-  `do_sample`, `temperature`, `top_p`, `top_k`, over the model_args defaults (any `MDMGenerationConfig` field,
-  e.g. `unmasking=confidence,block_length=32`), over the checkpoint's generation config.
+  `temperature`, `top_p`, `top_k` over the model_args defaults (any `MDMGenerationConfig` field, e.g.
+  `unmasking=confidence,block_length=32`) over the checkpoint's generation config; greedy (temperature 0) unless a
+  temperature is given, and always with `do_sample=false`, as lm-eval's HF models decode.
 - Under `accelerate launch`, lm-eval gives each process its share of the requests; results are gathered.
 """
 
@@ -168,6 +169,8 @@ class MDMHarnessLM(LM):
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
         window = self.model.config.max_position_embeddings
+        if getattr(self.model.config, "shift_logits", False):
+            window -= 1  # a shifted model spends one position on the token before the first it predicts
         totals = []
         for request in tqdm(requests, desc="rolling", disable=disable_tqdm or self.rank != 0, leave=False):
             tokens = self.encode(request.args[0])
@@ -194,11 +197,14 @@ class MDMHarnessLM(LM):
             until = [until] if isinstance(until, str) else list(until)
             settings = dict(self.generation)
             settings["max_new_tokens"] = int(kwargs.pop("max_gen_toks", settings.get("max_new_tokens") or 256))
-            if kwargs.pop("do_sample", True) is False:
-                settings["temperature"] = 0.0
+            do_sample = kwargs.pop("do_sample", None)
             for key in ("temperature", "top_p", "top_k"):
                 if key in kwargs:
                     settings[key] = kwargs.pop(key)
+            # As lm-eval's HF models: greedy unless the task asks for sampling (do_sample, or a temperature > 0).
+            settings.setdefault("temperature", 0.0)
+            if do_sample is False:
+                settings["temperature"] = 0.0
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
                 for index, text in zip(chunk, self._generate([requests[i].args[0] for i in chunk], settings)):

@@ -442,35 +442,52 @@ class MDMGenerationMixin:
         )
 
         nfe_per_sequence = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
-        nfe = 0
+        nfe = 0  # forward passes (with the cache, rows in different blocks run in separate passes)
         if config.use_cache and config.block_length is None:
             # transformers users pass use_cache=True out of habit (an autoregressive KV cache): nothing to reuse here.
             logger.warning_once("use_cache=True caches keys and values between the blocks of block decoding; without "
                                 "block_length there is nothing to reuse, so no cache is used.")
-        cache = self.make_kv_cache() if config.use_cache and config.block_length is not None else None
-        calls_since_refresh = 0
+        cache = self.make_kv_cache(tokens.shape[0]) if config.use_cache and config.block_length is not None else None
+        calls_since_refresh = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
 
-        def denoise(rows, row_tokens, positions, times, window=None):
-            nonlocal nfe, calls_since_refresh
+        def network(rows, row_tokens, positions, times, kv_cache=None):
+            nonlocal nfe
             nfe += 1
-            nfe_per_sequence[rows] += 1
             timesteps = schedule.total_noise(times).float() if self.config.time_conditioning else None
             row_mask = attention_mask[rows] if attention_mask is not None else None
-            refresh = window is None or calls_since_refresh + 1 == (config.cache_refresh_steps or 0)
-            if cache is None or refresh:
-                calls_since_refresh = 0
-                if cache is not None:
-                    cache.record(rows)
-                return self(row_tokens, attention_mask=row_mask, timesteps=timesteps, output_positions=positions,
-                            kv_cache=cache).logits
-            # A cached call: only the active block (and, for the prefix cache, what follows it) runs the network.
-            calls_since_refresh += 1
-            start, end = window[0], window[1] if config.cache_mode == "dual" else row_tokens.shape[1]
-            cache.read(rows, start, end)
-            # Entries of `positions` past a row's count are padding (their logits are never read): keep them in range.
-            segment_positions = (positions - start).clamp(0, end - start - 1) if positions is not None else None
-            return self(row_tokens[:, start:end], attention_mask=row_mask, timesteps=timesteps,
-                        output_positions=segment_positions, kv_cache=cache).logits
+            return self(row_tokens, attention_mask=row_mask, timesteps=timesteps, output_positions=positions,
+                        kv_cache=kv_cache).logits
+
+        def denoise(rows, row_tokens, positions, times, windows=None):
+            nfe_per_sequence[rows] += 1
+            if cache is None or windows is None:
+                return network(rows, row_tokens, positions, times)
+            # Rows that entered a block (or are due a refresh) run whole and are recorded; the others run only their
+            # window (the block, and for the prefix cache everything after it), grouped by window, reading the rest
+            # of their canvas from the cache.
+            due = calls_since_refresh[rows] + 1 == (config.cache_refresh_steps or 0)
+            refresh = (windows[:, 0] < 0) | due
+            logits = None
+            groups = [(refresh, None)] if bool(refresh.any()) else []
+            for start, end in torch.unique(windows[~refresh], dim=0).tolist():
+                groups.append(((windows[:, 0] == start) & (windows[:, 1] == end) & ~refresh, (start, end)))
+            for members, window in groups:
+                index = members.nonzero().squeeze(1)
+                if window is None:
+                    cache.record(rows[index])
+                    part = network(rows[index], row_tokens[index], positions[index], times[index], cache)
+                    calls_since_refresh[rows[index]] = 0
+                else:
+                    start, end = window[0], window[1] if config.cache_mode == "dual" else row_tokens.shape[1]
+                    cache.read(rows[index], start, end)
+                    # Entries of `positions` past a row's count are padding (their logits are never read).
+                    part = network(rows[index], row_tokens[index, start:end], (positions[index] - start).clamp(0, end - start - 1),
+                                   times[index], cache)
+                    calls_since_refresh[rows[index]] += 1
+                if logits is None:
+                    logits = part.new_empty((len(rows),) + tuple(part.shape[1:]))
+                logits[index] = part
+            return logits
 
         # 4. Step until nothing is masked.
         stream_from = 0 if prompt_length is None else prompt_length

@@ -155,35 +155,33 @@ def segment_position_ids(attention_mask, batch_size: int, seq_len: int, device, 
 
 
 class MDMKVCache:
-    """Keys and values (after rotary) of every layer over a whole canvas, for block decoding (Fast-dLLM's cache).
+    """Keys and values (after rotary) of every layer over whole canvases, row by row, for block decoding
+    (Fast-dLLM's cache).
 
-    A forward pass with the cache in record mode (`record(rows)`) stores, for each layer, the keys and values of
-    all positions of those batch rows, and the backbone's last hidden states. In read mode (`read(rows, start, end)`)
-    the model is given the tokens of positions [start, end) only: each layer computes their queries, keys and
-    values and attends over the recorded keys and values with [start, end) replaced by the fresh ones. That is
-    exact if nothing outside [start, end) changed since the recording, and an approximation otherwise (for a
-    bidirectional network, recorded positions then do not see the new tokens). `rows` of a read must be among the
-    recorded ones.
+    `record(rows)`: the next forward pass (on those batch rows, whole canvases) stores each layer's keys and values
+    and the backbone's last hidden states at those rows of the cache. `read(rows, start, end)`: the next forward pass
+    gets the tokens of positions [start, end) of those rows only; each layer computes their queries, keys and values
+    and attends over the rows' recorded keys and values with [start, end) replaced by the fresh ones. That is exact if
+    nothing outside [start, end) changed since the rows were recorded, and an approximation otherwise (for a
+    bidirectional network, recorded positions then do not see the new tokens). Rows are independent: each keeps what
+    its own last recording saw.
     """
 
-    def __init__(self):
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.hidden: torch.Tensor | None = None
         self.rows: torch.LongTensor | None = None
         self.segment: tuple[int, int] | None = None
-        self._index: torch.LongTensor | None = None
 
     def record(self, rows: torch.LongTensor) -> None:
-        self.keys, self.values, self.hidden = {}, {}, None
-        self.rows, self.segment, self._index = rows, None, None
+        self.rows, self.segment = rows, None
 
     def read(self, rows: torch.LongTensor, start: int, end: int) -> None:
-        if self.rows is None:
+        if not self.keys:
             raise ValueError("MDMKVCache.read: nothing was recorded; call record() and a forward pass first.")
-        self.segment = (start, end)
-        # rows only ever shrink within a generate() call (finished rows drop out); both are sorted batch indices.
-        self._index = None if len(rows) == len(self.rows) else torch.searchsorted(self.rows, rows)
+        self.rows, self.segment = rows, (start, end)
 
     @property
     def reading(self) -> bool:
@@ -193,23 +191,31 @@ class MDMKVCache:
     def length(self) -> int:
         return next(iter(self.keys.values())).shape[2]
 
-    def _rows(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if self._index is None else tensor[self._index]
+    def _store(self, store: dict, key, tensor: torch.Tensor) -> None:
+        if key not in store or store[key].shape[1:] != tensor.shape[1:]:
+            store[key] = tensor.new_zeros((self.batch_size,) + tuple(tensor.shape[1:]))
+        store[key][self.rows] = tensor.detach()
 
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Records (batch, kv_heads, seq_len, head_dim) keys and values, or returns the recorded ones of the whole
+        """Records (rows, kv_heads, seq_len, head_dim) keys and values, or returns the rows' recorded ones of the whole
         canvas with the segment's replaced by these."""
         if self.segment is None:
-            self.keys[layer_idx], self.values[layer_idx] = key, value
+            self._store(self.keys, layer_idx, key)
+            self._store(self.values, layer_idx, value)
             return key, value
         start, end = self.segment
-        keys, values = self._rows(self.keys[layer_idx]), self._rows(self.values[layer_idx])
+        keys, values = self.keys[layer_idx][self.rows], self.values[layer_idx][self.rows]
         return (torch.cat([keys[:, :, :start], key, keys[:, :, end:]], dim=2),
                 torch.cat([values[:, :, :start], value, values[:, :, end:]], dim=2))
 
+    def record_hidden(self, hidden_states: torch.Tensor) -> None:
+        store = {"hidden": self.hidden} if self.hidden is not None else {}
+        self._store(store, "hidden", hidden_states)
+        self.hidden = store["hidden"]
+
     def hidden_before(self, start: int) -> torch.Tensor:
         """(rows, 1, hidden): the recorded last hidden state at position start - 1 (a shifted head reads it)."""
-        return self._rows(self.hidden)[:, start - 1 : start]
+        return self.hidden[self.rows, start - 1 : start]
 
 
 class MDMRotaryEmbedding(nn.Module):
@@ -562,9 +568,10 @@ class MDMHeadMixin:
                        kv_cache: "MDMKVCache | None" = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def make_kv_cache(self) -> MDMKVCache:
-        """An empty key/value cache for block decoding (`generate(use_cache=True)` makes one per call)."""
-        return MDMKVCache()
+    def make_kv_cache(self, batch_size: int) -> MDMKVCache:
+        """An empty key/value cache for `batch_size` rows of block decoding (`generate(use_cache=True)` makes one per
+        call)."""
+        return MDMKVCache(batch_size)
 
     def forward(
         self,
@@ -624,7 +631,7 @@ class MDMHeadMixin:
             output_hidden_states=output_hidden_states, return_dict=True, kv_cache=kv_cache,
         )
         if kv_cache is not None and not kv_cache.reading:
-            kv_cache.hidden = outputs.last_hidden_state
+            kv_cache.record_hidden(outputs.last_hidden_state)
         logits = self.compute_logits(outputs, output_positions, kv_cache)
         logits[..., self.config.mask_token_id] = MASK_LOGIT
 
