@@ -92,7 +92,10 @@ def main():
                        "input (time-agnostic, arXiv:2409.02908), and it ships inside the hf_mdm package as the "
                        "default model of `make demo` and `hf-mdm generate`. It is a demonstration and test "
                        "model: 8.1 M parameters and 1.4 M training tokens, seen 286 times, so it memorises "
-                       "phrases and its grammar is loose.")
+                       "phrases and its grammar is loose. Its tokenizer has a chat template in the plays' own "
+                       "layout, a speech per turn (`ASK.` then the user's lines and a blank line; `ANSWER.` then "
+                       "the reply and EOS), so that chat data for `hf-mdm train --objective sft` and "
+                       "`hf-mdm generate --chat` work on it; the shipped weights were not trained on it.")
             title = "shakespeare-mdm: a small time-agnostic masked diffusion LM"
         else:
             summary = ("A small GPT-2-style causal language model trained on the same works and tokenizer as "

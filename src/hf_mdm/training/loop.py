@@ -10,6 +10,7 @@ run on 2 processes follows a run on 1 (up to float summation order, and dropout,
 """
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -21,10 +22,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
+from transformers import AutoModel, AutoTokenizer
+
+from ..pretrained import resolve_checkpoint
 
 from .checkpointing import (check_output_dir, latest_checkpoint, load_checkpoint, remove_temp_checkpoints,
                             save_checkpoint, write_run_config)
+from .chat_data import chat_examples, read_conversations
 from .data import BlockSampler, load_documents, split_documents, tokenize_and_pack
 from .ema import EMA
 from .models import build_model, build_model_config
@@ -61,11 +65,26 @@ class TrainConfig:
     tokenizer: str | None = setting(None, "a Hugging Face tokenizer (folder or Hub name)")
     train_tokenizer: int | None = setting(None, "instead: train a byte-level BPE of this vocabulary size on --train-files")
     add_mask_token: bool = setting(False, "add '[MASK]' to a tokenizer that lacks a mask token")
+    # chat data (objective sft)
+    messages_field: str = setting("messages", "sft: the jsonl field holding a conversation's messages")
+    prompt_field: str | None = setting(None, "sft: instead of messages, the prompt field of each jsonl row")
+    response_field: str | None = setting(None, "sft: with --prompt-field, the response field")
     # model and objective
     objective: str = setting("mdm", "mdm: continuous-time NELBO; mdm-discrete: NELBO over the number of masked "
-                             "tokens; ar: next-token loss of a causal LM", choices=tuple(OBJECTIVES))
-    model_config: str = setting("tiny", "a preset (mdm: tiny, mini, mdlm-owt; ar: gpt2-tiny, gpt2-mini, llama-tiny, "
-                                "gpt2-small) or a JSON file of config fields")
+                             "tokens; sft: the NELBO of chat responses given their prompts; ar: next-token loss of a "
+                             "causal LM", choices=tuple(OBJECTIVES))
+    model_config: str | None = setting(None, "a preset (mdm: tiny, mini, mdlm-owt; ar: gpt2-tiny, gpt2-mini, "
+                                       "llama-tiny, gpt2-small) or a JSON file of config fields; default tiny")
+    init_from: str | None = setting(None, "start from this model (a shipped name, a folder or a Hub id): its config "
+                                    "and tokenizer are used (no --model-config, --tokenizer, --train-tokenizer)")
+    gradient_checkpointing: bool = setting(False, "recompute each block's activations in the backward pass: less "
+                                           "memory, same gradients, ~30% more compute")
+    # LoRA (peft, `pip install hf_mdm[peft]`)
+    lora_r: int = setting(0, "LoRA rank; 0 trains every weight")
+    lora_alpha: float | None = setting(None, "LoRA scale numerator (default: 2 x --lora-r)")
+    lora_dropout: float = setting(0.0, "dropout on the LoRA branch")
+    lora_target_modules: list[str] | None = setting(None, "module names LoRA adapts (default: every attention and MLP "
+                                                   "projection of the backbone)")
     # optimisation
     batch_size: int = setting(32, "GLOBAL batch: sequences per optimizer step, over all processes and micro-steps")
     grad_accum: int = setting(1, "accumulation micro-steps per optimizer step")
@@ -124,8 +143,23 @@ def check_settings(config: TrainConfig, num_processes: int) -> int:
     """Raises ValueError for settings that cannot work; returns the per-process micro-batch size."""
     if (config.train_files is None) == (config.dataset_name is None):
         raise ValueError("Give either --train-files or --dataset-name.")
-    if (config.tokenizer is None) == (config.train_tokenizer is None):
-        raise ValueError("Give either --tokenizer or --train-tokenizer VOCAB_SIZE.")
+    if config.init_from is not None:
+        given = [f"--{name.replace('_', '-')}" for name in ("model_config", "tokenizer", "train_tokenizer")
+                 if getattr(config, name) is not None]
+        if given:
+            raise ValueError(f"--init-from uses the model's own config and tokenizer: drop {', '.join(given)}.")
+        if config.objective == "ar":
+            raise ValueError("--init-from starts from an hf_mdm model; the AR baseline trains from scratch.")
+    elif (config.tokenizer is None) == (config.train_tokenizer is None):
+        raise ValueError("Give either --tokenizer or --train-tokenizer VOCAB_SIZE (or --init-from a model).")
+    if config.objective == "sft" and config.dataset_name is not None:
+        raise ValueError("--objective sft reads chat jsonl files: give --train-files.")
+    if (config.prompt_field is None) != (config.response_field is None):
+        raise ValueError("--prompt-field and --response-field go together.")
+    if config.lora_r < 0 or (config.lora_r == 0 and (config.lora_alpha is not None or config.lora_target_modules)):
+        raise ValueError("--lora-alpha and --lora-target-modules need --lora-r >= 1.")
+    if config.lora_r and config.objective == "ar":
+        raise ValueError("--lora-r adapts an MDM; the AR baseline trains fully.")
     if config.train_tokenizer is not None and config.train_files is None:
         raise ValueError("--train-tokenizer learns from --train-files; with --dataset-name give --tokenizer.")
     if config.objective not in OBJECTIVES:
@@ -161,7 +195,9 @@ def load_tokenizer(config: TrainConfig, output_dir: Path, accelerator: Accelerat
     """The run's tokenizer, saved under output_dir/tokenizer (trained there by the main process if asked)."""
     saved = output_dir / "tokenizer"
     with accelerator.main_process_first():  # the main process trains and saves; the others then read its copy
-        if config.tokenizer is not None:
+        if config.init_from is not None:
+            tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(config.init_from))
+        elif config.tokenizer is not None:
             tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
         elif (saved / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(saved)  # trained by the main process, or before a resume
@@ -175,7 +211,10 @@ def load_tokenizer(config: TrainConfig, output_dir: Path, accelerator: Accelerat
 
 
 def load_blocks(config: TrainConfig, tokenizer, accelerator: Accelerator):
-    """(train, validation) packed blocks; the main process tokenizes first and the others read its cache."""
+    """(train, validation) packed blocks, or with objective sft chat examples (`chat_data`); the main process
+    tokenizes first and the others read its cache."""
+    if config.objective == "sft":
+        return load_chat_examples(config, tokenizer)
     with accelerator.main_process_first():
         documents = load_documents(config.train_files, config.dataset_name, config.dataset_config,
                                    text_field=config.text_field, sample_by=config.sample_by)
@@ -190,6 +229,56 @@ def load_blocks(config: TrainConfig, tokenizer, accelerator: Accelerator):
     if len(validation_blocks) == 0:
         raise ValueError(f"The validation split holds fewer tokens than one block of {config.block_size}.")
     return train_blocks, validation_blocks
+
+
+def load_chat_examples(config: TrainConfig, tokenizer):
+    """(train, validation) chat examples of `block_size` tokens with their `prompt_length`."""
+    fields = dict(messages_field=config.messages_field, prompt_field=config.prompt_field,
+                  response_field=config.response_field)
+    conversations = read_conversations(config.train_files, **fields)
+    if config.validation_files:
+        validation = read_conversations(config.validation_files, **fields)
+    else:  # held out by VALIDATION_SEED, as documents are
+        order = torch.randperm(len(conversations), generator=torch.Generator().manual_seed(VALIDATION_SEED)).tolist()
+        held_out = max(1, round(config.validation_fraction * len(conversations)))
+        if held_out >= len(conversations):
+            raise ValueError(f"Cannot hold out validation conversations from {len(conversations)}: give --validation-files.")
+        validation = [conversations[i] for i in order[:held_out]]
+        conversations = [conversations[i] for i in order[held_out:]]
+    return (chat_examples(conversations, tokenizer, config.block_size),
+            chat_examples(validation, tokenizer, config.block_size))
+
+
+LORA_TARGETS = {  # every attention and MLP projection of each backbone
+    "mdm": ["qkv_proj", "o_proj", "fc_in", "fc_out"],
+    "mdm_llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each block's activations in the backward pass (non-reentrant: the same gradients, and it works with
+    frozen inputs under LoRA)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def apply_lora(model, config: TrainConfig):
+    """The model wrapped by peft's LoRA; a target that matches no module is an error naming it."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ValueError("--lora-r needs the peft package: pip install 'hf_mdm[peft]'.") from None
+    targets = config.lora_target_modules or LORA_TARGETS[model.config.model_type]
+    names = [name for name, _ in model.named_modules()]
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in names):
+            raise ValueError(f"--lora-target-modules {target!r} matches no module of the model (its linear layers: "
+                             f"{sorted({n.split('.')[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})}).")
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha or 2 * config.lora_r, lora_dropout=config.lora_dropout,
+                      target_modules=targets, bias="none")
+    return get_peft_model(model, lora)
 
 
 class InputError(ValueError):
@@ -213,6 +302,8 @@ def train(config: TrainConfig) -> dict:
     with input_checks():  # a ValueError in set-up is bad input: the CLI reports it without a traceback
         output_dir = Path(config.output_dir)
         run_config = dataclasses.asdict(config)
+        if config.model_config is None and config.init_from is None:
+            run_config["model_config"] = "tiny"  # the default, spelled as runs before --init-from saved it
         accelerator = Accelerator(
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.grad_accum,
@@ -232,12 +323,26 @@ def train(config: TrainConfig) -> dict:
 
         # ---------------------------------------------------------------- tokenizer, model, data
         tokenizer = load_tokenizer(config, output_dir, accelerator)
-        model_config = build_model_config(config.model_config, config.objective == "ar", tokenizer, config.block_size)
         torch.manual_seed(config.seed)  # the initial weights
-        model = build_model(model_config)
+        if config.init_from is not None:
+            model = AutoModel.from_pretrained(resolve_checkpoint(config.init_from), dtype=torch.float32)
+            model_config = model.config
+            if config.block_size > model_config.max_position_embeddings:
+                raise ValueError(f"--block-size {config.block_size} is above the model's max_position_embeddings "
+                                 f"({model_config.max_position_embeddings}).")
+        else:
+            model_config = build_model_config(config.model_config or "tiny", config.objective == "ar", tokenizer,
+                                              config.block_size)
+            model = build_model(model_config)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        if config.lora_r:
+            model = apply_lora(model, config)
         objective = get_objective(config.objective, model_config)
         train_blocks, validation_blocks = load_blocks(config, tokenizer, accelerator)
         validation_ids = validation_blocks[: config.eval_blocks]["input_ids"]  # (num_blocks, block_size)
+        validation_prompts = (validation_blocks[: config.eval_blocks]["prompt_length"]
+                              if "prompt_length" in validation_blocks.column_names else None)
         sampler = BlockSampler(len(train_blocks), config.batch_size, config.seed)
         accelerator.print(
             f"{config.objective}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
@@ -248,8 +353,9 @@ def train(config: TrainConfig) -> dict:
 
     # ---------------------------------------------------------------- optimizer, schedule, EMA
     # Weight decay on matrices only (nanoGPT): never on biases and norm weights.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapters only
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr, betas=(config.beta1, config.beta2),
@@ -259,7 +365,7 @@ def train(config: TrainConfig) -> dict:
         optimizer, lambda s: learning_rate_factor(s, config.warmup_steps, decay_steps, config.min_lr / config.lr)
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    ema = EMA(model.parameters(), config.ema_decay) if config.ema_decay else None
+    ema = EMA([p for p in model.parameters() if p.requires_grad], config.ema_decay) if config.ema_decay else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
@@ -274,10 +380,11 @@ def train(config: TrainConfig) -> dict:
     accelerator.init_trackers("hf_mdm", config={k: str(v) for k, v in run_config.items()})
 
     def validate() -> dict:
-        weights = ema.swapped_in(model.parameters()) if ema is not None else contextlib.nullcontext()
+        weights = ema.swapped_in(trainable_of(model)) if ema is not None else contextlib.nullcontext()
         with weights:
             result = validation_loss(model, validation_ids, config.objective, batch_size=micro_batch_size,
-                                     num_passes=config.eval_passes, seed=VALIDATION_SEED, accelerator=accelerator)
+                                     num_passes=config.eval_passes, seed=VALIDATION_SEED, accelerator=accelerator,
+                                     prompt_lengths=validation_prompts)
         return {"val/nats_per_token": result.nats_per_token, "val/perplexity": result.perplexity}
 
     # ---------------------------------------------------------------- the loop
@@ -302,10 +409,12 @@ def train(config: TrainConfig) -> dict:
             # Global rows of this micro-step on this process: micro-step-major, then process, then row.
             start = (micro_step * accelerator.num_processes + accelerator.process_index) * micro_batch_size
             rows = slice(start, start + micro_batch_size)
-            input_ids = train_blocks[indices[rows].tolist()]["input_ids"].to(accelerator.device, non_blocking=True)
+            batch = train_blocks[indices[rows].tolist()]
+            input_ids = batch["input_ids"].to(accelerator.device, non_blocking=True)
             micro_noise = noise[rows].to(accelerator.device) if noise is not None else None
+            extras = {"prompt_lengths": batch["prompt_length"].to(accelerator.device)} if "prompt_length" in batch else {}
             with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-step
-                loss = objective.sequence_losses(model, input_ids, micro_noise).mean()
+                loss = objective.sequence_losses(model, input_ids, micro_noise, **extras).mean()
                 accelerator.backward(loss)  # divides by grad_accum
             loss_sum += loss.detach() / config.grad_accum
         if config.grad_clip > 0:
@@ -314,7 +423,7 @@ def train(config: TrainConfig) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.update(model.parameters())
+            ema.update(trainable_of(model))
         step += 1
         steps_since_log += 1
         progress.update(1)
@@ -343,25 +452,54 @@ def train(config: TrainConfig) -> dict:
     accelerator.print(f"step {step}: validation {metrics['val/nats_per_token']:.4f} nats/token, "
                       f"perplexity{' bound' if config.objective != 'ar' else ''} {metrics['val/perplexity']:.2f}")
     save_checkpoint(accelerator, output_dir, step, config.save_total_limit)
-    save_final_model(accelerator, model, ema, tokenizer, output_dir / "model")
+    save_final_model(accelerator, model, ema, tokenizer, output_dir / "model", model_config)
     if accelerator.is_main_process:
         write_training_card(output_dir / "model", config, step, metrics, accelerator)
     accelerator.end_training()
     return {"step": step, **metrics}
 
 
-def save_final_model(accelerator: Accelerator, model, ema: EMA | None, tokenizer, folder: Path) -> None:
+def trainable_of(model) -> list:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def save_final_model(accelerator: Accelerator, model, ema: EMA | None, tokenizer, folder: Path, model_config) -> None:
     """A hub-ready `save_pretrained` folder (config, weights, generation config, remote code) plus the tokenizer.
-    With EMA, the EMA weights are the ones saved."""
-    weights = ema.swapped_in(model.parameters()) if ema is not None else contextlib.nullcontext()
+    With EMA, the EMA weights are the ones saved. With LoRA, `folder` holds the merged model (LoRA folded into the
+    weights: a plain checkpoint) and `folder/../adapter` the adapter alone, which peft's `PeftModel.from_pretrained`
+    loads on the base model."""
+    weights = ema.swapped_in(trainable_of(model)) if ema is not None else contextlib.nullcontext()
     with weights:
         state_dict = accelerator.get_state_dict(model)  # gathers FSDP / DeepSpeed shards
-        accelerator.unwrap_model(model).save_pretrained(
-            folder, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=state_dict
-        )
+        unwrapped = accelerator.unwrap_model(model)
+        own_class = model_class(unwrapped)
+        if is_peft_model(unwrapped):
+            if accelerator.is_main_process:
+                unwrapped.save_pretrained(folder.parent / "adapter", state_dict=state_dict)
+                copy.deepcopy(unwrapped).merge_and_unload().save_pretrained(folder)
+        elif own_class is not type(unwrapped):
+            # FSDP2 swaps the model's class for a dynamic subclass, whose source save_pretrained would copy as remote
+            # code: save an instance of the model's own class, with the gathered weights.
+            if accelerator.is_main_process:
+                clean = own_class(model_config)
+                clean.load_state_dict(state_dict)
+                clean.generation_config = unwrapped.generation_config
+                clean.save_pretrained(folder)
+        else:
+            unwrapped.save_pretrained(folder, is_main_process=accelerator.is_main_process,
+                                      save_function=accelerator.save, state_dict=state_dict)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(folder)
     accelerator.wait_for_everyone()
+
+
+def model_class(model) -> type:
+    """The model's own class: under FSDP2's dynamic subclass, the first class of its MRO defined outside torch."""
+    return next(cls for cls in type(model).__mro__ if not cls.__module__.startswith("torch."))
+
+
+def is_peft_model(model) -> bool:
+    return type(model).__module__.startswith("peft.")
 
 
 def write_training_card(folder: Path, config: TrainConfig, step: int, metrics: dict, accelerator: Accelerator) -> None:

@@ -131,6 +131,35 @@ class DiscreteMaskedDiffusionObjective(MaskedDiffusionObjective):
         return masked, 1.0 / num_masked.double(), t
 
 
+class SupervisedObjective(MaskedDiffusionObjective):
+    """Supervised fine-tuning on chat examples (LLaDA's SFT recipe): rows [prompt][response][EOS padding] with the
+    response starting at `prompt_lengths`. Per example,
+
+        loss = w(t) * (sum over masked response positions of -log p_theta(x0_l | x_t)) / m,
+
+    m the response length (its EOS padding included, which is trained on), w(t) = -alpha'_t / (1 - alpha_t) the
+    NELBO weight (1/t for the linear and log-linear schedules: LLaDA's 1 / p_mask), every response position masked
+    with probability 1 - alpha_t, the prompt never masked and never scored. So the loss is the MDM bound per
+    response token of the response given the prompt; t is drawn as for the continuous NELBO (stratified over the
+    global batch, on [T_MIN, 1] with its Jacobian 1 - T_MIN).
+    """
+
+    name = "sft"
+    needs_prompt = True
+
+    def sequence_losses(self, model, input_ids: torch.Tensor, noise: Noise, prompt_lengths: torch.Tensor) -> torch.Tensor:
+        """(batch, seq_len) rows and (batch,) prompt lengths -> (batch,) bounds in nats per response token."""
+        response = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] >= prompt_lengths[:, None]
+        t = T_MIN + (1 - T_MIN) * noise.times
+        masked = response & (noise.uniforms < (1 - self.schedule.alpha(t))[:, None])
+        weight = (1 - T_MIN) * self.schedule.loss_weight(t) / response.sum(-1).clamp(min=1)
+        noisy_ids = torch.where(masked, self.mask_token_id, input_ids)
+        timesteps = self.schedule.total_noise(t).float() if self.time_conditioning else None
+        logits = model(noisy_ids, timesteps=timesteps).logits
+        masked_nll = (token_cross_entropy(logits, input_ids) * masked).sum(-1)
+        return weight.to(masked_nll.dtype) * masked_nll
+
+
 class AutoregressiveObjective:
     """Next-token cross-entropy of a causal LM, per predicted token (exact likelihood, not a bound).
 
@@ -153,12 +182,13 @@ class AutoregressiveObjective:
 
 OBJECTIVES = {
     objective.name: objective
-    for objective in (MaskedDiffusionObjective, DiscreteMaskedDiffusionObjective, AutoregressiveObjective)
+    for objective in (MaskedDiffusionObjective, DiscreteMaskedDiffusionObjective, SupervisedObjective,
+                      AutoregressiveObjective)
 }
 
 
 def get_objective(name: str, config):
-    """The objective called `name` ("mdm", "mdm-discrete" or "ar") for a model with this config."""
+    """The objective called `name` ("mdm", "mdm-discrete", "sft" or "ar") for a model with this config."""
     if name not in OBJECTIVES:
         raise ValueError(f"objective must be one of {tuple(OBJECTIVES)}, got {name!r}.")
     return OBJECTIVES[name](config)
@@ -178,7 +208,7 @@ class ValidationResult:
 
 @torch.no_grad()
 def validation_loss(model, input_ids: torch.Tensor, objective: str = "mdm", batch_size: int = 32, num_passes: int = 1,
-                    seed: int = 0, accelerator=None) -> ValidationResult:
+                    seed: int = 0, accelerator=None, prompt_lengths: torch.Tensor | None = None) -> ValidationResult:
     """The objective's loss on held-out blocks, with noise fixed by `seed` so that runs are comparable.
 
     Pass k gives block j the time s = (u_k + pi_k(j)) / N, with u_k and the permutation pi_k drawn from `seed`
@@ -186,15 +216,17 @@ def validation_loss(model, input_ids: torch.Tensor, objective: str = "mdm", batc
     result does not depend on `batch_size` nor on the number of processes.
 
     Args:
-        model: an `MDMForMaskedDiffusion` (objective "mdm" or "mdm-discrete") or a causal LM ("ar"); put in eval
+        model: an hf_mdm model (objective "mdm", "mdm-discrete" or "sft") or a causal LM ("ar"); put in eval
             mode for the call and restored afterwards.
         input_ids (`torch.LongTensor` of shape `(num_blocks, seq_len)`): clean held-out blocks.
-        objective: "mdm" (continuous time), "mdm-discrete" (number of masked tokens) or "ar".
+        objective: "mdm" (continuous time), "mdm-discrete" (number of masked tokens), "sft" or "ar".
         batch_size: blocks per forward pass (per process).
         num_passes: independent noise draws per block; more passes, less variance.
         seed: fixes the time grid and the masks.
         accelerator: an `accelerate.Accelerator`; when given, the blocks are split across its processes and the
             sums reduced, and the model's inputs go to its device.
+        prompt_lengths (`torch.LongTensor` of shape `(num_blocks,)`, *optional*): objective "sft": where each
+            row's response starts (the loss is per response token, the prompt never masked).
     """
     config = (accelerator.unwrap_model(model) if accelerator is not None else model).config
     objective = get_objective(objective, config)
@@ -219,16 +251,23 @@ def validation_loss(model, input_ids: torch.Tensor, objective: str = "mdm", batc
         for start in range(0, len(rows), batch_size):
             batch_rows = rows[start : start + batch_size]
             batch_noise = noise[batch_rows].to(device) if noise is not None else None
-            losses = objective.sequence_losses(model, input_ids[batch_rows].to(device), batch_noise)
+            extras = {}
+            if getattr(objective, "needs_prompt", False):
+                if prompt_lengths is None:
+                    raise ValueError("objective 'sft' needs prompt_lengths (where each row's response starts).")
+                extras["prompt_lengths"] = prompt_lengths[batch_rows].to(device)
+            losses = objective.sequence_losses(model, input_ids[batch_rows].to(device), batch_noise, **extras)
             total += (losses.double() * real[start : start + batch_size]).sum()
     if accelerator is not None:
         total = accelerator.reduce(total, reduction="sum")
     model.train(was_training)
     nats = total.item() / (num_blocks * num_passes)
     predicted_first = objective.name != "ar" and not getattr(objective, "first_position_kept", False)
-    tokens_per_block = seq_len if predicted_first else seq_len - 1
-    return ValidationResult(nats, math.exp(min(nats, 700.0)), num_blocks, num_blocks * tokens_per_block,
-                            is_bound=objective.name != "ar")
+    if getattr(objective, "needs_prompt", False):  # the response tokens (EOS padding included) are the ones scored
+        num_tokens = int((seq_len - prompt_lengths[:num_blocks]).sum())
+    else:
+        num_tokens = num_blocks * (seq_len if predicted_first else seq_len - 1)
+    return ValidationResult(nats, math.exp(min(nats, 700.0)), num_blocks, num_tokens, is_bound=objective.name != "ar")
 
 
 def validation_nelbo(model, input_ids: torch.Tensor, discrete: bool = False, batch_size: int = 32,

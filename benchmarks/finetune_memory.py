@@ -1,0 +1,96 @@
+"""Peak memory of fine-tuning: full fine-tuning vs LoRA vs LoRA + gradient checkpointing, LLaDA-8B's block shapes.
+
+    python benchmarks/finetune_memory.py                 # about 10 minutes on 2 CPU cores, up to ~12 GB of memory
+
+A Llama-family hf_mdm model with LLaDA-8B's block shapes (width 4096, 32 heads, SwiGLU MLP 12288) and 1 or 2 blocks,
+a vocabulary of 32768 (LLaDA's is 126464: its embedding and head alone, trained in float32 with AdamW, would not fit
+this 24 GB machine beside the blocks). Each setting runs in a fresh process: float32 weights, AdamW (two float32
+states per trained weight), two SFT steps on one sequence of `--seq-len` tokens (a quarter of it prompt), and its peak
+resident memory (ru_maxrss) is read. The 1- and 2-block runs give the cost of one block; the full size adds 30 more
+blocks and LLaDA's embedding and head (their weights, and for full fine-tuning their gradients and AdamW states):
+
+    implied = peak(2 blocks) + 30 x (peak(2) - peak(1)) + (126464 - 32768) x 4096 x 2 x bytes per embedding weight
+
+with 4 bytes per weight when they are frozen (LoRA) and 16 when trained (weight, gradient, two AdamW states).
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import textwrap
+
+GB = 1e9
+
+RUN = textwrap.dedent(
+    """
+    import json, resource, sys, torch
+    from hf_mdm import MDMLlamaConfig, MDMLlamaForMaskedDiffusion
+    from hf_mdm.training.objectives import Noise, get_objective
+    layers, mode, seq_len = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    torch.manual_seed(0)
+    config = MDMLlamaConfig(vocab_size=32768, hidden_size=4096, intermediate_size=12288, num_hidden_layers=layers,
+                            num_attention_heads=32, max_position_embeddings=4096, mask_token_id=32767, pad_token_id=0)
+    model = MDMLlamaForMaskedDiffusion(config).train()
+    if mode != "full":
+        from peft import LoraConfig, get_peft_model
+        from hf_mdm.training.loop import LORA_TARGETS
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS["mdm_llama"]))
+    if mode == "lora+gc":
+        from hf_mdm.training.loop import enable_gradient_checkpointing
+        enable_gradient_checkpointing(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    objective = get_objective("sft", config)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(2):
+        ids = torch.randint(1, 32767, (1, seq_len), generator=generator)
+        noise = Noise(torch.rand(1, generator=generator, dtype=torch.float64), torch.rand(1, seq_len, generator=generator))
+        loss = objective.sequence_losses(model, ids, noise, torch.tensor([seq_len // 4])).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    print(json.dumps(dict(peak_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+                          trainable=sum(p.numel() for p in trainable),
+                          parameters=sum(p.numel() for p in model.parameters()))))
+    """
+)
+
+
+def measure(layers: int, mode: str, seq_len: int) -> dict:
+    result = subprocess.run([sys.executable, "-c", RUN, str(layers), mode, str(seq_len)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{mode}, {layers} block(s) failed:\\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--out", default=None, help="write the figures as JSON")
+    args = parser.parse_args()
+    rows = []
+    extra_rows = (126464 - 32768) * 4096 * 2  # LLaDA's embedding and head rows beyond this vocabulary
+    for mode in ("full", "lora", "lora+gc"):
+        one, two = measure(1, mode, args.seq_len), measure(2, mode, args.seq_len)
+        per_block = two["peak_gb"] - one["peak_gb"]
+        bytes_per_embedding = 16 if mode == "full" else 4
+        implied = two["peak_gb"] + 30 * per_block + extra_rows * bytes_per_embedding / GB
+        rows.append(dict(mode=mode, peak_1_block_gb=one["peak_gb"], peak_2_blocks_gb=two["peak_gb"],
+                         per_block_gb=per_block, trainable_2_blocks=two["trainable"], parameters_2_blocks=two["parameters"],
+                         implied_llada_8b_gb=implied))
+    print(f"LLaDA-8B block shapes, vocabulary 32768, float32 weights, AdamW, 1 sequence of {args.seq_len} tokens")
+    print("| setting | trainable (2 blocks) | peak, 1 block | peak, 2 blocks | per block | implied LLaDA-8B |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['mode']} | {row['trainable_2_blocks'] / 1e6:.1f} M of {row['parameters_2_blocks'] / 1e6:.0f} M | "
+              f"{row['peak_1_block_gb']:.2f} GB | {row['peak_2_blocks_gb']:.2f} GB | {row['per_block_gb']:.2f} GB | "
+              f"{row['implied_llada_8b_gb']:.0f} GB |")
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(dict(seq_len=args.seq_len, rows=rows), handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
