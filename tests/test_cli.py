@@ -48,6 +48,25 @@ def test_generate_command_streams_one_sample(checkpoint, capsys):
     assert "\033" not in out and "\r" not in out
 
 
+def test_generate_command_passes_the_decoding_strategy_flags(checkpoint, capsys, monkeypatch):
+    seen = {}
+    original = type(tiny_model()).generate
+
+    def recording_generate(self, *args, **kwargs):
+        seen.update(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_model()), "generate", recording_generate)
+    main(["generate", str(checkpoint), "--prompt", "abc", "--max-new-tokens", "8", "--no-stream", "--steps", "4",
+          "--unmasking", "margin", "--block-length", "4", "--use-cache", "--cache-mode", "dual", "--temperature", "0"])
+    assert {k: seen[k] for k in ("unmasking", "block_length", "use_cache", "cache_mode", "steps")} == dict(
+        unmasking="margin", block_length=4, use_cache=True, cache_mode="dual", steps=4)
+    assert "NFE = 4 network calls for 8 tokens" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", str(checkpoint), "--unmasking", "lowest"])
+    assert exit_info.value.code == 2 and "unmasking must be one of" in capsys.readouterr().err
+
+
 def test_generate_command_defaults_to_the_shipped_mdm(capsys):
     main(["generate", "--prompt", "KING HENRY.", "--max-new-tokens", "6", "--no-stream"])
     out = capsys.readouterr().out

@@ -172,6 +172,12 @@ def demo(args: argparse.Namespace) -> None:
         torch.set_num_threads(threads)
 
 
+# MDMGenerationConfig fields that `hf-mdm generate` takes as flags (--block-length for block_length, ...).
+GENERATE_SETTINGS = ("sampler", "steps", "tokens_per_step", "sampling_dtype", "temperature", "top_k", "top_p",
+                     "unmasking", "confidence_threshold", "block_length", "remasking", "remasking_schedule",
+                     "remasking_eta", "use_cache", "cache_mode", "cache_refresh_steps")
+
+
 def generate(args: argparse.Namespace) -> None:
     """Samples from a checkpoint (a folder, a Hub id or a shipped name) with its own tokenizer, streaming the draft
     when there is one sample."""
@@ -182,9 +188,7 @@ def generate(args: argparse.Namespace) -> None:
     from hf_mdm.generation_mdm import cut_at_eos
     from hf_mdm.pretrained import resolve_checkpoint
 
-    settings = {k: v for k, v in dict(sampler=args.sampler, steps=args.steps, tokens_per_step=args.tokens_per_step,
-                                      sampling_dtype=args.sampling_dtype, temperature=args.temperature,
-                                      top_k=args.top_k, top_p=args.top_p).items() if v is not None}
+    settings = {name: getattr(args, name) for name in GENERATE_SETTINGS if getattr(args, name) is not None}
     MDMGenerationConfig(**settings)  # bad settings fail here, before the model is loaded
     if args.prompt is not None and args.chat is not None:
         raise ValueError("give --prompt (a prefix) or --chat (a user message), not both.")
@@ -260,6 +264,18 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--temperature", type=float, default=None)
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
+    strategies = gen.add_argument_group("decoding strategies (README, 'Decoding strategies')")
+    strategies.add_argument("--unmasking", default=None, help="random (FHS, default), confidence, margin, entropy")
+    strategies.add_argument("--confidence-threshold", type=float, default=None,
+                            help="unmask every draw whose score exceeds it (Fast-dLLM)")
+    strategies.add_argument("--block-length", type=int, default=None, help="semi-autoregressive blocks (LLaDA)")
+    strategies.add_argument("--remasking", default=None, help="remdm (ancestral sampler only)")
+    strategies.add_argument("--remasking-schedule", default=None, help="cap (default), rescale, conf")
+    strategies.add_argument("--remasking-eta", type=float, default=None)
+    strategies.add_argument("--use-cache", action="store_const", const=True, default=None,
+                            help="with --block-length: the block KV cache (an approximation)")
+    strategies.add_argument("--cache-mode", default=None, help="prefix (default) or dual")
+    strategies.add_argument("--cache-refresh-steps", type=int, default=None)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--tokenizer", default=None, help="default: the checkpoint's own")
     gen.add_argument("--device", default="cpu")

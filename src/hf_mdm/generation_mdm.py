@@ -128,8 +128,9 @@ class MDMGenerationConfig(GenerationConfig):
             (arXiv:2503.00307), with `remasking_schedule` (`"cap"`, `"rescale"` or `"conf"`) and `remasking_eta`
             (default: 0.008 for cap, 0.015 for rescale, ReMDM's; none for conf).
         use_cache (`bool`, defaults to `False`): with `block_length`, reuse the keys and values of positions outside
-            the active block, refreshed once per block (Fast-dLLM's cache); without blocks it has no effect. An APPROXIMATION for a bidirectional
-            network: in a block's later steps, positions outside it do not see what the block decoded.
+            the active block, refreshed once per block (Fast-dLLM's cache); without blocks it has no effect (a
+            warning says so). An APPROXIMATION for a bidirectional network: in a block's later steps, positions
+            outside it do not see what the block decoded.
         cache_mode (`str`, defaults to `"prefix"`): `"prefix"` recomputes the active block and everything after it
             each call, reusing the prompt and finished blocks; `"dual"` recomputes the active block only.
         cache_refresh_steps (`int`, *optional*): also refresh the cache every this many calls within a block
@@ -390,10 +391,11 @@ class MDMGenerationMixin:
                `CategoricalSampler` in `sampling_dtype`.
             4. Step until nothing is masked: `state = sampler.step(state, denoise)`, where `denoise` calls the
                model's `forward` (with `output_positions` when only some positions are needed, and the time input
-               when the model is time-conditioned). With `use_cache`, a call that names a decoding window runs the
-               network on the window only (the active block, and everything after it for the prefix cache),
-               reading the other positions' keys and values from the model's cache, which every call without a
-               window (one per block) records. The streamer receives the draft after each step.
+               when the model is time-conditioned). With `use_cache`, a call that names decoding windows (one per
+               row: rows of a batch may be in different blocks) runs the network on each row's window only (its
+               active block, and everything after it for the prefix cache), rows with equal windows in one call,
+               reading the other positions' keys and values from that row's cache entry, which every call without
+               windows (one per block) records. The streamer receives the draft after each step.
             5. Return the sequences, or an `MDMGenerationOutput` with the number of network calls (and the history).
 
         Args:
