@@ -367,7 +367,13 @@ def test_evaluate_end_to_end(assets, tmp_path):
     assert math.isfinite(saved["nelbo"]["nelbo"])
     table = (out / "results.md").read_text()
     assert table.startswith("| model | setting |") and "| MDM | FHS k=4 float64 | 4 |" in table and "NELBO" in table
-    assert len((out / "samples.jsonl").read_text().splitlines()) == 5 * 4
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 5 * 4
+    for label, row in rows.items():  # each sample's own figures, which a seed-to-seed test needs
+        if label != "reference texts":
+            mine = [sample for sample in samples if sample["label"] == label]
+            assert sum(s["token_entropy"] for s in mine) / len(mine) == pytest.approx(row["token_entropy"])
+            assert all(s["gen_ppl"] > 1 for s in mine)
 
 
 @pytest.mark.slow

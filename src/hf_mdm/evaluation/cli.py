@@ -72,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--batch-size", type=int, default=8, help="samples per generate() call (per process)")
     sampling.add_argument("--length", type=int, help="tokens per sample (default: the MDM's max_position_embeddings)")
     sampling.add_argument("--seed", type=int, default=0)
-    sampling.add_argument("--save-samples", action="store_true", help="also write the decoded samples to samples.jsonl")
+    sampling.add_argument("--save-samples", action="store_true", help="also write the decoded samples to samples.jsonl, each with its own gen PPL "
+                          "(None if it has fewer than two judge tokens) and token entropy")
 
     ar = parser.add_argument_group("autoregressive baseline")
     ar.add_argument("--ar-model", help="any causal LM folder or Hub id, or a shipped name (shakespeare-ar), sampled "
@@ -210,28 +211,31 @@ def run_evaluate(args: argparse.Namespace) -> dict | None:
         return kind_tokenizer.batch_decode(ids.tolist(), skip_special_tokens=args.skip_special_tokens)
 
     def judge_row(kind, label, setting, token_ids, texts, samples=None):
+        """The row of one set of samples, and each sample's own figures (its gen PPL and token entropy)."""
         ppl = gen_ppl.compute(predictions=texts, judge=judge, batch_size=args.judge_batch_size)
+        entropies = entropy.compute(predictions=token_ids.tolist())
         row = dict(kind=kind, label=label, setting=setting, num_samples=len(texts),
                    nfe_per_sample=samples.nfe.double().mean().item() if samples is not None else None,
                    seconds=samples.seconds if samples is not None else None,
                    generative_perplexity=ppl["generative_perplexity"], gen_ppl_excluded=len(ppl["excluded"]),
-                   token_entropy=entropy.compute(predictions=token_ids.tolist())["token_entropy"], mauve=None)
+                   token_entropy=entropies["token_entropy"], mauve=None)
         if mauve is not None and kind != "reference":
             row["mauve"] = mauve.compute(predictions=texts, reference_features=reference_features, judge=judge,
                                          batch_size=args.judge_batch_size, seed=args.seed)["mauve"]
-        return row
+        return row, [dict(gen_ppl=g, token_entropy=h) for g, h in zip(ppl["per_sample"], entropies["per_sample"])]
 
     rows, saved_samples = [], []
     reference_features, footnotes = None, []
     if reference_blocks is not None:
         reference_texts = decode(reference_blocks, tokenizer)
         reference_features = judge_features(reference_texts, judge, args.judge_batch_size)[0]
-        rows.append(judge_row("reference", "reference texts", None, reference_blocks, reference_texts))
+        rows.append(judge_row("reference", "reference texts", None, reference_blocks, reference_texts)[0])
     for kind, label, setting, samples in tqdm(sample_sets, desc="judging"):
         texts = decode(samples.sequences, tokenizer if kind == "mdm" else ar_tokenizer)
         setting_fields = setting.generation_kwargs() if kind == "mdm" else setting
-        rows.append(judge_row(kind, label, setting_fields, samples.sequences, texts, samples))
-        saved_samples += [dict(kind=kind, label=label, text=text) for text in texts]
+        row, per_sample = judge_row(kind, label, setting_fields, samples.sequences, texts, samples)
+        rows.append(row)
+        saved_samples += [dict(kind=kind, label=label, text=text, **figures) for text, figures in zip(texts, per_sample)]
     nelbo = None
     if args.nelbo:
         nelbo = load_metric("mdm_nelbo", keep_in_memory=True).compute(
