@@ -168,11 +168,16 @@ def test_lora_adapter_loads_with_peft_and_merges_to_identical_logits(tmp_path):
     torch.testing.assert_close(merged_logits, adapter_logits, rtol=1e-4, atol=1e-4)
     assert (merged_logits - original).abs().max() > 1e-3  # the adapter learned something
     prompt = torch.tensor([[5, 6, 7]])
-    for settings in (dict(), dict(unmasking="confidence", block_length=4, steps=4), dict(sampler="ancestral", steps=8)):
+    every_sampler = (dict(), dict(tokens_per_step=2), dict(unmasking="confidence", block_length=4, steps=4),
+                     dict(unmasking="entropy", confidence_threshold=0.5, block_length=4, use_cache=True),
+                     dict(sampler="ancestral", steps=8), dict(sampler="ancestral_cache", steps=8),
+                     dict(sampler="ancestral", steps=8, remasking="remdm"))
+    for settings in every_sampler:
         out = adapted.generate(prompt, max_new_tokens=8, generator=torch.Generator().manual_seed(0), **settings)
         assert out.shape == (1, 11) and not (out == merged.config.mask_token_id).any()
     with pytest.raises(ValueError, match="'attn' matches no module"):
         train(sft_run(tmp_path, "bad", lora_r=4, lora_target_modules=["attn"]))
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
 
 
 def saved_activation_bytes(model, ids, labels) -> int:

@@ -14,6 +14,8 @@ import copy
 import dataclasses
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,21 +288,26 @@ class InputError(ValueError):
 
 
 @contextlib.contextmanager
-def input_checks():
-    """Turns a ValueError raised inside the block into an InputError (errors of the loop itself stay as they are)."""
+def input_checks(output_dir: Path):
+    """Turns a ValueError raised inside the block into an InputError (errors of the loop itself stay as they are).
+    If `output_dir` did not exist or was empty, what the set-up wrote there (the run config, a trained tokenizer) is
+    removed with it, so that a corrected command can use the same directory."""
+    fresh = not output_dir.exists() or (output_dir.is_dir() and not any(output_dir.iterdir()))
     try:
         yield
-    except InputError:
-        raise
     except ValueError as error:
+        if fresh and output_dir.is_dir() and int(os.environ.get("RANK", "0")) == 0:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        if isinstance(error, InputError):
+            raise
         raise InputError(str(error)) from error
 
 
 def train(config: TrainConfig) -> dict:
     """Runs (or resumes) training as `config` says; returns the final validation metrics."""
     # ---------------------------------------------------------------- set-up: processes, output directory
-    with input_checks():  # a ValueError in set-up is bad input: the CLI reports it without a traceback
-        output_dir = Path(config.output_dir)
+    output_dir = Path(config.output_dir)
+    with input_checks(output_dir):  # a ValueError in set-up is bad input: the CLI reports it without a traceback
         run_config = dataclasses.asdict(config)
         if config.model_config is None and config.init_from is None:
             run_config["model_config"] = "tiny"  # the default, spelled as runs before --init-from saved it
