@@ -12,7 +12,16 @@ from hf_mdm.sampling_mdm import (
     get_noise_schedule,
 )
 
-from precision import TRUNCATION, ancestral_step_categorical, truncated_gumbel_probabilities
+from precision import (
+    TRUNCATION,
+    UNIFORM_SPACING,
+    ancestral_step_categorical,
+    grid_suppression,
+    prop52_suppression,
+    race_win_probability,
+    truncated_gumbel_probabilities,
+    zero_probability,
+)
 
 
 @pytest.mark.parametrize("name", ["linear", "loglinear", "cosine"])
@@ -122,6 +131,81 @@ def test_float32_sampler_undersamples_the_tail_and_float64_does_not():
     assert stats.chisquare(observed32, closed_form * rows).pvalue > 1e-3
     tail32, expected_tail = observed32[-1], truth[-1] * rows
     assert stats.poisson.cdf(tail32, expected_tail) < 1e-3, (tail32, expected_tail)
+
+
+def test_cpu_uniforms_are_the_grid_the_grid_law_assumes():
+    """torch's CPU float32 `rand` is k 2^-24 with k = 0 ... 2^24 - 1 uniform (ATen masks 24 bits of a 32-bit draw), so
+    the smallest noise values CategoricalSampler can draw are the cells -log(1 - j 2^-24), computed by its own
+    float32 log. float16 rounds a float32 uniform to the nearest half and returns 0 where it rounded to 1.0: near 1
+    the cells 1 - j 2^-11, and U = 0 with probability 2^-12 + 2^-24 (`zero_probability`)."""
+    generator = torch.Generator().manual_seed(0)
+    cells = torch.rand(4_000_000, generator=generator).double() * 2**24
+    assert torch.equal(cells, cells.round()) and 0 <= cells.min() and cells.max() <= 2**24 - 1
+    k = cells.long()
+    for bins in (k & 255, k >> 16):  # low and high bits of k uniform over 256 values
+        assert stats.chisquare(torch.bincount(bins, minlength=256).numpy()).pvalue > 1e-3
+    j = torch.arange(1, 65, dtype=torch.float64)
+    top = (1 - j * 2.0**-24).float()
+    assert torch.equal(top.double(), 1 - j * 2.0**-24)  # exactly representable: the grid's top cells
+    noise = top.log().neg()  # as CategoricalSampler.draw computes E from U
+    torch.testing.assert_close(noise.double(), -torch.log1p(-j * 2.0**-24), rtol=2e-7, atol=0)
+
+    half = torch.rand(4_000_000, dtype=torch.float16, generator=generator).double()
+    near_one = half[half >= 0.5] * 2**11
+    assert torch.equal(near_one, near_one.round()) and half.max() == 1 - 2.0**-11
+    zeros = int((half == 0).sum())
+    expected = 4_000_000 * zero_probability("float16")
+    assert min(stats.poisson.cdf(zeros, expected), stats.poisson.sf(zeros - 1, expected)) > 5e-4, (zeros, expected)
+
+
+def test_grid_law_exact_race_against_enumeration_and_the_audit_numbers():
+    """`race_win_probability` against brute force on a coarse grid (s = 2^-6: all 64^3 outcomes of 2 tokens and the
+    rest), then the audit's float32 race: 3M races of 1000 tokens of weight 2 x 2^-24 against "stay masked". The grid
+    law predicts 275.8 token wins (275.6 from r / (e^r - 1) alone, the 0.2 more from stay-masked drawing U = 0),
+    Prop. 5.2 216.9, a continuous U 357.6."""
+    s = 2.0**-6
+    weight, rest = 2 * s, 1 - 4 * s
+    with np.errstate(divide="ignore"):
+        noise = -np.log(np.arange(64) * s)  # U = 0: E = inf, ratio 0
+    ratio = lambda p: np.where(np.isinf(noise), 0.0, p / noise)
+    outcomes = np.stack(np.broadcast_arrays(ratio(weight)[:, None, None], ratio(weight)[None, :, None],
+                                            ratio(rest)[None, None, :]), -1)
+    brute_force = (outcomes.argmax(-1) != 2).mean()
+    # All three U = 0 (probability s^3): argmax takes the first index, a token; the law leaves that tie out.
+    assert abs(race_win_probability(weight, 2, rest, s) - brute_force) == pytest.approx(s**3, rel=1e-6)
+
+    s = UNIFORM_SPACING["float32"]
+    weight, tokens = 2 * s, 1000
+    rest = 1 - tokens * weight
+    grid = 3e6 * race_win_probability(weight, tokens, rest)
+    closed = 3e6 * tokens * weight * grid_suppression(weight, rest)
+    prop52 = 3e6 * truncated_gumbel_probabilities(np.array([weight] * tokens + [rest]), TRUNCATION["float32"])[:tokens].sum()
+    assert grid == pytest.approx(275.83, abs=0.01) and closed == pytest.approx(275.65, abs=0.01)
+    assert prop52 == pytest.approx(216.93, abs=0.01)
+    assert prop52 == pytest.approx(3e6 * tokens * weight * prop52_suppression(weight, rest), rel=1e-6)
+    assert grid_suppression(weight) == pytest.approx(0.5 / np.expm1(0.5), rel=1e-6)
+
+
+def test_float16_race_follows_the_grid_law_not_prop52():
+    """CategoricalSampler's race on torch's real CPU uniforms, in float16, whose grid (2^-11) makes a token win
+    2^13 times more often per draw than float32's, so 2M races tell the laws apart (float32 needs ~1e10 draws:
+    benchmarks/float32_law.py). 16 tokens of weight 2 x 2^-11 (r = 0.48) against stay-masked: the count of token
+    wins agrees with the grid law (two-sided Poisson p > 0.001) and rejects Prop. 5.2 and the true probability
+    (p < 1e-10; they predict 19110 and 31250 against the grid's 24594)."""
+    s, tokens, races = UNIFORM_SPACING["float16"], 16, 2_000_000
+    weight = 2 * s
+    rest = 1 - tokens * weight
+    sampler = CategoricalSampler(dtype=torch.float16, generator=torch.Generator().manual_seed(1))
+    weights = torch.tensor([weight] * tokens + [rest], dtype=torch.float16).expand(100_000, -1)
+    wins = sum(int((sampler.draw(weights) != tokens).sum()) for _ in range(races // 100_000))
+
+    def two_sided(expected):
+        return 2 * min(stats.poisson.cdf(wins, expected), stats.poisson.sf(wins - 1, expected))
+
+    grid = races * race_win_probability(weight, tokens, rest, s, zero_probability("float16"))
+    prop52 = races * truncated_gumbel_probabilities(np.array([weight] * tokens + [rest]), TRUNCATION["float16"])[:tokens].sum()
+    assert two_sided(grid) > 1e-3, (wins, grid)
+    assert two_sided(prop52) < 1e-10 and two_sided(races * tokens * weight) < 1e-10, (wins, prop52)
 
 
 def test_first_hitting_times_follow_order_statistics():
