@@ -277,3 +277,54 @@ def test_ancestral_cache_refuses_time_conditioned_models():
         model.generate(max_new_tokens=4, sampler="ancestral_cache")
     out = model.generate(max_new_tokens=4, sampler="ancestral", steps=8, return_dict_in_generate=True)
     assert (out.sequences != model.config.mask_token_id).all()
+
+
+def _row_statistic(sequences: torch.Tensor) -> torch.Tensor:
+    """A per-sample number with spread under the oracle's joint: count of token 0, plus 2 if the ends agree."""
+    return ((sequences == 0).sum(1) + 2 * (sequences[:, 0] == sequences[:, -1])).double()
+
+
+@pytest.mark.parametrize(
+    "settings, batches",
+    [(dict(sampler="first_hitting", sampling_dtype="float64"), 300),
+     (dict(sampler="first_hitting", sampling_dtype="float32"), 300),
+     (dict(sampler="ancestral_cache", steps=16, sampling_dtype="float64"), 150)],
+    ids=["fhs-float64", "fhs-float32", "ancestral_cache-float64"],
+)
+def test_rows_of_a_batch_and_batches_of_consecutive_seeds_are_independent(oracle, settings, batches):
+    """Batches of 32 with seeds 0, 1, 2, ... (as `hf-mdm evaluate` and examples/reproduce_paper.py draw them): the
+    batch means of a per-sample statistic vary only as much as the rows within a batch allow (one-way ANOVA across
+    batches p > 0.001), neighbouring rows of a batch are uncorrelated, and so are rows at the same index in batches
+    of consecutive seeds (Pearson p > 0.001). The same data with a tenth of each batch's rows copied from its first
+    row (intraclass correlation ~0.02) fails the ANOVA at p < 1e-6: the test sees a correlation that small."""
+    statistic = torch.stack([
+        _row_statistic(oracle.generate(max_new_tokens=LENGTH, num_return_sequences=32, generator=torch.Generator().manual_seed(seed),
+                                       **settings))
+        for seed in range(batches)
+    ]).numpy()  # (batches, 32)
+    assert stats.f_oneway(*statistic).pvalue > 1e-3
+    assert stats.pearsonr(statistic[:, ::2].ravel(), statistic[:, 1::2].ravel()).pvalue > 1e-3
+    assert stats.pearsonr(statistic[:-1].ravel(), statistic[1:].ravel()).pvalue > 1e-3
+    copied = statistic.copy()
+    copied[:, 1::10] = copied[:, :1]
+    assert stats.f_oneway(*copied).pvalue < 1e-6
+
+
+def test_a_sample_depends_on_its_seed_alone():
+    """Nothing carries from one generate() call to the next: after other samplers, dtypes and seeds have run in the
+    same process, and after the global RNGs moved (the AR baseline seeds torch's), the same seed gives the same
+    samples, as it did in a fresh process when results/paper was made (the order of settings in a part does not
+    matter)."""
+    import numpy as np
+
+    model = tiny_model()
+    kwargs = dict(max_new_tokens=12, num_return_sequences=4)
+    first = model.generate(generator=torch.Generator().manual_seed(3), sampling_dtype="float64", **kwargs)
+    model.generate(generator=torch.Generator().manual_seed(3), sampling_dtype="float32", **kwargs)
+    model.generate(generator=torch.Generator().manual_seed(4), sampler="ancestral_cache", steps=48, **kwargs)
+    torch.manual_seed(123)
+    np.random.seed(123)
+    torch.rand(1000)
+    again = model.generate(generator=torch.Generator().manual_seed(3), sampling_dtype="float64", **kwargs)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, model.generate(generator=torch.Generator().manual_seed(4), **kwargs))
