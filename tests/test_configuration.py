@@ -54,3 +54,16 @@ def test_invalid_config_names_the_field(overrides, field):
 def test_unknown_schedule_lists_allowed_values():
     with pytest.raises(ValueError, match="loglinear"):
         tiny_config(noise_schedule="nope")
+
+
+def test_mdlm_behaviour_fields_default_off_round_trip_and_are_validated(tmp_path):
+    """attend_to_padding and length_extrapolation (MDLM's DiT: no attention mask, rotary positions past the training
+    length) are off for models trained here, saved and restored, and must be booleans."""
+    assert (tiny_config().attend_to_padding, tiny_config().length_extrapolation) == (False, False)
+    config = tiny_config(attend_to_padding=True, length_extrapolation=True)
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert (loaded.attend_to_padding, loaded.length_extrapolation) == (True, True)
+    for field in ("attend_to_padding", "length_extrapolation"):
+        with pytest.raises(ValueError, match=rf"MDMConfig\.{field} must be True or False, got 'yes'"):
+            tiny_config(**{field: "yes"})

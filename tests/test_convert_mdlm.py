@@ -10,6 +10,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from hf_mdm.convert import ConversionError, UnsafeCheckpointError, convert_mdlm,
 from hf_mdm.convert.cli import add_convert_parser
 from hf_mdm.convert.mdlm import mdm_config_from_mdlm
 
+import mdlm_pickles
 from mdlm_reference import (
     MDLMReferenceDiT,
     OmegaConfLikeNode,
@@ -574,3 +576,256 @@ def test_command_line(tmp_path):
     assert (args.format, args.no_ema, args.time_conditioning) == ("mdlm", True, False)
     args.func(args)
     assert (tmp_path / "dst2" / "config.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints as MDLM's training really writes them (tests/mdlm_pickles.py): omegaconf / hydra containers with a
+# filled resolver cache, the run's tokenizer and its own [MASK], MDLM's attention and lengths.
+# ----------------------------------------------------------------------------------------------------------------
+
+REAL_PICKLES = Path(__file__).parent / "data" / "mdlm_pickles"
+
+
+def inert_tree(value, seen=()):
+    """A comparable picture of what the inert unpickler built: stand-ins by name, args and state; sets unordered."""
+    from hf_mdm.convert.safe_load import PickledObject
+
+    if isinstance(value, PickledObject):
+        if id(value) in seen:
+            return ("cycle", value.qualified_name)
+        seen = seen + (id(value),)
+        return ("object", value.qualified_name, inert_tree(list(value.args), seen), inert_tree(value.state, seen))
+    if isinstance(value, type) and issubclass(value, PickledObject):
+        return ("class", value.qualified_name)
+    if isinstance(value, dict):
+        return ("dict", type(value).__name__, {key: inert_tree(item, seen) for key, item in value.items()})
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, [inert_tree(item, seen) for item in value])
+    if isinstance(value, set):
+        return ("set", frozenset(value))
+    return value
+
+
+def test_the_writer_pickles_what_omegaconf_hydra_and_transformers_pickle():
+    """tests/data/mdlm_pickles/*.pkl were pickled by omegaconf 2.3.0 / hydra-core 1.3.2 / transformers 4.38.2
+    (make_real_pickles.py). mdlm_pickles.py must write the same globals, the same opcode sequence and, read back
+    inertly, the same objects (only the order of a set's elements may differ, with the hash seed)."""
+    import io
+    import pickletools
+
+    from hf_mdm.convert.safe_load import load_pickle_inertly
+
+    real_config = {"mode": "train", "backbone": "dit", "parameterization": "subs", "time_conditioning": False,
+                   "model": {"hidden_size": 64, "n_heads": 4, "length": 32, "dropout": 0.1},
+                   "noise": {"type": "loglinear", "sigma_min": 1e-4},
+                   "wandb": {"tags": ["${noise.type}", "owt"]}, "hydra_mode": mdlm_pickles.RUN_MODE,
+                   "run_dir": "./outputs/${now:%Y.%m.%d}/${now:%H%M%S}"}
+    bert_words = ["[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghij") + ["the", "##s"]
+    ours = {"omegaconf_config": mdlm_pickles.omegaconf_config(real_config, mdlm_pickles.NOW_CACHE),
+            "bert_tokenizer": mdlm_pickles.bert_tokenizer(bert_words),
+            "gpt2_tokenizer_fast": mdlm_pickles.gpt2_tokenizer_fast("abcdefghijĠ.,"),
+            "text8_tokenizer": mdlm_pickles.text8_tokenizer()}
+    for name, obj in ours.items():
+        real = (REAL_PICKLES / f"{name}.pkl").read_bytes()
+        buffer = io.BytesIO()
+        mdlm_pickles.NamedGlobalPickler(buffer, protocol=2).dump(obj)
+        written = buffer.getvalue()
+
+        def opcodes(data):
+            return [(op.name, arg if op.name == "GLOBAL" else None) for op, arg, _ in pickletools.genops(data)]
+
+        assert opcodes(written) == opcodes(real), name
+        assert len(written) == len(real), name
+        assert inert_tree(load_pickle_inertly(written)) == inert_tree(load_pickle_inertly(real)), name
+    config = load_pickle_inertly((REAL_PICKLES / "omegaconf_config.pkl").read_bytes())
+    assert config.state["_metadata"].state["resolver_cache"] == mdlm_pickles.NOW_CACHE  # read as a plain dict
+
+
+@pytest.fixture
+def import_traps(tmp_path, monkeypatch):
+    """Importable `omegaconf`, `hydra` and `dataloader` (MDLM's module) that record being imported: unpickling the
+    checkpoint for real would import them to build its objects."""
+    traps = tmp_path / "traps"
+    traps.mkdir()
+    marker = tmp_path / "imported.txt"
+    for name in ("omegaconf", "hydra", "dataloader"):
+        (traps / f"{name}.py").write_text(f"open({str(marker)!r}, 'a').write('{name}\\n')\n")
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.syspath_prepend(str(traps))
+    yield marker
+    assert not marker.exists(), f"imported while converting: {marker.read_text()}"
+    for name in ("omegaconf", "hydra", "dataloader"):
+        assert name not in sys.modules
+
+
+def _mdlm_style_checkpoint(tmp_path, kind, seed=30, time_conditioning=False, **config_overrides):
+    make_tokenizer, ids = mdlm_pickles.TOKENIZERS[kind]
+    reference = random_reference(seed=seed, vocab_size=ids["vocab_size"], time_conditioning=time_conditioning)
+    raw = random_reference(seed=seed + 1, vocab_size=ids["vocab_size"], time_conditioning=time_conditioning)
+    config = mdlm_pickles.omegaconf_config(mdlm_pickles.mdlm_hydra_config(reference, **config_overrides),
+                                           mdlm_pickles.NOW_CACHE)
+    path = mdlm_pickles.save_mdlm_checkpoint(tmp_path / f"{kind}.ckpt", raw, ema_model=reference, config=config,
+                                             tokenizer=make_tokenizer())
+    return path, reference, ids
+
+
+def compare_any_vocab(reference, model, mask_id, case, length=24, **inputs_kwargs):
+    """`compare` for any vocabulary and [MASK] id: random partly masked ids, padded rows against the row alone."""
+    vocab = reference.fields["vocab_size"]
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (3, length), generator=generator)
+    ids[ids == mask_id] = (mask_id + 1) % vocab
+    ids[torch.rand(3, length, generator=generator) < 0.4] = mask_id
+    sigma = torch.rand(3, generator=generator, dtype=torch.float64).float() * 6.9
+    keep = [i for i in range(vocab) if i != mask_id]
+    with torch.no_grad():
+        difference = (reference(ids, sigma)[..., keep] - model(ids, timesteps=sigma).logits[..., keep]).abs().max().item()
+    MEASURED[case] = difference
+    assert difference <= TOLERANCE, f"{case}: max |logit difference| {difference:.3g}"
+    return ids, sigma
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "text8"], ids=["lm1b_bert", "owt_gpt2", "text8"])
+def test_a_checkpoint_written_as_mdlm_writes_it_converts(tmp_path, kind, import_traps):
+    """MDLM's Lightning checkpoint: hydra's omegaconf config with the `now` resolver cache filled (a non-empty
+    defaultdict), the run's tokenizer, EMA. It converts without constructing anything, with the run's own [MASK]
+    and special ids, to the EMA network's logits."""
+    path, reference, ids = _mdlm_style_checkpoint(tmp_path, kind)
+    assert "collections.defaultdict" in torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    result = convert_mdlm(path, tmp_path / "dst")
+    config = result.model.config
+    expected_pad = None if ids["pad"] == ids["mask"] else ids["pad"]  # GPT-2 runs: MDLM's [PAD] is the [MASK] id
+    assert (config.vocab_size, config.mask_token_id) == (ids["vocab_size"], ids["mask"])
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (ids["bos"], ids["eos"], expected_pad)
+    assert result.source.used_ema and config.num_attention_heads == reference.fields["n_heads"]
+    assert any("read from the checkpoint" in note for note in result.notes)
+    assert not any("assumed [MASK]" in note for note in result.notes)
+    if expected_pad is None:
+        assert any("pad_token_id left unset" in note for note in result.notes)
+    generation = MDMGenerationConfig.from_pretrained(tmp_path / "dst")
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (ids["bos"], ids["eos"], expected_pad)
+    compare_any_vocab(reference, AutoModel.from_pretrained(tmp_path / "dst").eval(), ids["mask"], f"MDLM-written {kind}")
+
+
+def test_the_run_tokenizer_mask_id_wins_and_cannot_be_contradicted(tmp_path):
+    """bert-base-uncased's [MASK] is 103, not vocab_size - 1: a converter that ignored the pickled tokenizer would
+    set 109 here. Asking for another id is refused; asking for the same one is fine."""
+    path, reference, ids = _mdlm_style_checkpoint(tmp_path, "bert", seed=32)
+    assert ids["mask"] == 103 and ids["vocab_size"] - 1 == 109
+    with pytest.raises(ConversionError, match=r"mask_token_id=109 was asked, but the run's tokenizer pickled in the "
+                                              r"checkpoint \(transformers\.models\.bert\.tokenization_bert\.BertTokenizer\) "
+                                              r"gives \[MASK\] = 103"):
+        convert_mdlm(path, tmp_path / "dst", mask_token_id=109)
+    result = convert_mdlm(path, tmp_path / "same", mask_token_id=103, verify=False)
+    assert result.model.config.mask_token_id == 103
+
+
+def test_an_unreadable_tokenizer_says_which_mask_id_it_assumed_and_how_to_override(tmp_path):
+    reference = random_reference(seed=33, vocab_size=40)
+    config = mdlm_pickles.omegaconf_config(mdlm_pickles.mdlm_hydra_config(reference), mdlm_pickles.NOW_CACHE)
+    custom = mdlm_pickles.make("my_project.tokenizers", "CharTokenizer", alphabet="abc")  # no special tokens recorded
+    path = mdlm_pickles.save_mdlm_checkpoint(tmp_path / "x.ckpt", reference, config=config, tokenizer=custom)
+    with pytest.warns(UserWarning, match=r"assumed \[MASK\] = 39 .*my_project\.tokenizers\.CharTokenizer.*"
+                                         r"--mask-token-id ID \(mask_token_id=ID\)"):
+        result = convert_mdlm(path, tmp_path / "dst")
+    assert result.model.config.mask_token_id == 39
+    assert any("assumed [MASK] = 39" in note for note in result.notes)
+    assert "assumed [MASK] = 39" in (tmp_path / "dst" / "README.md").read_text()
+    overridden = convert_mdlm(path, tmp_path / "dst2", mask_token_id=4)
+    assert overridden.model.config.mask_token_id == 4 and not any("assumed" in n for n in overridden.notes)
+    compare_any_vocab(reference, overridden.model, 4, "unreadable tokenizer, --mask-token-id 4")
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cli = subprocess.run([sys.executable, "-m", "hf_mdm.convert.cli", "mdlm", str(path), str(tmp_path / "dst3")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    assert "note: assumed [MASK] = 39" in cli.stdout and "--mask-token-id" in cli.stdout
+
+
+@pytest.mark.parametrize("where", ["resolver_cache_factory", "enum_member"])
+def test_code_running_globals_inside_omegaconf_containers_are_refused(tmp_path, where):
+    """The containers are read; what they name is still checked: a defaultdict whose default factory is
+    os.system, or an "enum member" REDUCE'd through builtins.eval, is refused before anything is unpickled."""
+    reference = random_reference(seed=34, vocab_size=VOCAB)
+    content = mdlm_pickles.mdlm_hydra_config(reference)
+    config = mdlm_pickles.omegaconf_config(content, mdlm_pickles.NOW_CACHE)
+    if where == "resolver_cache_factory":
+        config._metadata.resolver_cache = defaultdict(os.system, {"now": {}})
+        expected = r"(posix|nt)\.system"
+    else:
+        class EvalMember:
+            def __reduce_ex__(self, protocol):
+                return eval, ("1 + 1",)
+
+        config._content["hydra_mode"]._val = EvalMember()
+        expected = r"builtins\.eval"
+    path = mdlm_pickles.save_mdlm_checkpoint(tmp_path / "evil.ckpt", reference, config=config,
+                                             tokenizer=mdlm_pickles.text8_tokenizer())
+    with pytest.raises(UnsafeCheckpointError, match=rf"refusing .*evil\.ckpt: its pickle calls .*{expected}"):
+        convert_mdlm(path, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
+
+
+def test_mdlm_attention_over_padding_as_a_conversion_choice(tmp_path):
+    """MDLM's DiT has no attention mask: on a padded batch it attends to the padding. attend_to_padding=True gives
+    exactly MDLM's logits on the padded ids; the default (padding masked) gives each row's logits alone."""
+    path, reference, ids = _mdlm_style_checkpoint(tmp_path, "text8", seed=35,
+                                                  data={"train": "text8", "wrap": False})
+    mdlm_like = convert_mdlm(path, tmp_path / "mdlm_like", attend_to_padding=True)
+    default = convert_mdlm(path, tmp_path / "default")
+    assert any("data.wrap = False" in note and "--attend-to-padding" in note for note in default.notes)
+    assert MDMConfig.from_pretrained(tmp_path / "mdlm_like").attend_to_padding is True
+    assert MDMConfig.from_pretrained(tmp_path / "default").attend_to_padding is False
+    assert "attended to, attention_mask ignored" in (tmp_path / "mdlm_like" / "README.md").read_text()
+
+    generator = torch.Generator().manual_seed(1)
+    padded = torch.randint(8, 35, (2, 20), generator=generator)
+    attention_mask = torch.ones(2, 20, dtype=torch.long)
+    padded[0, 14:], attention_mask[0, 14:] = ids["pad"], 0  # right padding with the run's [PAD]
+    padded[1, :5], attention_mask[1, :5] = ids["pad"], 0  # left padding
+    padded[:, 7] = ids["mask"]
+    keep = [i for i in range(35) if i != ids["mask"]]
+    model = AutoModel.from_pretrained(tmp_path / "mdlm_like").eval()
+    with torch.no_grad():
+        theirs = reference(padded, torch.zeros(2))
+        ours = model(padded, attention_mask=attention_mask).logits
+        masked = default.model(padded, attention_mask=attention_mask).logits
+        alone = default.model(padded[:1, :14]).logits
+    MEASURED["attend_to_padding, padded batch"] = (theirs - ours)[..., keep].abs().max().item()
+    assert MEASURED["attend_to_padding, padded batch"] <= TOLERANCE
+    assert (theirs - masked)[..., keep].abs().max() > 1e-2  # the default does differ from MDLM on padding
+    assert (alone[0] - masked[0, :14])[..., keep].abs().max() <= TOLERANCE
+
+
+def test_mdlm_length_extrapolation_as_a_conversion_choice(tmp_path):
+    """MDLM's rotary DiT runs sequences longer than its training length (here 32). length_extrapolation=True runs
+    them too, with a warning, and gives MDLM's logits; the default refuses them, naming the setting."""
+    from transformers.utils import logging as hf_logging
+
+    from hf_mdm import modeling_mdm
+
+    path, reference, ids = _mdlm_style_checkpoint(tmp_path, "gpt2", seed=36, time_conditioning=True)
+    longer = convert_mdlm(path, tmp_path / "longer", length_extrapolation=True).model
+    default = convert_mdlm(path, tmp_path / "default").model
+    assert MDMConfig.from_pretrained(tmp_path / "longer").length_extrapolation is True
+    with pytest.raises(ValueError, match=r"seq_len 48, longer than max_position_embeddings \(32\).*length_extrapolation"):
+        default(torch.zeros(1, 48, dtype=torch.long))
+    hf_logging.enable_propagation()
+    type(modeling_mdm.logger).warning_once.cache_clear()
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    modeling_mdm.logger.addHandler(handler)
+    try:
+        compare_any_vocab(reference, longer, ids["mask"], "length_extrapolation, 48 > 32 positions", length=48)
+    finally:
+        modeling_mdm.logger.removeHandler(handler)
+    assert any("longer than max_position_embeddings (32): running anyway" in record.getMessage() for record in records)
+    out = longer.generate(max_new_tokens=40, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 40) and (out != ids["mask"]).all()
+    with pytest.raises(ValueError, match=r"exceeds the model's max_position_embeddings \(32\)"):
+        default.generate(max_new_tokens=40)

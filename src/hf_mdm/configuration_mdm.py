@@ -107,6 +107,14 @@ class MDMConfig(PreTrainedConfig):
         initializer_range (`float`): std of the normal initialisation of linear and embedding weights.
         tie_word_embeddings (`bool`): share the token embedding with the output projection's weight (MDLM's DiT
             does not).
+        attend_to_padding (`bool`): False (the default): `attention_mask` keeps padding out of attention and rotary
+            positions count real tokens only, so a padded row gives the logits it would give alone. True: MDLM's
+            DiT, which has no attention mask: the network ignores `attention_mask`, every position attends to
+            every position, padding included, at rotary positions 0..L-1 (a converted MDLM model trained on padded
+            data, such as LM1B, saw its padding that way). `attention_mask` still says what the loss scores.
+        length_extrapolation (`bool`): False (the default): a sequence longer than `max_position_embeddings` is
+            refused. True: it runs, with a warning, the rotary positions extrapolating past the training length, as
+            MDLM's rotary DiT runs them.
 
     `output_hidden_states`, `output_attentions` and `return_dict` are the usual `PreTrainedConfig` fields: they set
     the defaults of the model's `forward` arguments of the same names.
@@ -134,6 +142,8 @@ class MDMConfig(PreTrainedConfig):
     noise_eps: float = 1e-3
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
+    attend_to_padding: bool = False
+    length_extrapolation: bool = False
 
     def __post_init__(self, **kwargs):
         if self.mask_token_id is None and _is_int(self.vocab_size):
@@ -160,8 +170,9 @@ class MDMConfig(PreTrainedConfig):
             raise ValueError(f"MDMConfig.mlp_ratio must be a positive number, got {self.mlp_ratio!r}.")
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"MDMConfig.dropout must be a number in [0, 1), got {self.dropout!r}.")
-        if not isinstance(self.time_conditioning, bool):
-            raise ValueError(f"MDMConfig.time_conditioning must be True or False, got {self.time_conditioning!r}.")
+        for field in ("time_conditioning", "attend_to_padding", "length_extrapolation"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"MDMConfig.{field} must be True or False, got {getattr(self, field)!r}.")
         check_shared_fields(self)
 
     @property

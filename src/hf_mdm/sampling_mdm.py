@@ -575,6 +575,22 @@ class RemaskingSchedule:
         return sigma, sigma[:, None].expand_as(confidence).masked_fill(~decoded, 0.0)
 
 
+NOISE_REMOVAL_MODES = ("mdlm", "last_step_argmax")
+# MDLM's `Diffusion._sample(eps=1e-5)`: its time grid ends here, and noise removal runs the network at this time.
+MDLM_NOISE_REMOVAL_TIME = 1e-5
+
+
+def noise_removal_mode(value) -> str | None:
+    """`MDMGenerationConfig.noise_removal` as a mode: None (off), "mdlm" (also True) or "last_step_argmax"."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "mdlm"
+    if value in NOISE_REMOVAL_MODES:
+        return value
+    raise ValueError(f"noise_removal must be one of (False, True) + {NOISE_REMOVAL_MODES}, got {value!r}.")
+
+
 class AncestralSampler:
     """MDLM's ancestral sampler ("ddpm") on a uniform grid of `steps` times from 1 down to 0 (notes section 3.1).
 
@@ -582,8 +598,20 @@ class AncestralSampler:
     ((alpha_s - alpha_t) / (1 - alpha_t)) p(x | x_t), or stays masked with probability
     (1 - alpha_s) / (1 - alpha_t): one categorical over V + 1 classes per position (the [MASK] column, of
     probability zero as a token, carries "stay masked"), drawn in the sampling dtype, which is how
-    float32 lowers the temperature. `noise_removal` replaces the last step's sampling by an argmax, as
-    MDLM's scripts do. With `reuse_unchanged` ("ancestral_cache", MDLM's "ddpm_cache"), a row whose tokens
+    float32 lowers the temperature.
+
+    `noise_removal`:
+        - None: the grid ends at t = 0, where alpha = 1, so the last step unmasks every position left.
+        - "mdlm" (MDLM's `sampling.noise_removal`, its `_sample` with eps = `final_time` = 1e-5): the grid
+          1 = t_0 > ... > t_steps = final_time (`torch.linspace(1, eps, steps + 1)`), every step sampled, then ONE
+          extra network call at t = final_time whose argmax fills only the positions still masked (MDLM's SUBS
+          output carries the unmasked ones over). That call is made only for rows with positions left, so NFE is
+          at most steps + 1.
+        - "last_step_argmax" (hf_mdm's earlier `noise_removal=True`): the grid ends at 0 and the last step takes
+          the argmax at every position still masked instead of sampling it. Not MDLM's: it replaces a whole
+          sampled step by an argmax.
+
+    With `reuse_unchanged` ("ancestral_cache", MDLM's "ddpm_cache"), a row whose tokens
     did not change since its last network call reuses that call's probabilities (kept in the sampling dtype,
     batch x L x V values); only changed rows are recomputed. That is valid only for a time-agnostic network.
 
@@ -592,21 +620,26 @@ class AncestralSampler:
     With blocks, each block runs its own grid of `steps / num_blocks` times, over its own positions only.
     """
 
-    def __init__(self, schedule, categorical, steps: int, noise_removal=False, reuse_unchanged=False, mask_token_id=None,
-                 remasking: RemaskingSchedule | None = None):
+    def __init__(self, schedule, categorical, steps: int, noise_removal=None, reuse_unchanged=False, mask_token_id=None,
+                 remasking: RemaskingSchedule | None = None, final_time: float = MDLM_NOISE_REMOVAL_TIME):
         self.schedule = schedule
         self.categorical = categorical
         self.steps = steps
-        self.noise_removal = noise_removal
+        self.noise_removal = noise_removal_mode(noise_removal)
         self.reuse_unchanged = reuse_unchanged
         self.mask_token_id = mask_token_id
         self.remasking = remasking
+        if not 0 < final_time < 1:
+            raise ValueError(f"final_time must lie in (0, 1), got {final_time!r}.")
+        # Where the time grid ends: MDLM's eps with its noise removal, else 0.
+        self.end_time = final_time if self.noise_removal == "mdlm" else 0.0
 
     def step_limit(self, state: DiffusionState) -> int:
+        extra_call = int(self.noise_removal == "mdlm")  # the argmax call after each grid
         if state.block_length is None:
-            return self.steps
+            return self.steps + extra_call
         per_block, extra = divmod(self.steps, state.num_blocks)
-        return sum(max(per_block + (block < extra), 1) for block in range(state.num_blocks))
+        return sum(max(per_block + (block < extra), 1) + extra_call for block in range(state.num_blocks))
 
     def step(self, state: DiffusionState, denoise: Denoiser) -> DiffusionState:
         device = state.tokens.device
@@ -616,9 +649,13 @@ class AncestralSampler:
         state, entered = enter_blocks(state, keep)
         busy = state.masked.any(dim=1) | (keep if keep is not None else False)
         rows = busy.nonzero().squeeze(1)
-        budget = block_budget(state, self.steps)[rows].double()
-        t = (1.0 - state.block_step[rows].double() / budget).clamp(min=0.0)
-        s = (1.0 - (state.block_step[rows].double() + 1) / budget).clamp(min=0.0)
+        budget = block_budget(state, self.steps)[rows]
+        # The grid t_k = 1 - (1 - end) k / budget, k = 0..budget, from 1 down to end (0, or MDLM's eps).
+        span = 1.0 - self.end_time
+        t = (1.0 - span * state.block_step[rows].double() / budget.double()).clamp(min=self.end_time)
+        s = (1.0 - span * (state.block_step[rows].double() + 1) / budget.double()).clamp(min=self.end_time)
+        # Rows past their grid with positions still masked: MDLM's noise removal, an argmax call at t = end.
+        final = state.block_step[rows] >= budget
         active = candidates(state)
         # Only masked positions of the active blocks are drawn: the (V + 1)-way categorical is the main cost.
         masked_rows, masked_positions = active.nonzero(as_tuple=True)
@@ -650,19 +687,27 @@ class AncestralSampler:
         sigma = remask = None
         if self.remasking is not None:
             sigma, remask = self.remasking.sigmas(alpha_t, alpha_s, decoded, state.confidence[rows])
+        if remask is not None:
+            remask = remask.masked_fill(final[:, None], 0.0)  # the noise-removal call only fills, never remasks
         last_step = s == 0
         confidence = masked_probs
-        if self.noise_removal and bool(last_step.all()):
+        which = row_of[masked_rows]
+        greedy = final[which]  # positions the noise-removal argmax fills
+        if self.noise_removal == "last_step_argmax" and bool(last_step.all()):
+            sampled = masked_probs.argmax(dim=-1)
+        elif bool(greedy.all()):
             sampled = masked_probs.argmax(dim=-1)
         else:
+            greedy_tokens = masked_probs.argmax(dim=-1) if bool(greedy.any()) else None
             kept = 1 - (sigma if sigma is not None else torch.zeros_like(alpha_t))
             token_scale = ((alpha_s - kept * alpha_t) / (1 - alpha_t)).to(masked_probs.dtype)
             stay_masked = ((1 - alpha_s - (1 - kept) * alpha_t) / (1 - alpha_t)).to(masked_probs.dtype)
-            which = row_of[masked_rows]
             weights = masked_probs.mul(token_scale[which, None]) if self.remasking is not None else \
                 masked_probs.mul_(token_scale[which, None])  # in place when nothing else reads the probabilities
             weights[..., self.mask_token_id] = stay_masked[which]
             sampled = self.categorical.draw(weights)
+            if greedy_tokens is not None:
+                sampled = torch.where(greedy, greedy_tokens, sampled)
 
         unmasked_now = sampled != self.mask_token_id
         changed_rows, changed_positions = masked_rows[unmasked_now], masked_positions[unmasked_now]
@@ -704,7 +749,7 @@ SAMPLERS = ("first_hitting", "ancestral", "ancestral_cache")
 UNMASKING_ORDERS = ("random",) + CONFIDENCE_ORDERS
 
 
-def build_sampler(name, schedule, categorical, mask_token_id, tokens_per_step=None, steps=None, noise_removal=False,
+def build_sampler(name, schedule, categorical, mask_token_id, tokens_per_step=None, steps=None, noise_removal=None,
                   unmasking="random", confidence_threshold=None, remasking=None, remasking_schedule="cap",
                   remasking_eta=None):
     """The strategy named by `MDMGenerationConfig.sampler` (and its `unmasking` / `remasking` fields)."""

@@ -11,6 +11,7 @@
 
 import argparse
 import sys
+import warnings
 
 
 def _bool(text: str) -> bool:
@@ -25,20 +26,24 @@ def convert_mdlm_command(args: argparse.Namespace) -> None:
     from .safe_load import ConversionError
 
     try:
-        result = convert_mdlm(
-            args.src,
-            args.dst,
-            revision=args.revision,
-            use_ema=not args.no_ema,
-            n_heads=args.n_heads,
-            model_length=args.model_length,
-            time_conditioning=args.time_conditioning,
-            mask_token_id=args.mask_token_id,
-            tokenizer=args.tokenizer,
-            license=args.license,
-            overwrite=args.overwrite,
-            verify=not args.no_verify,
-        )
+        with warnings.catch_warnings():  # what convert_mdlm warns about is printed below, as a note
+            warnings.filterwarnings("ignore", message="hf_mdm convert mdlm:")
+            result = convert_mdlm(
+                args.src,
+                args.dst,
+                revision=args.revision,
+                use_ema=not args.no_ema,
+                n_heads=args.n_heads,
+                model_length=args.model_length,
+                time_conditioning=args.time_conditioning,
+                mask_token_id=args.mask_token_id,
+                tokenizer=args.tokenizer,
+                attend_to_padding=args.attend_to_padding,
+                length_extrapolation=args.length_extrapolation,
+                license=args.license,
+                overwrite=args.overwrite,
+                verify=not args.no_verify,
+            )
     except ConversionError as error:
         print(f"hf-mdm convert mdlm: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -91,8 +96,13 @@ def _add_format_parsers(parser: argparse.ArgumentParser) -> None:
     mdlm.add_argument("--time-conditioning", type=_bool, metavar="{true,false}",
                       help="whether the network reads the noise level, when the source does not say")
     mdlm.add_argument("--mask-token-id", type=int,
-                      help="[MASK] id (default: the tokenizer's mask token, else vocab_size - 1, as MDLM does)")
+                      help="[MASK] id (default: the run's tokenizer's mask token, else vocab_size - 1, as MDLM does)")
     mdlm.add_argument("--tokenizer", help="folder with tokenizer files to ship (default: SRC's own, if any)")
+    mdlm.add_argument("--attend-to-padding", action="store_true",
+                      help="attend to padding and ignore attention_mask, as MDLM's DiT does (default: padding masked)")
+    mdlm.add_argument("--length-extrapolation", action="store_true",
+                      help="run sequences longer than the training length with a warning, as MDLM's rotary DiT does "
+                           "(default: refused)")
     mdlm.add_argument("--license", help="the card's Hub license id (default: the source card's, else 'other')")
     mdlm.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
     mdlm.add_argument("--no-verify", action="store_true", help="skip reloading DST to check its logits")

@@ -15,17 +15,22 @@ Lightning checkpoint (what MDLM's `main.py` saves, e.g. `mdlm.ckpt`): a `torch.s
     `itertools.chain(backbone.parameters(), noise.parameters())` (the noise schedules have no parameters). MDLM
     validates and samples with the EMA weights, so they are converted when present (`use_ema=False` for the raw
     ones). `hyper_parameters` holds the run's omegaconf config (model.n_heads, model.length, time_conditioning,
-    noise.type, parameterization, backbone), read without constructing it (`safe_load.plain_data`).
+    noise.type, parameterization, backbone) and the run's tokenizer, both read without constructing them
+    (`safe_load.plain_data`, `pickled_tokenizer.read_pickled_tokenizer`).
 
-The converted folder: `MDMConfig` with [MASK] = `vocab_size - 1` (MDLM's rule: the tokenizer's own mask token if it
-has one, else a new last id; 50257 for GPT-2), the log-linear schedule with eps 1e-3 (MDLM's default), and the
-time input = total noise sigma(t) = -log alpha_t, which is what MDLM feeds a time-conditioned DiT; an
-`MDMGenerationConfig` (exact first-hitting sampling); the tokenizer when the source has one; a model card.
+The converted folder: `MDMConfig` with MDLM's [MASK] (the run's tokenizer's own mask token if it has one, e.g. 103
+for bert-base-uncased, else a new last id, `vocab_size - 1`: 50257 for GPT-2), read from the checkpoint's pickled
+tokenizer or a tokenizer folder, else assumed `vocab_size - 1` with a note saying how to override it; the bos / eos
+/ pad ids of the same tokenizer; the log-linear schedule with eps 1e-3 (MDLM's default); the time input = total
+noise sigma(t) = -log alpha_t, which is what MDLM feeds a time-conditioned DiT; optionally MDLM's attention over
+padding and length extrapolation (`attend_to_padding`, `length_extrapolation`); an `MDMGenerationConfig` (exact
+first-hitting sampling); the tokenizer when the source has tokenizer files; a model card.
 """
 
 import hashlib
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +39,7 @@ import torch
 from ..configuration_mdm import MDMConfig
 from ..generation_mdm import MDMGenerationConfig
 from ..modeling_mdm import MDMForMaskedDiffusion
+from .pickled_tokenizer import PickledTokenizerIds, read_pickled_tokenizer
 from .safe_load import (
     ConversionError,
     PickledObject,
@@ -120,6 +126,7 @@ class MDLMSource:
         prefix: the prefix the weights had in the file, for error messages.
         files: the files the weights came from.
         tokenizer_folder: a folder with tokenizer files, if any.
+        tokenizer_ids: a Lightning checkpoint's pickled tokenizer, read inertly (its [MASK] and special ids).
         license: the Hub license id in the source's model card (README.md front matter), if it has one.
         hub_id, revision: set when the source was downloaded from the Hugging Face Hub.
         used_ema: whether `weights` are a Lightning checkpoint's EMA weights.
@@ -133,6 +140,7 @@ class MDLMSource:
     prefix: str
     files: list[Path]
     tokenizer_folder: Path | None = None
+    tokenizer_ids: PickledTokenizerIds | None = None
     license: str | None = None
     hub_id: str | None = None
     revision: str | None = None
@@ -253,6 +261,7 @@ def read_lightning_checkpoint(path: Path, use_ema: bool = True, name: str | None
     _check_run_config(run_config, path)
 
     def known(value):
+        value = _follow_interpolation(value, run_config)
         return None if isinstance(value, (PickledObject, dict, list)) or (isinstance(value, str) and "${" in value) else value
 
     embedding = weights[EMBEDDING_PARAMETERS[0][0]]
@@ -273,6 +282,16 @@ def read_lightning_checkpoint(path: Path, use_ema: bool = True, name: str | None
         source.notes.append("read the architecture from the checkpoint's hyper_parameters.config")
     else:
         source.notes.append("the checkpoint's hyper_parameters hold no readable config: architecture from weight shapes")
+    data = run_config.get("data") if isinstance(run_config.get("data"), dict) else {}
+    if data.get("wrap") is False:
+        source.notes.append("the run trained on padded sequences (data.wrap = False), and MDLM's DiT attends to its "
+                            "padding: convert with attend_to_padding=True (--attend-to-padding) to do the same")
+
+    # The run's tokenizer, pickled by save_hyperparameters(): it decides [MASK] and the special ids.
+    raw_hyper = checkpoint.get("hyper_parameters")
+    pickled_tokenizer = raw_hyper.get("tokenizer") if isinstance(raw_hyper, dict) else None
+    if isinstance(pickled_tokenizer, PickledObject):
+        source.tokenizer_ids = read_pickled_tokenizer(pickled_tokenizer)
 
     ema = checkpoint.get("ema")
     if use_ema and ema is not None:
@@ -284,6 +303,20 @@ def read_lightning_checkpoint(path: Path, use_ema: bool = True, name: str | None
     else:
         source.notes.append("converted the raw (non-EMA) weights, as asked")
     return source
+
+
+def _follow_interpolation(value, run_config: dict, depth: int = 0):
+    """A plain `${a.b.c}` (an absolute omegaconf interpolation, without resolver) looked up in the run's config;
+    anything else unchanged."""
+    match = re.fullmatch(r"\$\{([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*)\}", value) if isinstance(value, str) else None
+    if match is None or depth > 8:
+        return value
+    node = run_config
+    for key in match.group(1).split("."):
+        if not isinstance(node, dict) or key not in node:
+            return value
+        node = node[key]
+    return _follow_interpolation(node, run_config, depth + 1)
 
 
 def _check_run_config(run_config: dict, path: Path) -> None:
@@ -370,8 +403,10 @@ def read_mdlm_source(src: str | Path, revision: str | None = None, use_ema: bool
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def mdm_config_from_mdlm(fields: dict, mask_token_id: int | None = None, **special_tokens) -> MDMConfig:
-    """The `MDMConfig` of an MDLM DiT: same sizes, [MASK] = `vocab_size - 1` unless given, MDLM's log-linear schedule."""
+def mdm_config_from_mdlm(fields: dict, mask_token_id: int | None = None, attend_to_padding: bool = False,
+                         length_extrapolation: bool = False, **special_tokens) -> MDMConfig:
+    """The `MDMConfig` of an MDLM DiT: same sizes, [MASK] = `vocab_size - 1` unless given, MDLM's log-linear schedule;
+    `attend_to_padding` / `length_extrapolation` choose MDLM's handling of padding and of longer sequences."""
     missing = [key for key in ("vocab_size", "hidden_dim", "cond_dim", "n_blocks", "n_heads", "model_length",
                                "time_conditioning") if fields.get(key) is None]
     if missing:
@@ -394,6 +429,8 @@ def mdm_config_from_mdlm(fields: dict, mask_token_id: int | None = None, **speci
             time_conditioning=bool(fields["time_conditioning"]),
             noise_schedule="loglinear",
             noise_eps=MDLM_NOISE_EPS,
+            attend_to_padding=attend_to_padding,
+            length_extrapolation=length_extrapolation,
             **{key: value for key, value in special_tokens.items() if value is not None},
         )
     except ValueError as error:
@@ -434,6 +471,42 @@ def load_mdlm_weights(model: MDMForMaskedDiffusion, weights: dict, prefix: str =
         if not torch.allclose(inv_freq, ours, rtol=1e-6, atol=0):
             raise ConversionError(f"{prefix}{ROTARY_BUFFER} is not the rotary base-10000 table that MDLM and hf_mdm use.")
     model.load_state_dict(converted, strict=True)
+
+
+def _run_tokenizer_ids(ids: PickledTokenizerIds, vocab_size: int, mask_token_id: int | None, notes: list[str]):
+    """[MASK] and the special ids from the run's pickled tokenizer, by MDLM's rule; None if it cannot be read."""
+    if not ids.readable:
+        return None
+    run_mask = ids.ids["mask_token_id"] if ids.mask_token is not None else vocab_size - 1
+    if not 0 <= run_mask < vocab_size:
+        raise ConversionError(f"the run's tokenizer ({ids.class_name}) has [MASK] id {run_mask}, outside the model's "
+                              f"vocabulary of {vocab_size} ids.")
+    if mask_token_id is not None and mask_token_id != run_mask:
+        raise ConversionError(
+            f"mask_token_id={mask_token_id} was asked, but the run's tokenizer pickled in the checkpoint "
+            f"({ids.class_name}) gives [MASK] = {run_mask}, which is what MDLM trained with."
+        )
+    if ids.mask_token is not None:
+        notes.append(f"[MASK] = {run_mask}: the mask token {ids.mask_token!r} of the run's tokenizer ({ids.class_name}, "
+                     "read from the checkpoint)")
+    else:
+        expected = "" if ids.vocab_size in (None, vocab_size - 1) else (
+            f"; note that its vocabulary has {ids.vocab_size} tokens, where MDLM's rule expects {vocab_size - 1}")
+        notes.append(f"[MASK] = {run_mask}: the run's tokenizer ({ids.class_name}, read from the checkpoint) has no mask "
+                     f"token, so MDLM added one as the last id{expected}")
+    special = {}
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = ids.ids.get(name)
+        if value is None:
+            continue
+        if value == run_mask:
+            notes.append(f"the run's {name.replace('_id', '')} is id {value}, the [MASK] id (MDLM adds [PAD] after "
+                         f"GPT-2's vocabulary, where [MASK] is too): {name} left unset")
+        elif not 0 <= value < vocab_size:
+            notes.append(f"the run's {name} {value} lies outside the model's {vocab_size} ids: left unset")
+        else:
+            special[name] = value
+    return run_mask, special
 
 
 def _tokenizer_settings(folder: Path, vocab_size: int, mask_token_id: int | None, notes: list[str]):
@@ -494,6 +567,8 @@ def convert_mdlm(
     time_conditioning: bool | None = None,
     mask_token_id: int | None = None,
     tokenizer: str | Path | None = None,
+    attend_to_padding: bool = False,
+    length_extrapolation: bool = False,
     license: str | None = None,
     overwrite: bool = False,
     verify: bool = True,
@@ -504,8 +579,10 @@ def convert_mdlm(
         1. Read the source: a folder in the Hub layout, a Hub repo id (downloaded), or a Lightning checkpoint
            (EMA weights unless `use_ema=False`). Only safetensors and `torch.load(weights_only=True)` are used.
         2. Make the `MDMConfig`: the source's sizes (`n_heads`, `model_length`, `time_conditioning` override it;
-           a Lightning checkpoint whose config cannot be read needs them), [MASK] by MDLM's rule, log-linear
-           schedule with eps 1e-3.
+           a Lightning checkpoint whose config cannot be read needs them), log-linear schedule with eps 1e-3, and
+           [MASK] by MDLM's rule from the run's tokenizer: the one pickled in a Lightning checkpoint (read
+           inertly), else the tokenizer folder, else `vocab_size - 1`, assumed with a note and a warning saying
+           how to override it (`mask_token_id`). bos / eos / pad come from the same tokenizer.
         3. Copy the weights, checking every name and shape (errors name the key and both shapes).
         4. Save with `save_pretrained` (remote code included), the generation config (first-hitting), the tokenizer
            (from `tokenizer` or the source folder) and a model card naming the source.
@@ -514,8 +591,14 @@ def convert_mdlm(
     Args:
         src: Hub-layout folder, Hub repo id ("kuleshov-group/mdlm-owt") or Lightning `.ckpt` file.
         dst: output folder; must be empty or absent unless `overwrite`.
-        mask_token_id: [MASK] id; default `vocab_size - 1` (or the tokenizer's mask token, as MDLM does).
+        mask_token_id: [MASK] id; default: the run's tokenizer's mask token, else `vocab_size - 1` (MDLM's rule).
+            Refused when it contradicts a tokenizer that says otherwise.
         tokenizer: a folder with tokenizer files to ship with the model (default: the source folder's, if any).
+        attend_to_padding: MDLM's DiT attends to every position, padding included (it has no attention mask);
+            True gives the converted model that behaviour (`MDMConfig.attend_to_padding`). Default False: padding is
+            never attended to and a padded row gives the logits it would give alone.
+        length_extrapolation: MDLM's rotary DiT runs sequences longer than its training length; True lets the
+            converted model do so with a warning (`MDMConfig.length_extrapolation`). Default False: refused.
         license: the card's Hub license id. Default: the source card's; "other" when it has none (weights keep
             their source's terms, so the converter never guesses a license), with a note to set it before publishing.
     """
@@ -540,14 +623,37 @@ def convert_mdlm(
                 notes.append(f"{key}={value!r} given, overriding the source's {source.fields[key]!r}")
             source.fields[key] = value
 
-    # 2. The config (and the tokenizer, which decides [MASK] and the special tokens).
+    # 2. The config (and the run's tokenizer, which decides [MASK] and the special tokens).
+    vocab_size = int(source.fields["vocab_size"])
     tokenizer_folder = Path(tokenizer) if tokenizer is not None else source.tokenizer_folder
-    loaded_tokenizer, special = None, {}
+    loaded_tokenizer, special, decided = None, {}, mask_token_id is not None
+    run_ids = source.tokenizer_ids
+    from_run = _run_tokenizer_ids(run_ids, vocab_size, mask_token_id, notes) if run_ids is not None else None
+    if from_run is not None:
+        (mask_token_id, special), decided = from_run, True
     if tokenizer_folder is not None:
-        loaded_tokenizer, mask_token_id, special = _tokenizer_settings(
-            tokenizer_folder, int(source.fields["vocab_size"]), mask_token_id, notes
-        )
-    config = mdm_config_from_mdlm(source.fields, mask_token_id=mask_token_id, **special)
+        loaded_tokenizer, mask_token_id, folder_special = _tokenizer_settings(tokenizer_folder, vocab_size,
+                                                                              mask_token_id, notes)
+        special = {**folder_special, **special}  # the run's own ids first
+        decided = True
+    if not decided:
+        why = (f"the checkpoint pickles the run's tokenizer ({run_ids.class_name}), but {'; '.join(run_ids.problems)}"
+               if run_ids is not None else "the source has no tokenizer")
+        message = (f"assumed [MASK] = {vocab_size - 1} (vocab_size - 1, MDLM's rule for a tokenizer without a mask "
+                   f"token): {why}. If the run's tokenizer has its own mask token (bert-base-uncased: 103), pass "
+                   "--mask-token-id ID (mask_token_id=ID) or its tokenizer folder (--tokenizer DIR)")
+        notes.append(message)
+        warnings.warn(f"hf_mdm convert mdlm: {message}.", stacklevel=2)
+    for flag, value in (("attend_to_padding", attend_to_padding), ("length_extrapolation", length_extrapolation)):
+        if not isinstance(value, bool):
+            raise ConversionError(f"{flag} must be True or False, got {value!r}.")
+    if attend_to_padding:
+        notes.append("attend_to_padding: the model attends to padding and ignores attention_mask, as MDLM's DiT does")
+    if length_extrapolation:
+        notes.append("length_extrapolation: sequences longer than max_position_embeddings run with a warning "
+                     "(rotary positions extrapolate), as MDLM's DiT runs them")
+    config = mdm_config_from_mdlm(source.fields, mask_token_id=mask_token_id, attend_to_padding=attend_to_padding,
+                                  length_extrapolation=length_extrapolation, **special)
 
     # 3. The weights.
     model = MDMForMaskedDiffusion(config)
@@ -637,7 +743,8 @@ ids = model.generate(max_new_tokens=128, generator=torch.Generator().manual_seed
 | vocab_size | {config.vocab_size} |
 | mask_token_id | {config.mask_token_id} (the network never predicts it) |
 | hidden_size / layers / heads / cond_dim | {config.hidden_size} / {config.num_hidden_layers} / {config.num_attention_heads} / {config.cond_dim} |
-| max_position_embeddings | {config.max_position_embeddings} |
+| max_position_embeddings | {config.max_position_embeddings}{" (longer sequences run, with a warning: length_extrapolation)" if config.length_extrapolation else " (longer sequences are refused)"} |
+| padding | {"attended to, attention_mask ignored, as MDLM's DiT does (attend_to_padding)" if config.attend_to_padding else "never attended to: a padded row gives the logits it would give alone"} |
 | noise schedule | log-linear, alpha_t = 1 - (1 - {config.noise_eps}) t (MDLM's) |
 | time conditioning | {config.time_conditioning}: the network {conditioning} |
 | tokenizer | {"copied from the source" if tokenizer_saved else "none in the source (MDLM's OpenWebText models use GPT-2's)"} |

@@ -8,8 +8,19 @@ are replaced by inert stand-ins: `PickledObject`s that record their arguments an
 call anything from the file. A stand-in where a weight is needed is refused (`require_tensor`), and so is a file
 that names code-running functions (`os.system`, `builtins.eval`, ...) or that the weights-only unpickler cannot
 read even with the stand-ins.
+
+What omegaconf and hydra pickle, and how each is read (no named object is ever constructed):
+- `DictConfig`, `ListConfig`, their nodes (`AnyNode`, ...) and `Metadata` / `ContainerMetadata`: NEWOBJ then BUILD,
+  so each becomes a `PickledObject` whose `state` holds `_content` / `_val` (`plain_data` reads them);
+- `collections.defaultdict`, which every omegaconf node carries as its resolver cache (hydra registers its `now`
+  resolver with `use_cache=True`, so the root's cache is filled when the run directory is resolved): REDUCE then
+  SETITEMS, which the weights-only unpickler allows on a plain `dict` only. It is read as a plain `dict` of its
+  items (`CONTAINER_STAND_INS`); its default factory is never called;
+- type markers (`typing.Any`, `builtins.dict`, ...) and enum members (REDUCE of the enum class with its value):
+  `PickledObject`s, the value in `args`.
 """
 
+import io
 import json
 import pickle
 from pathlib import Path
@@ -66,11 +77,48 @@ def _stand_in(qualified_name: str) -> type:
     return type(f"PickledObject[{qualified_name}]", (PickledObject,), {"qualified_name": qualified_name})
 
 
+def _plain_dict(*unused_arguments) -> dict:
+    """Stand-in for a dict-like container that pickles as REDUCE (its class, its constructor arguments) followed by
+    SETITEMS (its items): an empty plain `dict` that receives the items. The arguments (a defaultdict's default
+    factory) are dropped, never called."""
+    return {}
+
+
+# Containers read as their plain-data equivalent instead of a `PickledObject`, because the weights-only unpickler
+# only lets a plain dict (or list) receive items. omegaconf gives every node a `defaultdict(dict)` resolver cache.
+CONTAINER_STAND_INS = {"collections.defaultdict": _plain_dict}
+
+
 def _runs_code(qualified_name: str) -> bool:
     module, _, name = qualified_name.rpartition(".")
     if module in ("builtins", "__builtin__"):
         return name in CODE_RUNNING_BUILTINS
     return module.split(".")[0] in CODE_RUNNING_MODULES
+
+
+def _refuse_code_running(names, what: str) -> None:
+    dangerous = sorted(name for name in names if _runs_code(name))
+    if dangerous:
+        raise UnsafeCheckpointError(
+            f"refusing {what}: its pickle calls {', '.join(dangerous)}, which run code or touch the system. "
+            "No weights file needs them; the file may be malicious."
+        )
+
+
+def _stand_ins(names) -> list:
+    """(stand-in, qualified name) for every global a pickle names: `torch.serialization.safe_globals`' format."""
+    return [(CONTAINER_STAND_INS.get(name) or _stand_in(name), name) for name in names]
+
+
+def load_pickle_inertly(data: bytes):
+    """A bare pickle (not a torch.save archive) read like `torch_load_weights_only` reads one: the weights-only
+    unpickler with inert stand-ins for every global it names; code-running globals are refused."""
+    from torch import _weights_only_unpickler
+
+    names = sorted(_weights_only_unpickler.get_globals_in_pkl(io.BytesIO(data)))
+    _refuse_code_running(names, "the pickle")
+    with torch.serialization.safe_globals(_stand_ins(names)):
+        return _weights_only_unpickler.Unpickler(io.BytesIO(data), encoding="utf-8").load()
 
 
 def torch_load_weights_only(path: str | Path):
@@ -94,15 +142,9 @@ def torch_load_weights_only(path: str | Path):
             "arbitrary unpickling, which runs any code stored in the file. Re-save its weights with safetensors "
             "(or torch.save of a plain dict of tensors) from a trusted environment."
         ) from error
-    dangerous = sorted(name for name in names if _runs_code(name))
-    if dangerous:
-        raise UnsafeCheckpointError(
-            f"refusing {path}: its pickle calls {', '.join(dangerous)}, which run code or touch the system. "
-            "No weights file needs them; the file may be malicious."
-        )
-    stand_ins = [(_stand_in(name), name) for name in names]
+    _refuse_code_running(names, path)
     try:
-        with torch.serialization.safe_globals(stand_ins):
+        with torch.serialization.safe_globals(_stand_ins(names)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise UnsafeCheckpointError(
@@ -181,6 +223,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "PickledObject",
     "torch_load_weights_only",
+    "load_pickle_inertly",
     "require_tensor",
     "plain_data",
     "read_weights_file",

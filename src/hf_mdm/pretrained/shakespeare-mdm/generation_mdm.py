@@ -18,6 +18,7 @@ from transformers.utils import ModelOutput
 
 from .sampling_mdm import (
     DEFAULT_REMASKING_ETA,
+    NOISE_REMOVAL_MODES,
     REMASKING_SCHEDULES,
     SAMPLERS,
     SAMPLING_DTYPES,
@@ -110,8 +111,11 @@ class MDMGenerationConfig(GenerationConfig):
         sampling_dtype (`str`, defaults to `"float64"`): dtype of the categorical draws, one of
             "float64", "float32", "bfloat16", "float16". float32 truncates the Gumbel noise and lowers the
             effective temperature (arXiv:2409.02908, section 5).
-        noise_removal (`bool`, defaults to `False`): ancestral only. The last step takes the argmax instead
-            of sampling, as MDLM's scripts do (not exact).
+        noise_removal (`bool` or `str`, defaults to `False`): ancestral only. `True` or `"mdlm"`: MDLM's noise
+            removal (its default `sampling.noise_removal`): the time grid ends at t = 1e-5 instead of 0, every step
+            sampled, then one extra network call at t = 1e-5 whose argmax fills only the positions still masked.
+            `"last_step_argmax"`: the grid ends at 0 and its last step takes the argmax at every position still
+            masked instead of sampling (hf_mdm's earlier `noise_removal=True`; not MDLM's). Neither is exact.
 
         > Decoding strategies of instruct MDMs (approximations of the reverse process, except FHS in blocks)
 
@@ -166,7 +170,7 @@ class MDMGenerationConfig(GenerationConfig):
         self.tokens_per_step: int | None = kwargs.pop("tokens_per_step", None)
         self.steps: int | None = kwargs.pop("steps", None)
         self.sampling_dtype: str = kwargs.pop("sampling_dtype", "float64")
-        self.noise_removal: bool = kwargs.pop("noise_removal", False)
+        self.noise_removal: bool | str = kwargs.pop("noise_removal", False)
 
         self.unmasking: str = kwargs.pop("unmasking", "random")
         self.confidence_threshold: float | None = kwargs.pop("confidence_threshold", None)
@@ -219,6 +223,8 @@ class MDMGenerationConfig(GenerationConfig):
             raise ValueError("first_hitting takes either tokens_per_step or steps (a budget of network calls), not both.")
         if self.sampler != "first_hitting" and self.tokens_per_step not in (None, 1):
             raise ValueError(f"tokens_per_step applies to sampler='first_hitting' only, got sampler={self.sampler!r}.")
+        if self.noise_removal not in (False, True) + NOISE_REMOVAL_MODES or not isinstance(self.noise_removal, (bool, str)):
+            raise ValueError(f"noise_removal must be one of {(False, True) + NOISE_REMOVAL_MODES}, got {self.noise_removal!r}.")
         if self.unmasking not in UNMASKING_ORDERS:
             raise ValueError(f"unmasking must be one of {UNMASKING_ORDERS}, got {self.unmasking!r}.")
         if self.unmasking != "random" and self.sampler != "first_hitting":
@@ -566,9 +572,14 @@ class MDMGenerationMixin:
                 f"the prompt ({prompt_length} tokens) plus max_new_tokens ({new_tokens}) exceeds max_length ({config.max_length})."
             )
         if prompt_length + new_tokens > max_context:
-            raise ValueError(
-                f"the prompt ({prompt_length} tokens) plus {new_tokens} new tokens exceeds the model's "
-                f"max_position_embeddings ({max_context})."
+            if not getattr(self.config, "length_extrapolation", False):
+                raise ValueError(
+                    f"the prompt ({prompt_length} tokens) plus {new_tokens} new tokens exceeds the model's "
+                    f"max_position_embeddings ({max_context})."
+                )
+            logger.warning_once(
+                f"the prompt ({prompt_length} tokens) plus {new_tokens} new tokens exceeds max_position_embeddings "
+                f"({max_context}): generating anyway (config.length_extrapolation), past the trained length."
             )
         if prompt_length + new_tokens == 0:
             raise ValueError("nothing to generate: no input_ids and max_new_tokens = 0.")

@@ -309,8 +309,14 @@ def validate_inputs(config, input_ids, inputs_embeds, attention_mask, timesteps,
     if seq_len == 0:
         raise ValueError("input_ids must hold at least one position, got seq_len = 0.")
     if seq_len > config.max_position_embeddings:
-        raise ValueError(
-            f"input_ids has seq_len {seq_len}, longer than max_position_embeddings ({config.max_position_embeddings})."
+        if not getattr(config, "length_extrapolation", False):
+            raise ValueError(
+                f"input_ids has seq_len {seq_len}, longer than max_position_embeddings ({config.max_position_embeddings}). "
+                "A rotary DiT can run longer sequences (MDLM's does): set config.length_extrapolation = True to allow it."
+            )
+        logger.warning_once(
+            f"seq_len {seq_len} is longer than max_position_embeddings ({config.max_position_embeddings}): running "
+            "anyway (config.length_extrapolation), with rotary positions past those the model was trained on."
         )
     if input_ids is not None:
         _first_bad_value(f"input_ids (vocab_size={config.vocab_size})", input_ids, 0, config.vocab_size)
@@ -789,7 +795,8 @@ class MDMModel(MDMPreTrainedModel):
         Args:
             input_ids (`torch.LongTensor` of shape `(batch, seq_len)`): partly masked token ids.
             attention_mask (`torch.Tensor` of shape `(batch, seq_len)`, *optional*): 1 for real tokens, 0 for
-                padding (left or right). Padding is never attended to, and rotary positions count real tokens only.
+                padding (left or right). Padding is never attended to, and rotary positions count real tokens only;
+                with `config.attend_to_padding` (MDLM's DiT) it is ignored: every position attends to every position.
             timesteps (`torch.Tensor` of shape `(batch,)`, *optional*): the noise level fed to the timestep
                 embedding (MDLM: the total noise sigma(t) = -log alpha_t). Read only when
                 `config.time_conditioning`; otherwise the conditioning input is zero.
@@ -804,6 +811,8 @@ class MDMModel(MDMPreTrainedModel):
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = self.config.return_dict if return_dict is None else return_dict
         timesteps = validate_inputs(self.config, input_ids, inputs_embeds, attention_mask, timesteps, kv_cache)
+        if self.config.attend_to_padding:
+            attention_mask = None  # MDLM's DiT: no attention mask, positions 0..L-1
 
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch_size, seq_len = hidden_states.shape[:2]
