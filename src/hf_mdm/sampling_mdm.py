@@ -232,7 +232,7 @@ class DiffusionState:
         time (`torch.DoubleTensor` of shape `(batch,)`): each row's diffusion time, 1 = fully noised (with blocks:
             within its current block).
         step (`int`): number of steps taken so far.
-        cache (`dict`, *optional*): strategy-private scratch space (ancestral_cache keeps its probabilities here).
+        cache (`dict`, *optional*): strategy-private scratch space (ancestral_cache keeps its network outputs here).
         generated (`torch.BoolTensor` of shape `(batch, seq_len)`): the positions generate() fills (masked at the
             start): the only ones a remasking strategy may mask again. The prompt never is.
         block (`torch.LongTensor` of shape `(batch, seq_len)`): each position's block for semi-autoregressive
@@ -612,7 +612,7 @@ class AncestralSampler:
           sampled step by an argmax.
 
     With `reuse_unchanged` ("ancestral_cache", MDLM's "ddpm_cache"), a row whose tokens
-    did not change since its last network call reuses that call's probabilities (kept in the sampling dtype,
+    did not change since its last network call reuses that call's output (its logits, as the network returned them,
     batch x L x V values); only changed rows are recomputed. That is valid only for a time-agnostic network.
 
     With `remasking` (a `RemaskingSchedule`), this is ReMDM: decoded tokens are masked again with probability
@@ -664,16 +664,22 @@ class AncestralSampler:
 
         cache = dict(state.cache or {})
         if self.reuse_unchanged:
-            # MDLM's ddpm_cache: a row that did not change keeps its p(x_0 | x_t), computed once per network call.
-            probs = cache.get("probs")
+            # MDLM's ddpm_cache: a row that did not change keeps its network output, computed once per network call
+            # and kept as the network returned it (its logits); probabilities are formed where a draw needs them.
+            logits = cache.get("logits")
             fresh = cache.get("fresh", torch.zeros(state.tokens.shape[0], dtype=torch.bool, device=device))
             stale = rows[~fresh[rows]]
             if len(stale):
-                new_probs = self.categorical.probabilities(denoise(stale, state.tokens[stale], None, t[row_of[stale]]))
-                if probs is None:
-                    probs = new_probs.new_empty((state.tokens.shape[0],) + tuple(new_probs.shape[1:]))
-                probs[stale] = new_probs
-            masked_probs = probs[masked_rows, masked_positions]
+                new_logits = denoise(stale, state.tokens[stale], None, t[row_of[stale]])
+                if len(stale) == state.tokens.shape[0]:
+                    logits, owned = new_logits, False  # every row recomputed: the network's own tensor, no copy
+                else:
+                    if logits is None or not cache.get("owned", False):  # never write into the network's tensor
+                        logits = (new_logits.new_empty((state.tokens.shape[0],) + tuple(new_logits.shape[1:]))
+                                  if logits is None else logits.clone())
+                    logits[stale], owned = new_logits, True
+                cache["owned"] = owned
+            masked_probs = self.categorical.probabilities(logits[masked_rows, masked_positions])
         elif state.block_length is None:
             logits = denoise(rows, state.tokens[rows], None, t)
             masked_probs = self.categorical.probabilities(logits[row_of[masked_rows], masked_positions])
@@ -737,7 +743,7 @@ class AncestralSampler:
             fresh = fresh.clone()
             fresh[rows] = True
             fresh[changed_rows] = False  # a row that did not change keeps a valid network output
-            cache.update(probs=probs, fresh=fresh)
+            cache.update(logits=logits, fresh=fresh)
         pending = state.pending
         if self.remasking is not None:
             pending = block_step < block_budget(replace(state, block_step=block_step), self.steps)
