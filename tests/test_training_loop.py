@@ -112,6 +112,6 @@ def test_cli_reads_a_yaml_config_and_flags_override_it(corpus, tmp_path):
     config.write_text("max_stepz: 3\n")
     with pytest.raises(SystemExit, match="unknown settings"):
         cli_main(["--config", str(config)])
-    with pytest.raises(SystemExit, match="hf-mdm train: Data file '.*nope.txt' does not exist"):
+    with pytest.raises(SystemExit, match="hf-mdm train: error: Data file '.*nope.txt' does not exist"):
         cli_main(["--train-files", str(tmp_path / "nope.txt"), "--train-tokenizer", "300", "--output-dir",
                   str(tmp_path / "missing")])

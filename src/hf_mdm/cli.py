@@ -1,16 +1,5 @@
-"""The `hf-mdm` command line.
-
-    hf-mdm demo                        the shipped Shakespeare MDM writes a sample from nothing and one from a prompt
-    hf-mdm generate [CHECKPOINT]       sample a checkpoint (default: the shipped shakespeare-mdm), streaming one sample
-    hf-mdm train                       train an MDM or an autoregressive baseline (Accelerate)
-    hf-mdm evaluate CHECKPOINT         sample under a sweep of sampler settings and judge the samples
-    hf-mdm convert                     convert a checkpoint from another format (MDLM, LLaDA, Dream) into hf_mdm
-    hf-mdm lm-eval ...                 lm-evaluation-harness with the model hf_mdm (Monte-Carlo ELBO likelihoods)
-    hf-mdm publish PATH REPO_ID        push a checkpoint with its model card and remote code to the Hub
-
-CHECKPOINT (and evaluate's --judge, --ar-model) is a folder, a Hub id, or the name of a checkpoint shipped inside
-hf_mdm: shakespeare-mdm, shakespeare-ar.
-"""
+"""The `hf-mdm` commands (their list and the entry point: the top-level module hf_mdm_cli, which answers
+`hf-mdm --help` without importing torch)."""
 
 import argparse
 import os
@@ -178,6 +167,21 @@ GENERATE_SETTINGS = ("sampler", "steps", "tokens_per_step", "sampling_dtype", "t
                      "remasking_eta", "use_cache", "cache_mode", "cache_refresh_steps")
 
 
+def check_device(device: str) -> None:
+    """A device torch can use here: a CUDA or MPS device only where one is available."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as error:
+        raise ValueError(f"--device {device!r} is not a torch device ({error}).") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: this machine has no CUDA device (or torch is a CPU build: "
+                         f"{torch.__version__}); use --device cpu.")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device!r}: MPS is not available here; use --device cpu.")
+
+
 def generate(args: argparse.Namespace) -> None:
     """Samples from a checkpoint (a folder, a Hub id or a shipped name) with its own tokenizer, streaming the draft
     when there is one sample."""
@@ -194,7 +198,8 @@ def generate(args: argparse.Namespace) -> None:
         raise ValueError("give --prompt (a prefix) or --chat (a user message), not both.")
     if args.dtype not in LOAD_DTYPES:
         raise ValueError(f"--dtype must be one of {tuple(LOAD_DTYPES)}, got {args.dtype!r}.")
-    checkpoint = resolve_checkpoint(args.checkpoint)
+    check_device(args.device)
+    checkpoint = resolve_checkpoint(args.checkpoint, require_mdm=True)
     tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(args.tokenizer or checkpoint))
     if args.chat is not None and not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"--chat needs a tokenizer with a chat template; {args.tokenizer or checkpoint}'s has none "
@@ -228,16 +233,16 @@ def generate(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from hf_mdm_cli import COMMANDS, DEBUG_ENV, CommandError, top_level_parser
+
     from hf_mdm.convert.cli import add_convert_parser
     from hf_mdm.evaluation.cli import add_evaluate_parser
     from hf_mdm.hub import add_publish_parser
     from hf_mdm.pretrained import DEFAULT_MDM
     from hf_mdm.training.cli import add_train_parser
 
-    parser = argparse.ArgumentParser(prog="hf-mdm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help=f"sample the shipped {DEFAULT_MDM}, from nothing and from a prompt")
+    parser, commands = top_level_parser()
+    demo_parser = commands.add_parser("demo", help=COMMANDS["demo"])
     demo_parser.add_argument("--prompt", default=DEMO_PROMPT,
                              help="the prefix of the second sample (default: %(default)r)")
     demo_parser.add_argument("--max-new-tokens", type=int, default=None,
@@ -245,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     demo_parser.add_argument("--seed", type=int, default=0)
     demo_parser.add_argument("--no-stream", action="store_true", help="print only the final texts")
     demo_parser.set_defaults(func=demo)
-    gen = commands.add_parser("generate", help="sample from a checkpoint (first-hitting, float64 by default)")
+    gen = commands.add_parser("generate", help=COMMANDS["generate"])
     gen.add_argument("checkpoint", nargs="?", default=DEFAULT_MDM,
                      help="a saved hf_mdm folder or Hub id with its tokenizer, or a shipped name "
                      "(default: %(default)s)")
@@ -285,9 +290,11 @@ def main(argv: list[str] | None = None) -> None:
     add_evaluate_parser(commands)
     add_convert_parser(commands)
     add_publish_parser(commands)
-    commands.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness with the model hf_mdm (lm-eval's own "
-                        "flags; pip install hf_mdm[lm-eval])")
-    argv = sys.argv[1:] if argv is None else argv
+    commands.add_parser("lm-eval", add_help=False, help=COMMANDS["lm-eval"])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = bool(os.environ.get(DEBUG_ENV)) or "--debug" in argv[:1]
+    if argv[:1] == ["--debug"]:
+        argv = argv[1:]
     if argv[:1] == ["lm-eval"]:  # lm-eval parses its own flags
         try:
             from hf_mdm.evaluation.harness import main as lm_eval_main
@@ -297,8 +304,29 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except ValueError as error:  # bad input: one clear line, not a traceback
-        parser.exit(2, f"hf-mdm {args.command}: error: {error}\n")
+    except expected_errors() as error:
+        if debug:
+            raise
+        raise CommandError(args.command, describe(error)) from None
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """What a user's input can cause (a bad value, a missing or unreadable file or folder, an offline Hub id, a
+    corrupt weights file, a missing optional package): reported in one line. Anything else is a bug: a traceback."""
+    from huggingface_hub.errors import HfHubHTTPError
+    from safetensors import SafetensorError
+
+    return (ValueError, OSError, ImportError, HfHubHTTPError, SafetensorError)
+
+
+def describe(error: BaseException) -> str:
+    """One line: the message's lines joined, prefixed by the error's kind where the message alone would not say."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, ValueError):
+        return text
+    if isinstance(error, FileNotFoundError) and error.filename and str(error.filename) not in text:
+        text = f"{text}: {error.filename}"
+    return f"{type(error).__name__}: {text}"
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from string import Template
 
 import yaml
+from hf_mdm_cli import CommandError
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, constants, metadata_load
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
@@ -411,7 +412,9 @@ def publish(
 
 def add_publish_parser(subparsers) -> argparse.ArgumentParser:
     """Adds the `publish` subcommand to an argparse subparsers object; its `func` runs `run_publish`."""
-    parser = subparsers.add_parser("publish", help="push a checkpoint with its model card and remote code to the Hub",
+    from hf_mdm_cli import COMMANDS
+
+    parser = subparsers.add_parser("publish", help=COMMANDS["publish"],
                                    description=publish.__doc__.split("\n")[0])
     parser.add_argument("path", help="a save_pretrained folder with its tokenizer and README.md (write_model_card)")
     parser.add_argument("repo_id", help="the Hub model repo, owner/name; created if missing")
@@ -433,9 +436,9 @@ def run_publish(args: argparse.Namespace) -> None:
             files = publish(args.path, args.repo_id, token=args.token, private=args.private, revision=args.revision,
                             commit_message=args.commit_message)
     except ValueError as error:  # bad input, found before any upload: say what, without a traceback
-        raise SystemExit(f"hf-mdm publish: {error}") from None
+        raise CommandError("publish", error) from None
     except (HfHubHTTPError, ConnectionError) as error:
-        raise SystemExit(f"hf-mdm publish: the Hub refused or could not be reached: {str(error).splitlines()[0]}") from None
+        raise CommandError("publish", f"the Hub refused or could not be reached: {str(error).splitlines()[0]}") from None
     print("\n".join(files))
     url = f"{constants.ENDPOINT}/{args.repo_id}" + (f"/tree/{args.revision}" if args.revision else "")
     print(f"{'would upload' if args.dry_run else 'uploaded'} {len(files)} files to {url}")

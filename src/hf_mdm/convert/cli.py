@@ -128,7 +128,9 @@ def _add_format_parsers(parser: argparse.ArgumentParser) -> None:
 
 def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     """Adds `convert` (with its formats, e.g. `convert mdlm SRC DST`) to `hf-mdm`'s subparsers; sets `func`."""
-    parser = subparsers.add_parser("convert", help="convert a checkpoint from another format into hf_mdm",
+    from hf_mdm_cli import COMMANDS
+
+    parser = subparsers.add_parser("convert", help=COMMANDS["convert"],
                                    description="Convert a checkpoint from another format into hf_mdm.")
     _add_format_parsers(parser)
     return parser

@@ -28,7 +28,9 @@ GRID_DEFAULTS = dict(samplers=["first_hitting"], steps=[None], tokens_per_step=[
 
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     """Adds the `evaluate` subcommand to an argparse subparsers object; its `func` runs the evaluation."""
-    parser = subparsers.add_parser("evaluate", help="sample under several sampler settings and judge the samples",
+    from hf_mdm_cli import COMMANDS
+
+    parser = subparsers.add_parser("evaluate", help=COMMANDS["evaluate"],
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.set_defaults(func=run_evaluate)
@@ -101,7 +103,7 @@ def check_arguments(args: argparse.Namespace) -> list[SamplerSetting]:
     checkpoints shipped in hf_mdm (the checkpoint, --judge, --ar-model and the tokenizers) become their folders."""
     for name in ("checkpoint", "tokenizer", "judge", "ar_model", "ar_tokenizer"):
         if getattr(args, name) is not None:
-            setattr(args, name, resolve_checkpoint(getattr(args, name)))
+            setattr(args, name, resolve_checkpoint(getattr(args, name), require_mdm=name == "checkpoint"))
     settings = sampler_settings(args)
     for name in ("num_samples", "batch_size", "judge_batch_size", "nelbo_passes"):
         if getattr(args, name) < 1:

@@ -13,6 +13,9 @@ small; the configs say float32, which is the dtype `from_pretrained` gives them.
 examples/shakespeare/ and each folder's README.md.
 """
 
+import json
+import re
+import struct
 from pathlib import Path
 
 
@@ -34,6 +37,68 @@ def pretrained_path(name: str = DEFAULT_MDM) -> Path:
     return folder
 
 
-def resolve_checkpoint(name_or_path: str) -> str:
-    """A shipped checkpoint's name becomes its folder; anything else (a path, a Hub id) is returned unchanged."""
-    return str(pretrained_path(name_or_path)) if name_or_path in PRETRAINED else name_or_path
+MDM_MODEL_TYPES = ("mdm", "mdm_llama")
+UNCONVERTED = {"llada": "llada", "dream": "dream"}  # model_type (lowercased) of the peers' own folders: convert format
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def resolve_checkpoint(name_or_path: str, require_mdm: bool = False) -> str:
+    """A shipped checkpoint's name becomes its folder; a local folder is returned as it is, a Hub id unchanged.
+
+    A path that exists nowhere and is not a Hub id (owner/name) is refused here, before anything is loaded. With
+    `require_mdm`, a local folder must be an hf_mdm model: a training run's folder points to its `model/`, an
+    autoregressive or an unconverted LLaDA/Dream folder says what to do instead, and each weights file's header is
+    read, so that a truncated or corrupt file is named before loading starts."""
+    if name_or_path in PRETRAINED:
+        folder = pretrained_path(name_or_path)
+        if require_mdm:
+            check_mdm_folder(folder, name_or_path)
+        return str(folder)
+    folder = Path(name_or_path).expanduser()
+    if not folder.exists():
+        if HUB_ID.match(name_or_path) and not name_or_path.startswith("."):
+            return name_or_path
+        raise ValueError(f"{name_or_path!r} is not a folder, a shipped name ({', '.join(sorted(PRETRAINED))}) or a "
+                         "Hub id (owner/name).")
+    if not folder.is_dir():
+        raise ValueError(f"{name_or_path!r} is a file; a checkpoint is a folder (with config.json and its weights).")
+    if require_mdm:
+        check_mdm_folder(folder, name_or_path)
+    return name_or_path
+
+
+def check_mdm_folder(folder: Path, name: str) -> None:
+    """Raises ValueError unless `folder` holds an hf_mdm model whose weights files have readable headers."""
+    if not (folder / "config.json").is_file():
+        if (folder / "model" / "config.json").is_file():
+            raise ValueError(f"{name!r} is a training run's folder; its model is {str(folder / 'model')!r}.")
+        raise ValueError(f"{name!r} has no config.json: it is not a checkpoint folder.")
+    try:
+        model_type = str(json.loads((folder / "config.json").read_text()).get("model_type"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{str(folder / 'config.json')!r} is not valid JSON ({error}).") from None
+    if model_type.lower() in UNCONVERTED:
+        raise ValueError(f"{name!r} is a {model_type} checkpoint in its own format: convert it first, "
+                         f"`hf-mdm convert {UNCONVERTED[model_type.lower()]} {name} DST`, then use DST.")
+    if model_type not in MDM_MODEL_TYPES:
+        raise ValueError(f"{name!r} is a {model_type!r} model, not an hf_mdm masked diffusion model "
+                         f"(model_type {' or '.join(MDM_MODEL_TYPES)}). An autoregressive model samples with "
+                         "transformers (AutoModelForCausalLM(...).generate), and judges samples as evaluate's "
+                         "--judge or --ar-model.")
+    for weights in sorted(folder.glob("*.safetensors")):
+        check_safetensors_header(weights)
+
+
+def check_safetensors_header(path: Path) -> None:
+    """A safetensors file starts with an 8-byte little-endian length and that many bytes of JSON header."""
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        head = file.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if length is None or length > size - 8:
+            raise ValueError(f"{str(path)!r} is not a readable safetensors file (truncated or corrupt: its header "
+                             f"says {length} header bytes, the file has {size} bytes).")
+        try:
+            json.loads(file.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{str(path)!r} is not a readable safetensors file (its header is not JSON).") from None

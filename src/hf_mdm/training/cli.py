@@ -13,6 +13,8 @@ import types
 import typing
 from pathlib import Path
 
+from hf_mdm_cli import CommandError
+
 from .loop import InputError, TrainConfig, train
 
 
@@ -41,18 +43,20 @@ def read_config_file(path: str) -> dict:
     else:
         values = json.loads(text)
     if not isinstance(values, dict):
-        raise SystemExit(f"hf-mdm train: --config {path!r} must hold a mapping of settings.")
+        raise CommandError("train", f"--config {path!r} must hold a mapping of settings.")
     values = {key.replace("-", "_"): value for key, value in values.items()}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise SystemExit(f"hf-mdm train: --config {path!r} has unknown settings {unknown}.")
+        raise CommandError("train", f"--config {path!r} has unknown settings {unknown}.")
     return values
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Adds the `train` subcommand to an argparse subparsers object; its `func` runs the training."""
-    parser = subparsers.add_parser("train", help="train an MDM (or an AR baseline) with Accelerate",
+    from hf_mdm_cli import COMMANDS
+
+    parser = subparsers.add_parser("train", help=COMMANDS["train"],
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a YAML or JSON file of settings; flags override it")
     for config_field in dataclasses.fields(TrainConfig):
@@ -73,11 +77,11 @@ def run_train(args: argparse.Namespace) -> None:
     try:
         config = config_from_args(args)
     except (TypeError, ValueError) as error:
-        raise SystemExit(f"hf-mdm train: {error}") from None
+        raise CommandError("train", error) from None
     try:
         train(config)
     except InputError as error:  # bad input, found before training starts: say what, without a traceback
-        raise SystemExit(f"hf-mdm train: {error}") from None
+        raise CommandError("train", error) from None
 
 
 def main(argv: list[str] | None = None) -> None:

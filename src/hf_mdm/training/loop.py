@@ -12,6 +12,7 @@ run on 2 processes follows a run on 1 (up to float summation order, and dropout,
 import contextlib
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -174,6 +175,23 @@ def check_settings(config: TrainConfig, num_processes: int) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}.")
     if config.warmup_steps < 0 or config.save_every < 0:
         raise ValueError("--warmup-steps and --save-every must not be negative.")
+    if config.eval_blocks is not None and config.eval_blocks < 1:
+        raise ValueError(f"--eval-blocks must be at least 1 (or left out: every held-out block), got {config.eval_blocks}.")
+    if not config.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {config.lr} (to evaluate without training, use hf-mdm evaluate).")
+    if not 0 <= config.min_lr <= config.lr:
+        raise ValueError(f"--min-lr must lie in [0, --lr = {config.lr}], got {config.min_lr}.")
+    if config.grad_clip < 0:
+        raise ValueError(f"--grad-clip must be > 0, or 0 for no clipping; got {config.grad_clip}.")
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("--mixed-precision fp16 needs a CUDA device (float16 autocast and its loss scaler); on the "
+                         "CPU use bf16 or no.")
+    trackers = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                "comet_ml": ("comet_ml",), "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",)}
+    for tracker in config.report_to:
+        if tracker in trackers and not any(importlib.util.find_spec(name) for name in trackers[tracker]):
+            raise ValueError(f"--report-to {tracker}: the {tracker} package is not installed (pip install "
+                             f"{trackers[tracker][0]}).")
     shards = num_processes * config.grad_accum
     if config.batch_size % shards:
         raise ValueError(

@@ -565,6 +565,12 @@ class MDMGenerationMixin:
             new_tokens = config.max_length - prompt_length
         else:
             new_tokens = 0 if has_masks else max_context - prompt_length
+            if new_tokens < 0:
+                raise ValueError(
+                    f"the prompt ({prompt_length} tokens) is longer than the model's context (max_position_embeddings "
+                    f"= {max_context}), so there is no room to generate: shorten the prompt (or pass max_new_tokens "
+                    "to a model with length_extrapolation=True)."
+                )
         if new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {new_tokens}.")
         if config.max_length is not None and prompt_length + new_tokens > config.max_length:
