@@ -122,3 +122,38 @@ def test_the_launcher_lists_exactly_the_commands_of_the_full_parser(capsys):
     error = capsys.readouterr().err
     choices = error[error.index("choose from") + len("choose from"):].strip().rstrip(")")
     assert {choice.strip(" '") for choice in choices.split(",")} == set(hf_mdm_cli.COMMANDS)
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(pretrained_path()).eval()
+
+
+SILENT_BEFORE = {  # generate() arguments once accepted silently, with what the error now says
+    "float input_ids": (dict(input_ids=torch.tensor([[5.7, 9.2]])), "input_ids must hold integer token ids"),
+    "bool input_ids": (dict(input_ids=torch.tensor([[True, False]])), "got dtype torch.bool"),
+    "max_new_tokens=True": (dict(max_new_tokens=True), "max_new_tokens must be an integer >= 0 (or None), got True"),
+    "return_dict_in_generate=1": (dict(return_dict_in_generate=1), "return_dict_in_generate must be True or False"),
+    "noise_removal with first_hitting": (dict(noise_removal=True), "noise_removal=True is for the ancestral samplers"),
+}
+
+
+@pytest.mark.parametrize("case", SILENT_BEFORE)
+def test_generate_refuses_what_it_once_accepted_silently(case, model):
+    kwargs, expected = SILENT_BEFORE[case]
+    with pytest.raises(ValueError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        model.generate(**{"max_new_tokens": 2, **kwargs}, generator=torch.Generator().manual_seed(0))
+
+
+def test_generate_warns_about_rows_without_a_prompt(model, caplog):
+    from transformers.utils import logging
+
+    logging.enable_propagation()
+    try:
+        model.generate(torch.tensor([[5, 9], [5, 9]]), attention_mask=torch.tensor([[1, 1], [0, 0]]), max_new_tokens=2,
+                       generator=torch.Generator().manual_seed(0))
+    finally:
+        logging.disable_propagation()
+    assert "rows [1] of attention_mask are all 0" in caplog.text

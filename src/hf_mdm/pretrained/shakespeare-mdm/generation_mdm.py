@@ -273,8 +273,15 @@ class MDMGenerationConfig(GenerationConfig):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}.")
         for name in ("max_new_tokens", "max_length"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 0):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"{name} must be an integer >= 0 (or None), got {value!r}.")
+        for name in ("return_dict_in_generate", "output_history"):
+            if not isinstance(getattr(self, name, False), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.sampler == "first_hitting" and self.noise_removal:
+            raise ValueError(f"noise_removal={self.noise_removal!r} is for the ancestral samplers (it replaces their "
+                             "last step); first_hitting is exact and ends with every token drawn from the model, so "
+                             "there is no noise to remove. Pass sampler='ancestral' or 'ancestral_cache' with it.")
         if not isinstance(self.num_return_sequences, int) or self.num_return_sequences < 1:
             raise ValueError(f"num_return_sequences must be an integer >= 1, got {self.num_return_sequences!r}.")
 
@@ -539,6 +546,8 @@ class MDMGenerationMixin:
             input_ids = torch.empty(1, 0, dtype=torch.long, device=device)
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be a LongTensor of shape (batch, prompt_len), got {getattr(input_ids, 'shape', input_ids)}.")
+        if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
+            raise ValueError(f"input_ids must hold integer token ids (a LongTensor), got dtype {input_ids.dtype}.")
         input_ids = input_ids.to(device).long()
         if input_ids.numel():
             low, high = int(input_ids.min()), int(input_ids.max())
@@ -548,6 +557,10 @@ class MDMGenerationMixin:
             attention_mask = attention_mask.to(device).long()
             if attention_mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}.")
+            empty = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+            if empty and input_ids.shape[1]:
+                logger.warning(f"rows {empty} of attention_mask are all 0: those rows have no prompt (every position "
+                               "is padding) and are generated unconditionally.")
             # Left-pad every row (real tokens at the end of the prompt area), whatever side the tokenizer padded.
             order = torch.sort(attention_mask, dim=1, stable=True).indices
             input_ids, attention_mask = input_ids.gather(1, order), attention_mask.gather(1, order)
