@@ -126,7 +126,10 @@ def test_names_and_exports():
     assert set(hf_mdm.PRETRAINED) == {DEFAULT_MDM, DEFAULT_JUDGE} and hf_mdm.pretrained_path is pretrained_path
     assert pretrained_path(DEFAULT_MDM) == PACKAGE / "pretrained" / DEFAULT_MDM
     assert resolve_checkpoint(DEFAULT_JUDGE) == str(PACKAGE / "pretrained" / DEFAULT_JUDGE)
-    assert resolve_checkpoint("runs/my-mdm/model") == "runs/my-mdm/model"  # paths and Hub ids pass through
+    assert resolve_checkpoint("owner/some-model") == "owner/some-model"  # Hub ids and existing folders pass through
+    assert resolve_checkpoint(str(PACKAGE / "pretrained")) == str(PACKAGE / "pretrained")
+    with pytest.raises(ValueError, match="'runs/my-mdm/model' is not a folder, a shipped name"):
+        resolve_checkpoint("runs/my-mdm/model")  # a path that exists nowhere (and cannot be a Hub id): refused here
     with pytest.raises(ValueError, match=r"one of \['shakespeare-ar', 'shakespeare-mdm'\], got 'nope'"):
         pretrained_path("nope")
 

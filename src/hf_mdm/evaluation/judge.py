@@ -2,7 +2,7 @@
 
 Samples are text: whatever model produced them, they are decoded first and retokenized with the judge's own
 tokenizer (with its default special tokens), so that MDMs and AR models with different vocabularies are scored by
-one yardstick (GPT-2 Large in the literature, notes section 5).
+one yardstick (GPT-2 Large in the literature, docs/mdm-math.md section 5).
 
 Generative perplexity, per text of n judge tokens:
     1. cut the tokens into consecutive chunks of the judge's context C (`n_positions` / `max_position_embeddings`);

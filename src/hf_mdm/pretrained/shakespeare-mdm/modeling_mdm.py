@@ -1,6 +1,6 @@
 """hf_mdm's masked diffusion language models as transformers models: one contract, two backbone families.
 
-- MDLM's diffusion transformer (DiT; arXiv:2310.07524, `../shared/mdm-notes.md` section 6): `MDMForMaskedDiffusion`,
+- MDLM's diffusion transformer (DiT; arXiv:2310.07524, hf_mdm's docs/mdm-math.md section 6): `MDMForMaskedDiffusion`,
   weight for weight MDLM's released network (weight-only float32 LayerNorm, adaLN modulation from a timestep
   embedding, rotary q/k, bias-free attention projections, GELU(tanh) MLP, adaLN output layer).
 - A bidirectional Llama-family transformer: `MDMLlamaForMaskedDiffusion`, the network of LLaDA (Llama/OLMo blocks)
@@ -753,7 +753,7 @@ class MDMPreTrainedModel(MDMPreTrainedBase):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
         super()._init_weights(module)
-        # DiT's adaLN-zero: every block starts as the identity and the output layer at zero (notes section 6).
+        # DiT's adaLN-zero: every block starts as the identity and the output layer at zero (docs/mdm-math.md section 6).
         if isinstance(module, (MDMBlock, MDMOutputLayer)):
             init.zeros_(module.modulation.weight)
             init.zeros_(module.modulation.bias)
