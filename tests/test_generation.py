@@ -188,16 +188,36 @@ class RecordingStreamer(BaseStreamer):
         self.ended = True
 
 
-def test_streamer_receives_each_draft():
+class RecordingDiffusionStreamer(RecordingStreamer):
+    def __init__(self):
+        super().__init__()
+        self.drafts = []
+
+    def put_draft(self, value):
+        self.drafts.append(value.clone())
+
+
+def test_a_diffusion_streamer_receives_each_draft_and_a_plain_one_the_final_text_once():
     model = tiny_model()
-    streamer = RecordingStreamer()
     prompt = torch.tensor([[4, 5]])
-    out = model.generate(prompt, max_new_tokens=6, streamer=streamer, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(streamer.puts[0], prompt)
-    drafts = streamer.puts[1:]
-    assert len(drafts) == 6 and streamer.ended
-    assert [int((d == model.config.mask_token_id).sum()) for d in drafts] == [5, 4, 3, 2, 1, 0]
-    assert torch.equal(drafts[-1], out[:, 2:])
+    diffusion, plain = RecordingDiffusionStreamer(), RecordingStreamer()
+    out = model.generate(prompt, max_new_tokens=6, streamer=diffusion, generator=torch.Generator().manual_seed(0))
+    assert len(diffusion.drafts) == 6 and diffusion.ended
+    assert [int((d == model.config.mask_token_id).sum()) for d in diffusion.drafts] == [5, 4, 3, 2, 1, 0]
+    assert torch.equal(diffusion.drafts[-1], out[:, 2:])
+    assert len(diffusion.puts) == 2 and torch.equal(diffusion.puts[0], prompt) and torch.equal(diffusion.puts[1], out[:, 2:])
+    again = model.generate(prompt, max_new_tokens=6, streamer=plain, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again, out) and plain.ended
+    assert len(plain.puts) == 2 and torch.equal(plain.puts[0], prompt) and torch.equal(plain.puts[1], out[:, 2:])
+
+
+def test_text_streamer_prints_the_prompt_and_the_answer_once(capsys):
+    from transformers import TextStreamer
+
+    model = tiny_model()
+    out = model.generate(torch.tensor([[1, 2]]), max_new_tokens=4, streamer=TextStreamer(CharTokenizer()),
+                         generator=torch.Generator().manual_seed(0))
+    assert capsys.readouterr().out == CharTokenizer().decode(out[0]) + "\n"
 
 
 class CharTokenizer:

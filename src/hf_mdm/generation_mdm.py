@@ -417,8 +417,10 @@ class MDMGenerationMixin:
             attention_mask (`torch.Tensor` of shape `(batch, prompt_len)`, *optional*): 0 marks padding (left or right).
             generation_config (`GenerationConfig`, *optional*): replaces the model's generation config.
             generator (`torch.Generator`, *optional*): source of every random draw, for reproducible samples.
-            streamer (`BaseStreamer`, *optional*): receives the prompt with `put`, then after each step the draft
-                (the generated region) with `put_draft` if it has one (`TextDiffusionStreamer`) or `put`.
+            streamer (`BaseStreamer`, *optional*): receives the prompt with `put`; a streamer with `put_draft`
+                (`TextDiffusionStreamer`) then the draft of the generated region after each step; every streamer
+                the final generated region with `put`, then `end()`. So a plain `TextStreamer` prints the prompt
+                and the answer once.
             kwargs: any `MDMGenerationConfig` field, e.g. `sampler`, `steps`, `sampling_dtype`, `max_new_tokens`.
         """
         # 1. Resolve the generation config.
@@ -518,11 +520,12 @@ class MDMGenerationMixin:
             state = sampler.step(state, denoise)
             if history is not None:
                 history.append(state.tokens.clone())
-            if streamer is not None:
-                (put_draft or streamer.put)(state.tokens[:, stream_from:].cpu())
-        if streamer is not None:
             if put_draft is not None:
-                streamer.put(state.tokens[:, stream_from:].cpu())
+                put_draft(state.tokens[:, stream_from:].cpu())
+        if streamer is not None:
+            # A plain streamer (TextStreamer, TextIteratorStreamer) appends whatever it is given: it gets the final
+            # text once. A diffusion streamer (put_draft: TextDiffusionStreamer) also got every draft above.
+            streamer.put(state.tokens[:, stream_from:].cpu())
             streamer.end()
 
         # 5. Return.
