@@ -351,3 +351,22 @@ def test_a_sample_depends_on_its_seed_alone():
     again = model.generate(generator=torch.Generator().manual_seed(3), sampling_dtype="float64", **kwargs)
     assert torch.equal(first, again)
     assert not torch.equal(first, model.generate(generator=torch.Generator().manual_seed(4), **kwargs))
+
+
+def test_text_generation_pipeline_loads_a_folder_quietly(caplog):
+    from transformers import pipeline
+    from transformers.utils import logging
+
+    from hf_mdm import pretrained_path
+    from hf_mdm.evaluation.judge import load_judge
+
+    logging.enable_propagation()
+    try:
+        generator = pipeline("text-generation", model=str(pretrained_path("shakespeare-mdm")))
+        text = generator("ROMEO.", max_new_tokens=8, generator=torch.Generator().manual_seed(0))[0]["generated_text"]
+    finally:
+        logging.disable_propagation()
+    assert type(generator.model).__name__ == "MDMForMaskedDiffusion" and text.startswith("ROMEO.") and len(text) > 6
+    assert "not supported" not in caplog.text
+    with pytest.raises(ValueError, match="is a masked diffusion model; a judge scores next-token likelihoods"):
+        load_judge(str(pretrained_path("shakespeare-mdm")))  # AutoModelForCausalLM now loads MDMs: judges refuse them

@@ -177,6 +177,9 @@ def run_evaluate(args: argparse.Namespace) -> dict | None:
     if args.ar_model:
         ar_tokenizer = AutoTokenizer.from_pretrained(args.ar_tokenizer or args.ar_model)
         ar_model = AutoModelForCausalLM.from_pretrained(args.ar_model).to(accelerator.device).eval()
+        if ar_model.config.model_type in ("mdm", "mdm_llama"):
+            raise ValueError(f"--ar-model {args.ar_model!r} is a masked diffusion model; the baseline must be "
+                             "autoregressive.")
         start_id = ar_tokenizer.bos_token_id if ar_tokenizer.bos_token_id is not None else ar_tokenizer.eos_token_id
         if start_id is None:
             raise ValueError(f"the AR tokenizer {args.ar_model!r} has neither a BOS nor an EOS token to start samples from.")
