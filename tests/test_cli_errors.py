@@ -157,3 +157,31 @@ def test_generate_warns_about_rows_without_a_prompt(model, caplog):
     finally:
         logging.disable_propagation()
     assert "rows [1] of attention_mask are all 0" in caplog.text
+
+
+def test_a_config_that_does_not_match_the_weights_is_refused(tmp_path):
+    import json
+
+    from transformers import AutoModel
+
+    folder = tmp_path / "five_layers"
+    shutil.copytree(pretrained_path("shakespeare-mdm"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = 5  # the weights have 6 blocks
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"num_hidden_layers=5\): not in the model: model\.layers\.5\."):
+        AutoModel.from_pretrained(folder)
+    config["num_hidden_layers"] = 7  # one block would be left at random
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"missing from the weights: model\.layers\.6\."):
+        AutoModel.from_pretrained(folder)
+
+
+def test_a_tokenizer_smaller_than_asked_for_warns(tmp_path):
+    from hf_mdm.training.tokenizer import train_bpe_tokenizer
+
+    text = tmp_path / "tiny.txt"
+    text.write_text("to be or not to be\n" * 50)
+    with pytest.warns(UserWarning, match=r"--train-tokenizer 512: the training text yields only \d+ tokens"):
+        tokenizer = train_bpe_tokenizer([str(text)], vocab_size=512)
+    assert len(tokenizer) < 512

@@ -33,6 +33,10 @@ def test_mdm_run_learns_and_saves_a_hub_ready_folder(corpus, tmp_path):
     model, tokenizer = AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     assert model.config.mask_token_id == tokenizer.mask_token_id and model.config.vocab_size == len(tokenizer)
     assert (folder / "generation_config.json").is_file()
+    block_size = tiny_run(corpus, tmp_path / "unused").block_size
+    assert block_size < model.config.max_position_embeddings
+    assert model.generation_config.max_new_tokens == block_size  # by default generate() fills a training block
+    assert model.generate(generator=torch.Generator().manual_seed(0)).shape == (1, block_size)
     assert latest_checkpoint(tmp_path / "run").name == "step_00000030"
     # The run writes its model card: Hub metadata, and the training facts of this very run.
     card = ModelCard.load(folder / "README.md")

@@ -359,6 +359,9 @@ def train(config: TrainConfig) -> dict:
             model_config = build_model_config(config.model_config or "tiny", config.objective == "ar", tokenizer,
                                               config.block_size)
             model = build_model(model_config)
+            if config.objective != "ar" and config.block_size < model_config.max_position_embeddings:
+                # The model never saw sequences longer than a block: generate() fills one by default.
+                model.generation_config.max_new_tokens = config.block_size
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         if config.lora_r:

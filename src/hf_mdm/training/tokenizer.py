@@ -7,6 +7,7 @@ the Hub.
 """
 
 import os
+import warnings
 from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -52,6 +53,10 @@ def train_bpe_tokenizer(
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, mask_token=MASK_TOKEN
     )
+    if len(tokenizer) < vocab_size:
+        warnings.warn(f"--train-tokenizer {vocab_size}: the training text yields only {len(tokenizer)} tokens (no more "
+                      f"merges occur at least min_frequency={min_frequency} times); the vocabulary is "
+                      f"{len(tokenizer)}. More text, or a smaller size, gives the size asked for.", stacklevel=2)
     if output_dir is not None:
         tokenizer.save_pretrained(output_dir)
     return tokenizer

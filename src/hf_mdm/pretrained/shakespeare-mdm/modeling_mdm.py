@@ -730,6 +730,25 @@ class MDMPreTrainedBase(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = True
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' `from_pretrained`, refusing weights that do not fit the config: a weight the model lacks, or
+        one it has but the checkpoint does not (so left at random), means the config describes another model (a
+        wrong layer count, say), and sampling from it would be silent nonsense."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        unexpected, missing = sorted(info.get("unexpected_keys", ())), sorted(info.get("missing_keys", ()))
+        if unexpected or missing:
+            shown = lambda keys: ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+            raise ValueError(
+                f"the weights do not match the config ({type(model.config).__name__}, "
+                f"num_hidden_layers={model.config.num_hidden_layers}): "
+                + "; ".join(part for part in (f"not in the model: {shown(unexpected)}" if unexpected else "",
+                                              f"missing from the weights: {shown(missing)}" if missing else "") if part)
+                + ". Fix config.json (or pass the config the weights were saved with)."
+            )
+        return (model, info) if wants_info else model
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
         std = self.config.initializer_range
