@@ -732,20 +732,22 @@ class MDMPreTrainedBase(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """transformers' `from_pretrained`, refusing weights that do not fit the config: a weight the model lacks, or
-        one it has but the checkpoint does not (so left at random), means the config describes another model (a
-        wrong layer count, say), and sampling from it would be silent nonsense."""
+        """transformers' `from_pretrained`, refusing block weights that do not fit the config: a block the model
+        lacks, or one it has but the checkpoint does not (so left at random), means the config's layer count (or
+        layout) is not the weights', and sampling from it would be silent nonsense. Other mismatches (a base model
+        loaded from a checkpoint with a head) stay transformers' warnings."""
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        unexpected, missing = sorted(info.get("unexpected_keys", ())), sorted(info.get("missing_keys", ()))
+        in_blocks = lambda keys: sorted(key for key in keys if key.startswith("layers.") or ".layers." in key)
+        unexpected, missing = in_blocks(info.get("unexpected_keys", ())), in_blocks(info.get("missing_keys", ()))
         if unexpected or missing:
             shown = lambda keys: ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+            problems = ([f"not in the model: {shown(unexpected)}"] if unexpected else []) + (
+                [f"missing from the weights: {shown(missing)}"] if missing else [])
             raise ValueError(
-                f"the weights do not match the config ({type(model.config).__name__}, "
-                f"num_hidden_layers={model.config.num_hidden_layers}): "
-                + "; ".join(part for part in (f"not in the model: {shown(unexpected)}" if unexpected else "",
-                                              f"missing from the weights: {shown(missing)}" if missing else "") if part)
-                + ". Fix config.json (or pass the config the weights were saved with)."
+                f"the weights do not match the config ({type(model.config).__name__}, num_hidden_layers="
+                f"{model.config.num_hidden_layers}): {'; '.join(problems)}. Fix config.json (or pass the config the "
+                "weights were saved with)."
             )
         return (model, info) if wants_info else model
 

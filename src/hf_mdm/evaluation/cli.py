@@ -101,9 +101,6 @@ def sampler_settings(args: argparse.Namespace) -> list[SamplerSetting]:
 def check_arguments(args: argparse.Namespace) -> list[SamplerSetting]:
     """Every check that needs no model: bad settings and missing files fail here, before any generation. Names of
     checkpoints shipped in hf_mdm (the checkpoint, --judge, --ar-model and the tokenizers) become their folders."""
-    for name in ("checkpoint", "tokenizer", "judge", "ar_model", "ar_tokenizer"):
-        if getattr(args, name) is not None:
-            setattr(args, name, resolve_checkpoint(getattr(args, name), require_mdm=name == "checkpoint"))
     settings = sampler_settings(args)
     for name in ("num_samples", "batch_size", "judge_batch_size", "nelbo_passes"):
         if getattr(args, name) < 1:
@@ -124,6 +121,10 @@ def check_arguments(args: argparse.Namespace) -> list[SamplerSetting]:
             import mauve  # noqa: F401  (mauve-text)
         except ImportError:
             raise ValueError("MAUVE against --reference-files needs the mauve-text package: pip install mauve-text") from None
+    # After the settings (cheap, and the likeliest mistake): the checkpoints, each a folder, Hub id or shipped name.
+    for name in ("checkpoint", "tokenizer", "judge", "ar_model", "ar_tokenizer"):
+        if getattr(args, name) is not None:
+            setattr(args, name, resolve_checkpoint(getattr(args, name), require_mdm=name == "checkpoint"))
     if not Path(args.checkpoint).is_dir():
         raise ValueError(f"checkpoint {args.checkpoint!r} is not a folder (a save_pretrained folder of an MDM).")
     return settings
