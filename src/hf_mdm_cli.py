@@ -70,7 +70,7 @@ class CommandError(SystemExit):
         return self.line
 
 
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name (hf_mdm.pretrained.resolve_checkpoint uses it too)
 
 
 def hub_unreachable(argv: list[str]) -> bool:

@@ -292,9 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     add_publish_parser(commands)
     commands.add_parser("lm-eval", add_help=False, help=COMMANDS["lm-eval"])
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug = bool(os.environ.get(DEBUG_ENV)) or "--debug" in argv[:1]
-    if argv[:1] == ["--debug"]:
-        argv = argv[1:]
+    debug = argv[:1] == ["--debug"] or bool(os.environ.get(DEBUG_ENV))
+    argv = argv[1:] if argv[:1] == ["--debug"] else argv
     if argv[:1] == ["lm-eval"]:  # lm-eval parses its own flags
         try:
             from hf_mdm.evaluation.harness import main as lm_eval_main

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..pretrained import resolve_checkpoint
+from ..pretrained import MDM_MODEL_TYPES, resolve_checkpoint
 from .judge import DEFAULT_JUDGE
 from .sweep import SamplerSetting, expand_settings, parse_setting
 
@@ -178,7 +178,7 @@ def run_evaluate(args: argparse.Namespace) -> dict | None:
     if args.ar_model:
         ar_tokenizer = AutoTokenizer.from_pretrained(args.ar_tokenizer or args.ar_model)
         ar_model = AutoModelForCausalLM.from_pretrained(args.ar_model).to(accelerator.device).eval()
-        if ar_model.config.model_type in ("mdm", "mdm_llama"):
+        if ar_model.config.model_type in MDM_MODEL_TYPES:
             raise ValueError(f"--ar-model {args.ar_model!r} is a masked diffusion model; the baseline must be "
                              "autoregressive.")
         start_id = ar_tokenizer.bos_token_id if ar_tokenizer.bos_token_id is not None else ar_tokenizer.eos_token_id

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..pretrained import MDM_MODEL_TYPES
 from ..training.objectives import token_cross_entropy
 
 
@@ -103,7 +104,7 @@ def load_judge(judge: "str | Judge" = DEFAULT_JUDGE, device: str | torch.device 
             f"Could not load the judge {judge!r} as a causal LM with its tokenizer ({error}). Give a local folder, or "
             "a Hub id while online (or already in the Hugging Face cache)."
         ) from error
-    if model.config.model_type in ("mdm", "mdm_llama"):  # AutoModelForCausalLM loads MDMs too (for pipelines)
+    if model.config.model_type in MDM_MODEL_TYPES:  # AutoModelForCausalLM loads MDMs too (for pipelines)
         raise ValueError(f"the judge {judge!r} is a masked diffusion model; a judge scores next-token likelihoods, "
                          "so it must be autoregressive (e.g. shakespeare-ar, gpt2-large).")
     return Judge(model.to(resolve_device(device)).eval(), tokenizer, str(judge))

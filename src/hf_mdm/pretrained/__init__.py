@@ -14,9 +14,10 @@ examples/shakespeare/ and each folder's README.md.
 """
 
 import json
-import re
 import struct
 from pathlib import Path
+
+from hf_mdm_cli import HUB_ID
 
 
 PRETRAINED = {
@@ -39,7 +40,6 @@ def pretrained_path(name: str = DEFAULT_MDM) -> Path:
 
 MDM_MODEL_TYPES = ("mdm", "mdm_llama")
 UNCONVERTED = {"llada": "llada", "dream": "dream"}  # model_type (lowercased) of the peers' own folders: convert format
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def resolve_checkpoint(name_or_path: str, require_mdm: bool = False) -> str:
