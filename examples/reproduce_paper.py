@@ -1,7 +1,7 @@
 """The paper's precision table at small scale: one command, on the shipped Shakespeare MDM and AR judge.
 
-    python examples/reproduce_paper.py                    # 56.5 minutes on a 2-core CPU (see README)
-    python examples/reproduce_paper.py --num-samples 64   # less noise, twice the time
+    python examples/reproduce_paper.py               # 3 seeds x 32 samples a setting: ~2.8 hours on a 2-core CPU
+    python examples/reproduce_paper.py --seeds 1     # one seed: 56.5 minutes (see README)
 
 It runs `hf-mdm evaluate` with every setting of arXiv:2409.02908's precision experiment, scaled to a model of
 context L = 256:
@@ -11,20 +11,22 @@ context L = 256:
   - the exact first-hitting sampler (FHS) in float32 and float64: L network calls per sample;
   - parallel FHS unmasking k = 2, 4, 8 tokens per call (an approximation; float64);
   - the AR judge itself sampled at temperatures 0.7, 0.8, 0.9 and 1.0: the baseline.
-Every setting draws --num-samples unconditional samples of L tokens, scored by generative perplexity under the
-AR judge, unigram token entropy (the paper's diversity check) and MAUVE against blocks of the validation plays
-(features from the judge).
+Every setting draws --num-samples unconditional samples of L tokens with each of --seeds seeds, scored by
+generative perplexity under the AR judge, unigram token entropy (the paper's diversity check) and MAUVE against
+blocks of the validation plays (features from the judge).
 
-The settings are split into parts, run by --workers processes of one thread each (on 2 cores this beats one
-process of two threads: the random-number generation and the per-step Python work are single-threaded). Each
-part is one `hf-mdm evaluate` run with its own folder under OUTPUT/parts/, so a killed run resumes where it
-stopped: finished parts are kept. At the end the parts are merged into OUTPUT/results.json, results.md (the
-table), plot.png (gen PPL against entropy), samples.jsonl, and timing.json (the wall time of every run, appended).
+The table gives each setting's mean over seeds and the standard deviation between seeds, and two tests computed
+from each sample's own figures (token entropy, log gen PPL): Welch's t-test of float32 against float64 at the
+same sampler and steps (pooled over seeds), and a one-way ANOVA across the seeds (a p-value far below 0.05 in many
+rows would say that something other than chance differs between runs).
 
-    python examples/reproduce_paper.py --fhs-seeds 1 2      # also exact FHS in float64 with seeds 1 and 2
-
-adds one part per seed (about 9 minutes each on one core) whose rows are marked "seed N": the spread between seeds
-shows how far 32-sample figures move by chance alone.
+The settings are split into parts, one `hf-mdm evaluate` run per part and seed, run by --workers processes of one
+thread each (on 2 cores this beats one process of two threads: the random-number generation and the per-step
+Python work are single-threaded). Each part has its own folder under OUTPUT/parts/ (the main seed's under the
+plain name, seed N's as NAME-seedN), so a killed run resumes where it stopped: finished parts are kept. At the end
+the parts are merged into OUTPUT/results.json (the rows, and every run's own row under "runs"), results.md (the
+table), plot.png (gen PPL against entropy), samples.jsonl (every sample with its seed and figures), and
+timing.json (the wall time of every run, appended).
 """
 
 import argparse
@@ -37,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from hf_mdm.evaluation.report import markdown_table, plot_results
+from hf_mdm.evaluation.report import KIND_NAMES, plot_results
 from hf_mdm.pretrained import DEFAULT_JUDGE, DEFAULT_MDM, pretrained_path
 
 
@@ -71,19 +73,35 @@ PARTS = [
     Part("ancestral-L-float64", (ancestral(1, "float64"),)),
     Part("ancestral-L-float32", (ancestral(1, "float32"),)),
 ]
-SEED_PART_PREFIX = "fhs-float64-seed"
 
 
-def fhs_seed_part(seed: int) -> Part:
-    """Exact FHS in float64 drawn again with another seed: how much the figures move by chance."""
-    return Part(f"{SEED_PART_PREFIX}{seed}", ("sampler=first_hitting,sampling_dtype=float64",), seed=seed)
+def seeded(part: Part, seed: int, main_seed: int) -> Part:
+    """The part drawn with another seed: the main seed keeps the plain name (and the folders of earlier runs)."""
+    if seed == main_seed:
+        return part
+    return Part(f"{part.name}-seed{seed}", part.settings, part.ar_temperatures, seed=seed)
 
 
-def finished_seed_parts(output: Path) -> list[Part]:
-    """The seed parts a run (this one or an earlier one, with --fhs-seeds) left under OUTPUT/parts/."""
-    names = (folder.name for folder in (output / "parts").glob(f"{SEED_PART_PREFIX}*") if folder.is_dir())
-    return [fhs_seed_part(int(name.removeprefix(SEED_PART_PREFIX))) for name in sorted(names)
-            if name.removeprefix(SEED_PART_PREFIX).isdigit()]
+# Seed N of the "fhs" part as an earlier version of this script drew it (--fhs-seeds): FHS in float64 only.
+EARLIER_LAYOUT = {"fhs": "fhs-float64"}
+
+
+def finished_folder(output: Path, part: Part) -> Path | None:
+    """The folder holding a finished run of the part: its own, or else the earlier layout's; None if neither."""
+    folder = output / "parts" / part.name
+    if (folder / "results.json").is_file():
+        return folder
+    base = part.name.removesuffix(f"-seed{part.seed}")
+    if part.seed is not None and base in EARLIER_LAYOUT:
+        earlier = output / "parts" / f"{EARLIER_LAYOUT[base]}-seed{part.seed}"
+        if (earlier / "results.json").is_file():
+            return earlier
+    return None
+
+
+def all_parts(seeds: int, main_seed: int) -> list[Part]:
+    """Every part with seeds main_seed .. main_seed + seeds - 1, longest first across seeds (see PARTS)."""
+    return [seeded(part, main_seed + i, main_seed) for part in PARTS for i in range(seeds)]
 
 
 def table_order(row: dict) -> tuple:
@@ -179,43 +197,220 @@ def rejudge(output: Path, names: list[str], args, data: Path) -> None:
         print(f"[{name}] rejudged", flush=True)
 
 
-def merge(output: Path) -> list[str]:
+def add_per_sample_figures(output: Path, names: list[str], args) -> None:
+    """Gives every sample of these parts the two figures the tests compare, computed the same way for all parts:
+    `text_entropy`, the token entropy of its text re-tokenized by the model that drew it (parts written by an
+    older `hf-mdm evaluate` saved only the text, not the drawn ids), and `gen_ppl` by the judge from the text
+    (what evaluate scores too; computed here only where evaluate did not save it)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from hf_mdm.evaluation import load_judge, load_metric
+
+    torch.set_num_threads(args.threads)
+    judge = None
+    tokenizers = {"mdm": AutoTokenizer.from_pretrained(pretrained_path(DEFAULT_MDM)),
+                  "ar": AutoTokenizer.from_pretrained(pretrained_path(DEFAULT_JUDGE))}
+    gen_ppl = load_metric("generative_perplexity", keep_in_memory=True)
+    entropy = load_metric("token_entropy", keep_in_memory=True)
+    for name in names:
+        folder = output / "parts" / name
+        samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+        rejudged = False
+        for kind, label in dict.fromkeys((sample["kind"], sample["label"]) for sample in samples):
+            chosen = [sample for sample in samples if (sample["kind"], sample["label"]) == (kind, label)]
+            texts = [sample["text"] for sample in chosen]
+            ids = [tokenizers[kind](text, add_special_tokens=False)["input_ids"] for text in texts]
+            for sample, value in zip(chosen, entropy.compute(predictions=ids)["per_sample"]):
+                sample["text_entropy"] = value
+            if any("gen_ppl" not in sample for sample in chosen):
+                judge = judge or load_judge(str(pretrained_path(DEFAULT_JUDGE)), "cpu")
+                scored = gen_ppl.compute(predictions=texts, judge=judge, batch_size=32)["per_sample"]
+                for sample, value in zip(chosen, scored):
+                    sample["gen_ppl"] = value
+                rejudged = True
+        (folder / "samples.jsonl").write_text("".join(json.dumps(sample) + "\n" for sample in samples))
+        if rejudged:
+            results = json.loads((folder / "results.json").read_text())
+            results["per_sample_gen_ppl"] = "recomputed from the saved texts (evaluate did not save it then)"
+            (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(f"[{name}] per-sample figures added", flush=True)
+
+
+def parts_without_per_sample_figures(output: Path, parts: list[Part]) -> list[str]:
+    """The finished parts whose samples lack the per-sample figures of `add_per_sample_figures`."""
+    names = []
+    for part in parts:
+        folder = finished_folder(output, part)
+        samples = folder / "samples.jsonl" if folder else None
+        if samples and samples.is_file() and any("text_entropy" not in json.loads(line) for line in samples.open()):
+            names.append(folder.name)
+    return names
+
+
+def welch_p(a: list[float], b: list[float]) -> float | None:
+    """Two-sided Welch t-test p-value of equal means (None with fewer than two values a side)."""
+    from scipy import stats
+
+    if len(a) < 2 or len(b) < 2:
+        return None
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def anova_p(groups: list[list[float]]) -> float | None:
+    """One-way ANOVA p-value of equal means across groups (here: seeds); None with fewer than two groups."""
+    from scipy import stats
+
+    groups = [group for group in groups if len(group) >= 2]
+    if len(groups) < 2:
+        return None
+    return float(stats.f_oneway(*groups).pvalue)
+
+
+def mean_and_spread(values: list[float | None]) -> tuple[float | None, float | None]:
+    """The mean over seeds and the standard deviation between seeds (None for one seed)."""
+    values = [value for value in values if value is not None]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, (sum((value - mean) ** 2 for value in values) / (len(values) - 1)) ** 0.5
+
+
+def per_sample(samples: list[dict], figure: str) -> list[float]:
+    """One figure of each sample: the token entropy of its text, or its mean judge NLL (log gen PPL, closer to
+    normal than gen PPL)."""
+    import math
+
+    if figure == "text_entropy":
+        return [sample["text_entropy"] for sample in samples if "text_entropy" in sample]
+    return [math.log(sample["gen_ppl"]) for sample in samples if sample.get("gen_ppl")]
+
+
+def summarize(runs: list[dict], samples: dict[tuple, list[dict]]) -> dict:
+    """One table row from a setting's runs (one per seed): means, spreads between seeds, and the seeds' ANOVA."""
+    first = runs[0]
+    row = dict(kind=first["kind"], label=first["label"], setting=first.get("setting"),
+               seeds=[run["seed"] for run in runs], num_samples=sum(run["num_samples"] for run in runs))
+    for field in ("nfe_per_sample", "seconds", "generative_perplexity", "token_entropy", "mauve"):
+        row[field], row[f"{field}_spread"] = mean_and_spread([run.get(field) for run in runs])
+    row["gen_ppl_excluded"] = sum(run.get("gen_ppl_excluded") or 0 for run in runs)
+    groups = [samples.get((first["kind"], first["label"], run["seed"]), []) for run in runs]
+    row["seeds_anova_p"] = {figure: anova_p([per_sample(group, figure) for group in groups])
+                            for figure in ("text_entropy", "log_gen_ppl")}
+    return row
+
+
+def add_precision_tests(rows: list[dict], samples: dict[tuple, list[dict]]) -> None:
+    """On each float32 MDM row: Welch p-values against the float64 row of the same sampler and steps, on the
+    per-sample figures pooled over seeds."""
+    def pooled(row, figure):
+        return [value for seed in row["seeds"] for value in per_sample(samples.get((row["kind"], row["label"], seed),
+                                                                                    []), figure)]
+
+    def without_dtype(row):
+        return {key: value for key, value in (row["setting"] or {}).items() if key != "sampling_dtype"}
+
+    for row in rows:
+        if row["kind"] != "mdm" or (row["setting"] or {}).get("sampling_dtype") != "float32":
+            continue
+        partner = next((other for other in rows if other["kind"] == "mdm" and other is not row
+                        and (other["setting"] or {}).get("sampling_dtype") == "float64"
+                        and without_dtype(other) == without_dtype(row)), None)
+        if partner is not None:
+            row["float64_partner"] = partner["label"]
+            row["welch_p_vs_float64"] = {figure: welch_p(pooled(row, figure), pooled(partner, figure))
+                                         for figure in ("text_entropy", "log_gen_ppl")}
+
+
+def text_entropy_gap(runs: dict, samples: dict) -> float:
+    """The largest difference, over runs, between the entropy of the drawn ids and that of the re-tokenized texts."""
+    gaps = [0.0]
+    for (kind, label), setting_runs in runs.items():
+        for run in setting_runs:
+            values = per_sample(samples.get((kind, label, run["seed"]), []), "text_entropy")
+            if values and run.get("token_entropy") is not None:
+                gaps.append(abs(sum(values) / len(values) - run["token_entropy"]))
+    return max(gaps)
+
+
+def _figure(mean, spread, digits):
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f}" + ("" if spread is None else f" ± {spread:.{digits}f}")
+
+
+def _p_pair(pair):
+    if not pair or all(value is None for value in pair.values()):
+        return "–"
+    return " / ".join("–" if pair[key] is None else f"{pair[key]:.2g}" for key in ("text_entropy", "log_gen_ppl"))
+
+
+def seeds_table(rows: list[dict], judge: str, footnotes: list[str]) -> str:
+    """The Markdown table: each row's mean ± spread over seeds and its two tests."""
+    lines = [f"| model | setting | seeds × samples | NFE / sample | time (s) | gen PPL ({judge}) | entropy | MAUVE "
+             f"| fp32 vs fp64: Welch p (entropy / gen PPL) | between seeds: ANOVA p (entropy / gen PPL) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        seeds = len(row["seeds"])
+        lines.append(
+            f"| {KIND_NAMES[row['kind']]} | {row['label']} | {seeds} × {row['num_samples'] // seeds} "
+            f"| {_figure(row['nfe_per_sample'], None, 1)} | {_figure(row['seconds'], None, 1)} "
+            f"| {_figure(row['generative_perplexity'], row['generative_perplexity_spread'], 2)} "
+            f"| {_figure(row['token_entropy'], row['token_entropy_spread'], 3)} "
+            f"| {_figure(row['mauve'], row['mauve_spread'], 3)} "
+            f"| {_p_pair(row.get('welch_p_vs_float64'))} | {_p_pair(row.get('seeds_anova_p'))} |")
+    return "\n".join(lines + [""] + footnotes) + "\n"
+
+
+def merge(output: Path, seeds: int = 3, main_seed: int = 0) -> list[str]:
     """One table, plot and samples file from the parts that exist; returns the names of missing parts."""
-    rows, samples, missing, judge, footnote, main_seed = [], [], [], "", "", None
-    seed_parts = finished_seed_parts(output)
-    for part in PARTS + seed_parts:
-        folder = output / "parts" / part.name
-        if not (folder / "results.json").is_file():
+    runs, samples, missing, judge, recomputed, earlier = {}, {}, [], "", [], []
+    for part in all_parts(seeds, main_seed):
+        folder = finished_folder(output, part)
+        if folder is None:
             missing.append(part.name)
             continue
+        if folder.name != part.name:
+            earlier.append((part.name, folder.name))
         results = json.loads((folder / "results.json").read_text())
         judge = judge or Path(results.get("judge", DEFAULT_JUDGE)).name
-        if part.seed is None:
-            main_seed = results["seed"]
+        if "per_sample_gen_ppl" in results:
+            recomputed.append(part.name)
         for row in results["rows"]:
-            if part.seed is not None:
-                row["label"] += f" seed {part.seed}"
-            if row["kind"] != "reference" or not any(r["kind"] == "reference" for r in rows):
-                rows.append(row)
+            if row["kind"] == "reference" and runs.get(("reference", row["label"])):
+                continue  # the same validation blocks in every part
+            runs.setdefault((row["kind"], row["label"]), []).append(dict(row, seed=results["seed"]))
         if (folder / "samples.jsonl").is_file():
-            lines = (folder / "samples.jsonl").read_text().splitlines()
-            if part.seed is not None:  # the same mark as the rows, so that samples and rows still match by label
-                lines = [json.dumps(dict(sample, label=f"{sample['label']} seed {part.seed}"))
-                         for sample in map(json.loads, lines)]
-            samples.append("".join(line + "\n" for line in lines))
-        footnote = footnote or next((line for line in (folder / "results.md").read_text().splitlines()
-                                     if line.startswith(f"{LENGTH} tokens per sample")), "")
-    rows.sort(key=table_order)
-    footnotes = [footnote] if footnote else []
-    if seed_parts:
-        footnotes.append(f"Rows marked 'seed N' were drawn again with seed N (--fhs-seeds), to show the spread "
-                         f"between seeds; all others with seed {main_seed}.")
+            for sample in map(json.loads, (folder / "samples.jsonl").read_text().splitlines()):
+                samples.setdefault((sample["kind"], sample["label"], results["seed"]), []).append(
+                    dict(sample, seed=results["seed"]))
+    rows = sorted((summarize(setting_runs, samples) for setting_runs in runs.values()), key=table_order)
+    add_precision_tests(rows, samples)
+    footnotes = [f"{LENGTH} tokens per sample; each setting drawn with seeds {main_seed}..{main_seed + seeds - 1} "
+                 f"(one `hf-mdm evaluate` run each); figures are the mean over seeds ± the standard deviation between "
+                 f"seeds (time: seconds per run); entropy in each model's own tokens (nats).",
+                 "Welch p: float32 against float64 at the same sampler and steps, on each sample's own token "
+                 "entropy / log gen PPL, pooled over seeds; ANOVA p: equal means across the seeds, same figures. "
+                 "Both use the entropy of each text re-tokenized (the same for every part: the earliest parts did "
+                 f"not save the drawn ids; a row's mean differs from its drawn ids' entropy by "
+                 f"{text_entropy_gap(runs, samples):.4f} nats at most)."]
+    if recomputed:
+        footnotes.append(f"Per-sample gen PPL of {', '.join(recomputed)} recomputed from the saved texts "
+                         f"(written before evaluate saved it).")
+    if earlier:
+        footnotes.append("Drawn by an earlier version of this script, in float64 only: " + ", ".join(
+            f"{part} (as {folder})" for part, folder in earlier) + "; rerun the script to draw them in full.")
     if missing:
         footnotes.append(f"NOT RUN (yet): {', '.join(missing)}; rerun the script to finish them.")
-    (output / "results.json").write_text(json.dumps({"judge": judge, "rows": rows}, indent=2) + "\n")
-    (output / "results.md").write_text(markdown_table(rows, judge, footnotes))
-    plot_results(rows, output / "plot.png", judge, title=f"shakespeare-mdm, {LENGTH}-token samples")
-    (output / "samples.jsonl").write_text("".join(samples))
+    per_seed = [run for setting_runs in runs.values() for run in setting_runs]
+    (output / "results.json").write_text(json.dumps({"judge": judge, "rows": rows, "runs": per_seed}, indent=2) + "\n")
+    (output / "results.md").write_text(seeds_table(rows, judge, footnotes))
+    plot_results(rows, output / "plot.png", judge, title=f"shakespeare-mdm, {LENGTH}-token samples, "
+                                                          f"mean over {seeds} seeds")
+    (output / "samples.jsonl").write_text("".join(json.dumps(sample) + "\n" for group in samples.values()
+                                                  for sample in group))
     return missing
 
 
@@ -229,12 +424,12 @@ def main():
     parser.add_argument("--data", default="data/shakespeare", help="prepare.py's output (run if missing)")
     parser.add_argument("--output-dir", default="results/paper")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fhs-seeds", nargs="+", type=int, default=[], metavar="SEED",
-                        help="also exact FHS in float64 drawn with each of these seeds (one part each)")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="every setting drawn with seeds SEED, SEED + 1, ...: this many (one part each)")
     parser.add_argument("--rejudge", nargs="+", default=[], metavar="PART",
                         help="only recompute the judge's figures of these finished parts, then merge")
     args = parser.parse_args()
-    for name in ("num_samples", "batch_size", "num_references", "workers", "threads"):
+    for name in ("num_samples", "batch_size", "num_references", "workers", "threads", "seeds"):
         if getattr(args, name) < 1:
             raise SystemExit(f"reproduce_paper: --{name.replace('_', '-')} must be at least 1.")
 
@@ -244,14 +439,13 @@ def main():
     (output / "parts").mkdir(parents=True, exist_ok=True)
     if args.rejudge:
         rejudge(output, args.rejudge, args, data)
-        print("missing parts:", merge(output))
+        print("missing parts:", merge(output, args.seeds, args.seed))
         return
-    parts = PARTS + [fhs_seed_part(seed) for seed in dict.fromkeys(args.fhs_seeds) if seed != args.seed]
+    parts = all_parts(args.seeds, args.seed)
     started = time.perf_counter()
     with ThreadPoolExecutor(args.workers) as pool:
         minutes = list(pool.map(lambda part: run_part(part, args, data, output), parts))
     wall = (time.perf_counter() - started) / 60
-    missing = merge(output)
     ran = {part.name: round(m, 1) for part, m in zip(parts, minutes) if m is not None}
     if ran:  # one entry per run that did any work, appended: a resumed run keeps the record of earlier ones
         timing = dict(wall_minutes=round(wall, 1), part_minutes=ran, kept_from_earlier_runs=len(parts) - len(ran),
@@ -261,6 +455,10 @@ def main():
         runs = json.loads(timing_file.read_text()) if timing_file.is_file() else []
         runs = [runs] if isinstance(runs, dict) else runs
         timing_file.write_text(json.dumps(runs + [timing], indent=2) + "\n")
+    older = parts_without_per_sample_figures(output, parts)
+    if older:
+        add_per_sample_figures(output, older, args)
+    missing = merge(output, args.seeds, args.seed)
     print(f"reproduce_paper: {wall:.1f} minutes; results in {output}/" + (f"; missing {missing}" if missing else ""))
 
 
