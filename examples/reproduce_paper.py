@@ -133,7 +133,11 @@ def run_part(part: Part, args, data: Path, output: Path) -> float | None:
         command += ["--setting", setting]
     if part.ar_temperatures:
         command += ["--ar-model", DEFAULT_JUDGE, "--ar-temperatures", *part.ar_temperatures]
-    environment = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    # glibc hands every buffer over 32 MB back to the kernel when freed, so the ancestral sampler's per-step
+    # (samples x masked positions x V) draws page-fault in afresh at every step: keeping them in the heap made a
+    # draw of that size 1.75x faster on this 2-core machine. It changes no number, only the time.
+    environment = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+                       MALLOC_MMAP_THRESHOLD_="4294967296", MALLOC_TRIM_THRESHOLD_="8589934592")
     started = time.perf_counter()
     print(f"[{name}] started", flush=True)
     with open(output / "parts" / f"{name}.log", "w") as log:
