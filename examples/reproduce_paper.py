@@ -1,7 +1,7 @@
 """The paper's precision table at small scale: one command, on the shipped Shakespeare MDM and AR judge.
 
-    python examples/reproduce_paper.py               # 3 seeds x 32 samples a setting: ~2.8 hours on a 2-core CPU
-    python examples/reproduce_paper.py --seeds 1     # one seed: 56.5 minutes (see README)
+    python examples/reproduce_paper.py               # 3 seeds x 32 samples a setting: ~2 hours on a 2-core CPU
+    python examples/reproduce_paper.py --seeds 1     # one seed: ~40 minutes (76 core-minutes, see README)
 
 It runs `hf-mdm evaluate` with every setting of arXiv:2409.02908's precision experiment, scaled to a model of
 context L = 256:
@@ -31,6 +31,7 @@ timing.json (the wall time of every run, appended).
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -61,7 +62,7 @@ class Part:
     seed: int | None = None
 
 
-# Longest first (on one core: ~24, 20, 16, 13, 12, 9, 9 and 8 minutes), so that the workers finish close together.
+# Longest first (on one core: ~21, 15, 9, 9, 8, 6, 4.5 and 4 minutes), so that the workers finish close together.
 PARTS = [
     Part("ancestral-16L-float64", (ancestral(16, "float64"),)),
     Part("ancestral-16L-float32", (ancestral(16, "float32"),)),
@@ -82,21 +83,19 @@ def seeded(part: Part, seed: int, main_seed: int) -> Part:
     return Part(f"{part.name}-seed{seed}", part.settings, part.ar_temperatures, seed=seed)
 
 
-# Seed N of the "fhs" part as an earlier version of this script drew it (--fhs-seeds): FHS in float64 only.
-EARLIER_LAYOUT = {"fhs": "fhs-float64"}
+def finished(folder: Path) -> bool:
+    """Whether a part's run got to the end: `hf-mdm evaluate` writes results.json last."""
+    return (folder / "results.json").is_file()
 
 
-def finished_folder(output: Path, part: Part) -> Path | None:
-    """The folder holding a finished run of the part: its own, or else the earlier layout's; None if neither."""
-    folder = output / "parts" / part.name
-    if (folder / "results.json").is_file():
-        return folder
-    base = part.name.removesuffix(f"-seed{part.seed}")
-    if part.seed is not None and base in EARLIER_LAYOUT:
-        earlier = output / "parts" / f"{EARLIER_LAYOUT[base]}-seed{part.seed}"
-        if (earlier / "results.json").is_file():
-            return earlier
-    return None
+def read_samples(folder: Path) -> list[dict]:
+    """A part's saved samples (none where it was run without them)."""
+    path = folder / "samples.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def write_samples(path: Path, samples: list[dict]) -> None:
+    path.write_text("".join(json.dumps(sample) + "\n" for sample in samples))
 
 
 def all_parts(seeds: int, main_seed: int) -> list[Part]:
@@ -118,7 +117,7 @@ def run_part(part: Part, args, data: Path, output: Path) -> float | None:
     """One `hf-mdm evaluate` run; skipped when its results.json exists (a resumed run). Returns its minutes."""
     name = part.name
     folder = output / "parts" / name
-    if (folder / "results.json").is_file():
+    if finished(folder):
         print(f"[{name}] done before, kept", flush=True)
         return None
     if not claim(output / "parts" / f"{name}.lock"):
@@ -187,7 +186,7 @@ def rejudge(output: Path, names: list[str], args, data: Path) -> None:
     for name in names:
         folder = output / "parts" / name
         results = json.loads((folder / "results.json").read_text())
-        samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+        samples = read_samples(folder)
         for row in results["rows"]:
             texts = references if row["kind"] == "reference" else \
                 [s["text"] for s in samples if (s["kind"], s["label"]) == (row["kind"], row["label"])]
@@ -219,7 +218,7 @@ def add_per_sample_figures(output: Path, names: list[str], args) -> None:
     entropy = load_metric("token_entropy", keep_in_memory=True)
     for name in names:
         folder = output / "parts" / name
-        samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+        samples = read_samples(folder)
         rejudged = False
         for kind, label in dict.fromkeys((sample["kind"], sample["label"]) for sample in samples):
             chosen = [sample for sample in samples if (sample["kind"], sample["label"]) == (kind, label)]
@@ -233,7 +232,7 @@ def add_per_sample_figures(output: Path, names: list[str], args) -> None:
                 for sample, value in zip(chosen, scored):
                     sample["gen_ppl"] = value
                 rejudged = True
-        (folder / "samples.jsonl").write_text("".join(json.dumps(sample) + "\n" for sample in samples))
+        write_samples(folder / "samples.jsonl", samples)
         if rejudged:
             results = json.loads((folder / "results.json").read_text())
             results["per_sample_gen_ppl"] = "recomputed from the saved texts (evaluate did not save it then)"
@@ -243,13 +242,9 @@ def add_per_sample_figures(output: Path, names: list[str], args) -> None:
 
 def parts_without_per_sample_figures(output: Path, parts: list[Part]) -> list[str]:
     """The finished parts whose samples lack the per-sample figures of `add_per_sample_figures`."""
-    names = []
-    for part in parts:
-        folder = finished_folder(output, part)
-        samples = folder / "samples.jsonl" if folder else None
-        if samples and samples.is_file() and any("text_entropy" not in json.loads(line) for line in samples.open()):
-            names.append(folder.name)
-    return names
+    folders = [output / "parts" / part.name for part in parts]
+    return [folder.name for folder in folders
+            if finished(folder) and any("text_entropy" not in sample for sample in read_samples(folder))]
 
 
 def welch_p(a: list[float], b: list[float]) -> float | None:
@@ -285,8 +280,6 @@ def mean_and_spread(values: list[float | None]) -> tuple[float | None, float | N
 def per_sample(samples: list[dict], figure: str) -> list[float]:
     """One figure of each sample: the token entropy of its text, or its mean judge NLL (log gen PPL, closer to
     normal than gen PPL)."""
-    import math
-
     if figure == "text_entropy":
         return [sample["text_entropy"] for sample in samples if "text_entropy" in sample]
     return [math.log(sample["gen_ppl"]) for sample in samples if sample.get("gen_ppl")]
@@ -370,14 +363,12 @@ def seeds_table(rows: list[dict], judge: str, footnotes: list[str]) -> str:
 
 def merge(output: Path, seeds: int = 3, main_seed: int = 0) -> list[str]:
     """One table, plot and samples file from the parts that exist; returns the names of missing parts."""
-    runs, samples, missing, judge, recomputed, earlier = {}, {}, [], "", [], []
+    runs, samples, missing, judge, recomputed = {}, {}, [], "", []
     for part in all_parts(seeds, main_seed):
-        folder = finished_folder(output, part)
-        if folder is None:
+        folder = output / "parts" / part.name
+        if not finished(folder):
             missing.append(part.name)
             continue
-        if folder.name != part.name:
-            earlier.append((part.name, folder.name))
         results = json.loads((folder / "results.json").read_text())
         judge = judge or Path(results.get("judge", DEFAULT_JUDGE)).name
         if "per_sample_gen_ppl" in results:
@@ -386,10 +377,9 @@ def merge(output: Path, seeds: int = 3, main_seed: int = 0) -> list[str]:
             if row["kind"] == "reference" and runs.get(("reference", row["label"])):
                 continue  # the same validation blocks in every part
             runs.setdefault((row["kind"], row["label"]), []).append(dict(row, seed=results["seed"]))
-        if (folder / "samples.jsonl").is_file():
-            for sample in map(json.loads, (folder / "samples.jsonl").read_text().splitlines()):
-                samples.setdefault((sample["kind"], sample["label"], results["seed"]), []).append(
-                    dict(sample, seed=results["seed"]))
+        for sample in read_samples(folder):
+            samples.setdefault((sample["kind"], sample["label"], results["seed"]), []).append(
+                dict(sample, seed=results["seed"]))
     rows = sorted((summarize(setting_runs, samples) for setting_runs in runs.values()), key=table_order)
     add_precision_tests(rows, samples)
     footnotes = [f"{LENGTH} tokens per sample; each setting drawn with seeds {main_seed}..{main_seed + seeds - 1} "
@@ -403,9 +393,6 @@ def merge(output: Path, seeds: int = 3, main_seed: int = 0) -> list[str]:
     if recomputed:
         footnotes.append(f"Per-sample gen PPL of {', '.join(recomputed)} recomputed from the saved texts "
                          f"(written before evaluate saved it).")
-    if earlier:
-        footnotes.append("Drawn by an earlier version of this script, in float64 only: " + ", ".join(
-            f"{part} (as {folder})" for part, folder in earlier) + "; rerun the script to draw them in full.")
     if missing:
         footnotes.append(f"NOT RUN (yet): {', '.join(missing)}; rerun the script to finish them.")
     per_seed = [run for setting_runs in runs.values() for run in setting_runs]
@@ -413,8 +400,7 @@ def merge(output: Path, seeds: int = 3, main_seed: int = 0) -> list[str]:
     (output / "results.md").write_text(seeds_table(rows, judge, footnotes))
     plot_results(rows, output / "plot.png", judge, title=f"shakespeare-mdm, {LENGTH}-token samples, "
                                                           f"mean over {seeds} seeds")
-    (output / "samples.jsonl").write_text("".join(json.dumps(sample) + "\n" for group in samples.values()
-                                                  for sample in group))
+    write_samples(output / "samples.jsonl", [sample for group in samples.values() for sample in group])
     return missing
 
 
