@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -40,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from hf_mdm.evaluation.report import KIND_NAMES, plot_results
+from hf_mdm.evaluation.report import markdown_table, plot_results
 from hf_mdm.pretrained import DEFAULT_JUDGE, DEFAULT_MDM, pretrained_path
 
 
@@ -271,10 +272,11 @@ def mean_and_spread(values: list[float | None]) -> tuple[float | None, float | N
     values = [value for value in values if value is not None]
     if not values:
         return None, None
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, (sum((value - mean) ** 2 for value in values) / (len(values) - 1)) ** 0.5
+    return statistics.fmean(values), statistics.stdev(values) if len(values) >= 2 else None
+
+
+# The per-sample figures the tests compare: see per_sample.
+FIGURES = ("text_entropy", "log_gen_ppl")
 
 
 def per_sample(samples: list[dict], figure: str) -> list[float]:
@@ -295,7 +297,7 @@ def summarize(runs: list[dict], samples: dict[tuple, list[dict]]) -> dict:
     row["gen_ppl_excluded"] = sum(run.get("gen_ppl_excluded") or 0 for run in runs)
     groups = [samples.get((first["kind"], first["label"], run["seed"]), []) for run in runs]
     row["seeds_anova_p"] = {figure: anova_p([per_sample(group, figure) for group in groups])
-                            for figure in ("text_entropy", "log_gen_ppl")}
+                            for figure in FIGURES}
     return row
 
 
@@ -318,7 +320,7 @@ def add_precision_tests(rows: list[dict], samples: dict[tuple, list[dict]]) -> N
         if partner is not None:
             row["float64_partner"] = partner["label"]
             row["welch_p_vs_float64"] = {figure: welch_p(pooled(row, figure), pooled(partner, figure))
-                                         for figure in ("text_entropy", "log_gen_ppl")}
+                                         for figure in FIGURES}
 
 
 def text_entropy_gap(runs: dict, samples: dict) -> float:
@@ -332,33 +334,15 @@ def text_entropy_gap(runs: dict, samples: dict) -> float:
     return max(gaps)
 
 
-def _figure(mean, spread, digits):
-    if mean is None:
-        return "–"
-    return f"{mean:.{digits}f}" + ("" if spread is None else f" ± {spread:.{digits}f}")
-
-
 def _p_pair(pair):
     if not pair or all(value is None for value in pair.values()):
         return "–"
-    return " / ".join("–" if pair[key] is None else f"{pair[key]:.2g}" for key in ("text_entropy", "log_gen_ppl"))
+    return " / ".join("–" if pair[key] is None else f"{pair[key]:.2g}" for key in FIGURES)
 
 
-def seeds_table(rows: list[dict], judge: str, footnotes: list[str]) -> str:
-    """The Markdown table: each row's mean ± spread over seeds and its two tests."""
-    lines = [f"| model | setting | seeds × samples | NFE / sample | time (s) | gen PPL ({judge}) | entropy | MAUVE "
-             f"| fp32 vs fp64: Welch p (entropy / gen PPL) | between seeds: ANOVA p (entropy / gen PPL) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in rows:
-        seeds = len(row["seeds"])
-        lines.append(
-            f"| {KIND_NAMES[row['kind']]} | {row['label']} | {seeds} × {row['num_samples'] // seeds} "
-            f"| {_figure(row['nfe_per_sample'], None, 1)} | {_figure(row['seconds'], None, 1)} "
-            f"| {_figure(row['generative_perplexity'], row['generative_perplexity_spread'], 2)} "
-            f"| {_figure(row['token_entropy'], row['token_entropy_spread'], 3)} "
-            f"| {_figure(row['mauve'], row['mauve_spread'], 3)} "
-            f"| {_p_pair(row.get('welch_p_vs_float64'))} | {_p_pair(row.get('seeds_anova_p'))} |")
-    return "\n".join(lines + [""] + footnotes) + "\n"
+# The two columns of tests beside report.markdown_table's figures.
+TEST_COLUMNS = (("fp32 vs fp64: Welch p (entropy / gen PPL)", lambda row: _p_pair(row.get("welch_p_vs_float64"))),
+                ("between seeds: ANOVA p (entropy / gen PPL)", lambda row: _p_pair(row.get("seeds_anova_p"))))
 
 
 def merge(output: Path, seeds: int = 3, main_seed: int = 0) -> list[str]:
@@ -397,7 +381,7 @@ def merge(output: Path, seeds: int = 3, main_seed: int = 0) -> list[str]:
         footnotes.append(f"NOT RUN (yet): {', '.join(missing)}; rerun the script to finish them.")
     per_seed = [run for setting_runs in runs.values() for run in setting_runs]
     (output / "results.json").write_text(json.dumps({"judge": judge, "rows": rows, "runs": per_seed}, indent=2) + "\n")
-    (output / "results.md").write_text(seeds_table(rows, judge, footnotes))
+    (output / "results.md").write_text(markdown_table(rows, judge, footnotes, TEST_COLUMNS))
     plot_results(rows, output / "plot.png", judge, title=f"shakespeare-mdm, {LENGTH}-token samples, "
                                                           f"mean over {seeds} seeds")
     write_samples(output / "samples.jsonl", [sample for group in samples.values() for sample in group])

@@ -5,28 +5,42 @@ Each result row is a dict with keys `kind` ("mdm", "ar" or "reference"), `label`
 where it does not apply).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
 KIND_NAMES = {"mdm": "MDM", "ar": "AR", "reference": "reference"}
 
 
-def _cell(value, digits: int) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
+def _cell(value, digits: int, spread=None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{digits}f}" + ("" if spread is None else f" ± {spread:.{digits}f}")
 
 
-def markdown_table(rows: Sequence[dict], judge: str, footnotes: Sequence[str] = ()) -> str:
-    """A Markdown table, one line per row; footnotes (e.g. the NELBO) go below it."""
+def markdown_table(rows: Sequence[dict], judge: str, footnotes: Sequence[str] = (),
+                   extra_columns: Sequence[tuple[str, Callable[[dict], str]]] = ()) -> str:
+    """A Markdown table, one line per row; footnotes (e.g. the NELBO) go below it.
+
+    A row merged from runs with several seeds (it has `seeds`) shows seeds × samples per seed, and its gen PPL,
+    entropy and MAUVE with their spread between seeds (`FIELD_spread`). `extra_columns` are (header, cell of a
+    row) pairs added on the right."""
+    merged = any("seeds" in row for row in rows)
     lines = [
-        f"| model | setting | samples | NFE / sample | time (s) | gen PPL ({judge}) | entropy | MAUVE |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| model | setting | {'seeds × samples' if merged else 'samples'} | NFE / sample | time (s) "
+        f"| gen PPL ({judge}) | entropy | MAUVE |" + "".join(f" {header} |" for header, _ in extra_columns),
+        "|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(extra_columns),
     ]
     for row in rows:
+        samples = f"{len(row['seeds'])} × {row['num_samples'] // len(row['seeds'])}" if "seeds" in row \
+            else row["num_samples"]
         lines.append(
-            f"| {KIND_NAMES[row['kind']]} | {row['label']} | {row['num_samples']} | {_cell(row['nfe_per_sample'], 1)} "
-            f"| {_cell(row['seconds'], 1)} | {_cell(row['generative_perplexity'], 2)} "
-            f"| {_cell(row['token_entropy'], 3)} | {_cell(row['mauve'], 3)} |"
+            f"| {KIND_NAMES[row['kind']]} | {row['label']} | {samples} | {_cell(row['nfe_per_sample'], 1)} "
+            f"| {_cell(row['seconds'], 1)} "
+            f"| {_cell(row['generative_perplexity'], 2, row.get('generative_perplexity_spread'))} "
+            f"| {_cell(row['token_entropy'], 3, row.get('token_entropy_spread'))} "
+            f"| {_cell(row['mauve'], 3, row.get('mauve_spread'))} |"
+            + "".join(f" {cell(row)} |" for _, cell in extra_columns)
         )
     excluded = [f"{row['label']}: {row['gen_ppl_excluded']}" for row in rows if row.get("gen_ppl_excluded")]
     notes = list(footnotes)
