@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m hf_mdm.cli demo
+	$(PY) -m hf_mdm_cli demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests --durations=10

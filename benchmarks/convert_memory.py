@@ -63,7 +63,7 @@ BUILD = textwrap.dedent(
 
 PEAK = "import resource; print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
 BASELINE = "import torch, transformers, hf_mdm, hf_mdm.convert\n" + PEAK
-CONVERT = "import sys\nfrom hf_mdm.cli import main\nmain(sys.argv[1:])\n" + PEAK
+CONVERT = "import sys\nfrom hf_mdm_cli import main\nmain(sys.argv[1:])\n" + PEAK
 LOAD = textwrap.dedent(
     """
     import sys, torch

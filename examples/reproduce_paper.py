@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hf_mdm.evaluation.report import markdown_table, plot_results
-from hf_mdm.pretrained import DEFAULT_JUDGE, DEFAULT_MDM, pretrained_path
+from hf_mdm.constants import DEFAULT_MDM, SHIPPED_JUDGE
+from hf_mdm.pretrained import pretrained_path
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +125,7 @@ def run_part(part: Part, args, data: Path, output: Path) -> float | None:
     if not claim(output / "parts" / f"{name}.lock"):
         print(f"[{name}] being run by another process, skipped", flush=True)
         return None
-    command = [sys.executable, "-m", "hf_mdm.cli", "evaluate", DEFAULT_MDM, "--judge", DEFAULT_JUDGE,
+    command = [sys.executable, "-m", "hf_mdm_cli", "evaluate", DEFAULT_MDM, "--judge", SHIPPED_JUDGE,
                "--reference-files", str(data / "validation.jsonl"), "--num-references", str(args.num_references),
                "--length", str(LENGTH), "--num-samples", str(args.num_samples), "--batch-size", str(args.batch_size),
                "--judge-batch-size", "32", "--seed", str(args.seed if part.seed is None else part.seed),
@@ -132,7 +133,7 @@ def run_part(part: Part, args, data: Path, output: Path) -> float | None:
     for setting in part.settings:
         command += ["--setting", setting]
     if part.ar_temperatures:
-        command += ["--ar-model", DEFAULT_JUDGE, "--ar-temperatures", *part.ar_temperatures]
+        command += ["--ar-model", SHIPPED_JUDGE, "--ar-temperatures", *part.ar_temperatures]
     # glibc hands every buffer over 32 MB back to the kernel when freed, so the ancestral sampler's per-step
     # (samples x masked positions x V) draws page-fault in afresh at every step: keeping them in the heap made a
     # draw of that size 1.75x faster on this 2-core machine. It changes no number, only the time.
@@ -177,7 +178,7 @@ def rejudge(output: Path, names: list[str], args, data: Path) -> None:
     from hf_mdm.evaluation import judge_features, load_judge, load_metric, load_text_blocks
 
     torch.set_num_threads(args.threads)
-    judge = load_judge(str(pretrained_path(DEFAULT_JUDGE)), "cpu")
+    judge = load_judge(str(pretrained_path(SHIPPED_JUDGE)), "cpu")
     tokenizer = AutoTokenizer.from_pretrained(pretrained_path(DEFAULT_MDM))
     # The references exactly as `hf-mdm evaluate` built them for the parts (see run_part's command).
     references = tokenizer.batch_decode(load_text_blocks([data / "validation.jsonl"], tokenizer, LENGTH,
@@ -214,7 +215,7 @@ def add_per_sample_figures(output: Path, names: list[str], args) -> None:
     torch.set_num_threads(args.threads)
     judge = None
     tokenizers = {"mdm": AutoTokenizer.from_pretrained(pretrained_path(DEFAULT_MDM)),
-                  "ar": AutoTokenizer.from_pretrained(pretrained_path(DEFAULT_JUDGE))}
+                  "ar": AutoTokenizer.from_pretrained(pretrained_path(SHIPPED_JUDGE))}
     gen_ppl = load_metric("generative_perplexity", keep_in_memory=True)
     entropy = load_metric("token_entropy", keep_in_memory=True)
     for name in names:
@@ -228,7 +229,7 @@ def add_per_sample_figures(output: Path, names: list[str], args) -> None:
             for sample, value in zip(chosen, entropy.compute(predictions=ids)["per_sample"]):
                 sample["text_entropy"] = value
             if any("gen_ppl" not in sample for sample in chosen):
-                judge = judge or load_judge(str(pretrained_path(DEFAULT_JUDGE)), "cpu")
+                judge = judge or load_judge(str(pretrained_path(SHIPPED_JUDGE)), "cpu")
                 scored = gen_ppl.compute(predictions=texts, judge=judge, batch_size=32)["per_sample"]
                 for sample, value in zip(chosen, scored):
                     sample["gen_ppl"] = value
@@ -354,7 +355,7 @@ def merge(output: Path, seeds: int = 3, main_seed: int = 0) -> list[str]:
             missing.append(part.name)
             continue
         results = json.loads((folder / "results.json").read_text())
-        judge = judge or Path(results.get("judge", DEFAULT_JUDGE)).name
+        judge = judge or Path(results.get("judge", SHIPPED_JUDGE)).name
         if "per_sample_gen_ppl" in results:
             recomputed.append(part.name)
         for row in results["rows"]:

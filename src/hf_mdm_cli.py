@@ -16,25 +16,32 @@ Errors are one line and exit code 2; `hf-mdm --debug COMMAND ...` (or HF_MDM_DEB
 
 # This module is the console script's entry point, outside the hf_mdm package on purpose: importing hf_mdm imports
 # torch and transformers (seconds), and `hf-mdm`, `hf-mdm --help` and `hf-mdm --version` need neither.
-# Everything else is handed to hf_mdm.cli.main, which builds the full parser from the same COMMANDS.
+# Everything else is handed to hf_mdm.cli.main, which builds the full parser on the top-level one made here. The
+# names both need (the commands, the Hub-id pattern) are in hf_mdm/constants.py, which imports nothing and is loaded
+# here by its path, so that nothing of the package (and of torch) is imported before it is needed.
 
 import argparse
+import importlib.util
 import os
 import re
 import socket
 import sys
+from pathlib import Path
 
 
-COMMANDS = {
-    "demo": "sample the shipped shakespeare-mdm, from nothing and from a prompt",
-    "generate": "sample from a checkpoint (first-hitting, float64 by default)",
-    "train": "train an MDM (or an AR baseline) with Accelerate",
-    "evaluate": "sample under several sampler settings and judge the samples",
-    "convert": "convert a checkpoint from another format into hf_mdm",
-    "publish": "push a checkpoint with its model card and remote code to the Hub",
-    "lm-eval": "lm-evaluation-harness with the model hf_mdm (lm-eval's own flags; pip install hf_mdm[lm-eval])",
-}
-DEBUG_ENV = "HF_MDM_DEBUG"
+def _constants():
+    """hf_mdm/constants.py, loaded by its path (finding the package does not import it)."""
+    package = importlib.util.find_spec("hf_mdm")
+    path = Path(package.submodule_search_locations[0]) / "constants.py"
+    spec = importlib.util.spec_from_file_location("hf_mdm_constants", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CONSTANTS = _constants()
+COMMANDS, DEBUG_ENV = CONSTANTS.COMMANDS, CONSTANTS.DEBUG_ENV
+HUB_ID = re.compile(CONSTANTS.HUB_ID_PATTERN)
 
 
 def version() -> str:
@@ -55,22 +62,6 @@ def top_level_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAct
     parser.add_argument("--debug", action="store_true", help=f"show tracebacks (also: {DEBUG_ENV}=1)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     return parser, commands
-
-
-class CommandError(SystemExit):
-    """Exit code 2 and one line on stderr, `hf-mdm COMMAND: error: MESSAGE` (argparse's own form for bad usage).
-    The line is printed when the error is raised, since the interpreter prints nothing for an exit code."""
-
-    def __init__(self, command: str, message) -> None:
-        self.line = f"hf-mdm {command}: error: {' '.join(str(message).split())}"
-        print(self.line, file=sys.stderr)
-        super().__init__(2)
-
-    def __str__(self) -> str:
-        return self.line
-
-
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name (hf_mdm.pretrained.resolve_checkpoint uses it too)
 
 
 def hub_unreachable(argv: list[str]) -> bool:
@@ -103,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
               "cache).", file=sys.stderr)
     from hf_mdm.cli import main as run
 
-    run(argv)
+    run(argv, top_level_parser)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,19 @@ import torch
 from hf_mdm import MDMConfig, MDMForMaskedDiffusion, MDMLlamaConfig, MDMLlamaForMaskedDiffusion
 
 
+FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+
+def assert_float32_close(actual: torch.Tensor, expected: torch.Tensor, ulps: float = 16, msg: str | None = None):
+    """Two float32 computations of the same quantity that may sum in a different order (another thread count, a
+    matrix of another shape, another attention kernel): each element within `ulps` units in the last place of
+    itself, plus `ulps` of the largest magnitude for elements that cancel to near zero. A reordered sum of n float32
+    terms typically moves by sqrt(n) ulps (n = 32-128 here); a wrong position, mask or weight moves logits by
+    1e-2 or more, thousands of ulps."""
+    scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=ulps * FLOAT32_EPS, atol=ulps * FLOAT32_EPS * scale, msg=msg)
+
+
 def tiny_config(**overrides) -> MDMConfig:
     """A model small enough for a CPU test: 2 blocks of width 64, 4 heads, 50 tokens + [MASK]."""
     fields = dict(

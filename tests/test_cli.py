@@ -7,7 +7,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from hf_mdm.cli import DEMO_PROMPT, DraftPrinter, main
+from hf_mdm.cli import DEMO_PROMPT, DraftPrinter
+from hf_mdm_cli import main
 from hf_mdm.evaluation.cli import add_evaluate_parser, check_arguments
 from hf_mdm.pretrained import pretrained_path
 

@@ -804,7 +804,7 @@ def test_mdlm_length_extrapolation_as_a_conversion_choice(tmp_path):
     them too, with a warning, and gives MDLM's logits; the default refuses them, naming the setting."""
     from transformers.utils import logging as hf_logging
 
-    from hf_mdm import modeling_mdm
+    from hf_mdm import modeling_mdm_common as modeling_mdm
 
     path, reference, ids = _mdlm_style_checkpoint(tmp_path, "gpt2", seed=36, time_conditioning=True)
     longer = convert_mdlm(path, tmp_path / "longer", length_extrapolation=True).model

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hf_mdm import MDMGenerationConfig
+from hf_mdm.cache_mdm import MDMCanvasCache
 from hf_mdm.sampling_mdm import CategoricalSampler, ConfidenceSampler, DiffusionState, confidence_scores
 
 from conftest import tiny_llama_model, tiny_model
@@ -49,7 +50,7 @@ def one_step(order, generator_seed=0, **settings):
     state = DiffusionState.start(torch.full((1, 4), MASK), torch.ones(1, 4, dtype=torch.bool))
     categorical = CategoricalSampler(temperature=0, mask_token_id=MASK,
                                      generator=torch.Generator().manual_seed(generator_seed))
-    sampler = ConfidenceSampler(categorical, order, **settings)
+    sampler = ConfidenceSampler(categorical=categorical, order=order, **settings)
     after = sampler.step(state, table_denoiser())
     return sorted((~after.masked[0]).nonzero()[:, 0].tolist()), after
 
@@ -76,18 +77,18 @@ def test_each_order_picks_its_positions(order, one, two):
 
 
 def test_the_threshold_unmasks_exactly_the_positions_above_it_and_one_when_none_is():
-    assert one_step("confidence", threshold=0.6)[0] == [2, 3]  # 0.61 and 0.62
-    assert one_step("confidence", threshold=0.59)[0] == [2, 3]
-    assert one_step("confidence", threshold=0.5)[0] == [1, 2, 3]
-    assert one_step("confidence", threshold=0.9)[0] == [3]  # none above: the most confident alone
-    assert one_step("margin", threshold=0.59)[0] == [2]
+    assert one_step("confidence", confidence_threshold=0.6)[0] == [2, 3]  # 0.61 and 0.62
+    assert one_step("confidence", confidence_threshold=0.59)[0] == [2, 3]
+    assert one_step("confidence", confidence_threshold=0.5)[0] == [1, 2, 3]
+    assert one_step("confidence", confidence_threshold=0.9)[0] == [3]  # none above: the most confident alone
+    assert one_step("margin", confidence_threshold=0.59)[0] == [2]
 
 
 def test_confidences_come_from_the_draws_in_the_sampling_dtype():
     """Not greedy: the score is the probability of the token actually drawn, in float64."""
     state = DiffusionState.start(torch.full((2000, 4), MASK), torch.ones(2000, 4, dtype=torch.bool))
     categorical = CategoricalSampler(mask_token_id=MASK, generator=torch.Generator().manual_seed(0))
-    after = ConfidenceSampler(categorical, "confidence", tokens_per_step=4).step(state, table_denoiser())
+    after = ConfidenceSampler(categorical=categorical, order="confidence", tokens_per_step=4).step(state, table_denoiser())
     drawn = after.tokens[:, 1]  # position 1 draws token 0 w.p. 0.58, token 1 w.p. 0.42
     expected = torch.where(drawn == 0, 0.58, 0.42).double()
     torch.testing.assert_close(after.confidence[:, 1], expected)
@@ -200,15 +201,13 @@ def test_a_cache_read_on_unchanged_tokens_equals_the_full_forward(family, start,
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     full = model(ids, attention_mask=mask).logits
-    cache = model.make_kv_cache(3)
-    cache.record(torch.arange(3))
-    model(ids, attention_mask=mask, kv_cache=cache)
-    cache.read(torch.arange(3), start, end)
-    segment = model(ids[:, start:end], attention_mask=mask, kv_cache=cache).logits
+    cache = MDMCanvasCache(model.config.num_hidden_layers, 3, ids.shape[1])
+    model(ids, attention_mask=mask, cache=cache.segment(None, 0))  # writes every position of every row
+    segment = model(ids[:, start:end], attention_mask=mask, cache=cache.segment(None, start)).logits
     torch.testing.assert_close(segment, full[:, start:end], rtol=1e-5, atol=1e-5)
-    cache.read(torch.tensor([0, 2]), start, end)  # a subset of the recorded rows
-    positions = torch.tensor([[0, end - start - 1], [1, 1]])
-    subset = model(ids[[0, 2], start:end], attention_mask=mask[[0, 2]], kv_cache=cache, output_positions=positions).logits
+    positions = torch.tensor([[0, end - start - 1], [1, 1]])  # a subset of the rows
+    subset = model(ids[[0, 2], start:end], attention_mask=mask[[0, 2]], cache=cache.segment(torch.tensor([0, 2]), start),
+                   output_positions=positions).logits
     expected = torch.stack([full[[0, 2][i], start + positions[i]] for i in range(2)])
     torch.testing.assert_close(subset, expected, rtol=1e-5, atol=1e-5)
 
@@ -293,7 +292,7 @@ def test_strategy_settings_save_restore_and_refuse_bad_values(tmp_path):
         (dict(unmasking="lowest"), "unmasking must be one of"),
         (dict(unmasking="confidence", sampler="ancestral"), "sampler='first_hitting'"),
         (dict(unmasking="confidence", confidence_threshold=1.5), "confidence_threshold must be a number in"),
-        (dict(confidence_threshold=0.5), "needs a confidence order"),
+        (dict(confidence_threshold=0.5), r"confidence_threshold=0.5 is not a setting of sampler='first_hitting'"),
         (dict(unmasking="margin", confidence_threshold=0.5, steps=4), "do not also set"),
         (dict(block_length=0), "block_length must be an integer"),
         (dict(block_length=8, sampler="ancestral_cache"), "ancestral_cache"),

@@ -269,10 +269,10 @@ def test_sampler_settings_cross_product_and_errors():
     assert len(settings) == 8
     assert SamplerSetting("first_hitting", tokens_per_step=2, sampling_dtype="float32") in settings
     assert SamplerSetting("ancestral", steps=32, sampling_dtype="float64") in settings
-    assert all(s.steps is None for s in settings if s.sampler == "first_hitting")
+    assert all(s.settings.steps is None for s in settings if s.sampler == "first_hitting")
     assert parse_setting("sampler=ancestral,steps=256,sampling_dtype=float32") == SamplerSetting(
         "ancestral", steps=256, sampling_dtype="float32")
-    with pytest.raises(ValueError, match=r"sampler must be one of \('first_hitting', 'ancestral', 'ancestral_cache'\)"):
+    with pytest.raises(ValueError, match=r"sampler must be one of \('first_hitting', 'confidence', 'ancestral', 'ancestral_cache'"):
         expand_settings(["ddpm"])
     with pytest.raises(ValueError, match="sampling_dtype must be .*float64"):
         expand_settings(["first_hitting"], sampling_dtypes=["float8"])
@@ -280,7 +280,7 @@ def test_sampler_settings_cross_product_and_errors():
         parse_setting("sampler=ancestral,step=256")
     with pytest.raises(ValueError, match="steps must be int"):
         parse_setting("sampler=ancestral,steps=many")
-    with pytest.raises(ValueError, match="tokens_per_step applies to sampler='first_hitting' only"):
+    with pytest.raises(ValueError, match="tokens_per_step=2 is not a setting of sampler='ancestral'"):
         parse_setting("sampler=ancestral,tokens_per_step=2")
 
 
@@ -395,8 +395,12 @@ def test_evaluate_under_two_processes(assets, tmp_path):
     assert (out / "plot.png").is_file() and (out / "results.md").is_file()
 
 
-def test_evaluate_rejects_bad_settings_before_generating(assets, tmp_path):
+def test_evaluate_rejects_bad_settings_before_generating(assets, tmp_path, monkeypatch, capsys):
     common = [str(assets["mdm_dir"]), "--judge", str(tmp_path / "no-judge"), "--output-dir", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exit_info:  # on the command line: one line, exit code 2
+        evaluate_main(common + ["--setting", "sampler=ddpm"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("hf-mdm evaluate: error: sampler must be")
+    monkeypatch.setenv("HF_MDM_DEBUG", "1")  # the errors themselves, as the library raises them
     # The judge does not exist either: the settings are checked first, so the error is about them.
     with pytest.raises(ValueError, match="sampling_dtype must be"):
         evaluate_main(common + ["--sampling-dtypes", "float64", "double"])

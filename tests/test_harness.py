@@ -229,7 +229,7 @@ def test_the_command_line_on_one_and_two_processes(tmp_path):
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     common = ["--model", "hf_mdm", "--model_args", f"pretrained={tmp_path / 'model'},mc_samples=4,batch_size=8",
               "--tasks", "mdm_toy_mc", "--include_path", str(tasks), "--seed", "0"]
-    one = subprocess.run([sys.executable, "-m", "hf_mdm.cli", "lm-eval", "run", *common, "--output_path",
+    one = subprocess.run([sys.executable, "-m", "hf_mdm_cli", "lm-eval", "run", *common, "--output_path",
                           str(tmp_path / "one")], capture_output=True, text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

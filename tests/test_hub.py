@@ -14,15 +14,17 @@ import pytest
 from huggingface_hub import ModelCard
 
 from hf_mdm import hub
+from hf_mdm.constants import travelling_files
 from hf_mdm.hub import publish, write_model_card
+from hf_mdm.remote_code import PACKAGE
 
 from conftest import tiny_model
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json"}
-MDM_FILES = {"config.json", "generation_config.json", "model.safetensors", "README.md", "configuration_mdm.py",
-             "modeling_mdm.py", "generation_mdm.py", "sampling_mdm.py"} | TOKENIZER_FILES
+MDM_FILES = {"config.json", "generation_config.json", "model.safetensors", "README.md",
+             *travelling_files("mdm")} | TOKENIZER_FILES
 AR_FILES = {"config.json", "generation_config.json", "model.safetensors", "README.md"} | TOKENIZER_FILES
 TRAINING = {"command": "hf-mdm train --config run.yaml", "steps": 2000, "tokens_seen": 4_096_000,
             "hardware": "1x H100, 20 min", "validation_data": "5% of the documents, held out",
@@ -114,9 +116,41 @@ def test_mdm_publish_uploads_exactly_the_checkpoint(mdm_folder):
     assert api.calls[0] == ("create_repo", "someone/tiny-mdm", {"private": False, "exist_ok": True, "repo_type": "model"})
     commit = api.calls[1][2]
     assert commit["revision"] is None and commit["commit_message"]
-    assert uploaded(api) == {name: str(mdm_folder / name) for name in MDM_FILES}
-    auto_map = json.loads((mdm_folder / "config.json").read_text())["auto_map"]
+    sources = uploaded(api)
+    code = set(travelling_files("mdm"))
+    # The remote code is the package's own files; config.json is the folder's, with today's auto_map.
+    assert {name: sources[name] for name in code} == {name: str(PACKAGE / name) for name in code}
+    assert json.loads(sources["config.json"]) == json.loads((mdm_folder / "config.json").read_text())
+    assert {name: sources[name] for name in MDM_FILES - code - {"config.json"}} == \
+        {name: str(mdm_folder / name) for name in MDM_FILES - code - {"config.json"}}
+    auto_map = json.loads(sources["config.json"])["auto_map"]
     assert {ref.split(".")[0] + ".py" for ref in auto_map.values()} <= set(files)
+
+
+def test_publish_writes_todays_remote_code_into_a_folder_without_it_or_with_an_older_copy(tmp_path):
+    """The shipped folder holds no code (one copy, the package's); a folder saved by an earlier release holds its
+    own copies under other names and an auto_map naming them. Either way the upload carries the package's remote
+    code for its model type and a config.json whose auto_map names it."""
+    import shutil
+
+    from hf_mdm import pretrained_path
+
+    legacy = REPO_ROOT / "tests" / "data" / "legacy" / "dream-like"
+    for source, model_type in ((pretrained_path(), "mdm"), (legacy, "mdm_llama")):
+        folder = tmp_path / source.name
+        shutil.copytree(source, folder)
+        if model_type == "mdm_llama":
+            word_tokenizer().save_pretrained(folder)
+            write_card(folder)
+        api = RecordingApi()
+        files = publish(folder, "someone/model", api=api)
+        sources = uploaded(api)
+        code = set(travelling_files(model_type))
+        assert code <= set(files) and all(sources[name] == str(PACKAGE / name) for name in code)
+        stale = {path.name for path in folder.glob("*.py")} - code  # an earlier release's file names, uploaded as
+        assert stale <= set(files)                                  # they are: harmless, nothing names them
+        auto_map = json.loads(sources["config.json"])["auto_map"]
+        assert {ref.split(".")[0] + ".py" for ref in auto_map.values()} <= code
 
 
 def test_mdm_card_metadata_and_body(mdm_folder):
@@ -173,8 +207,6 @@ def test_missing_readme_fails_before_any_call(mdm_folder):
 
 
 @pytest.mark.parametrize("remove, message", [
-    ("modeling_mdm.py", r"modeling_mdm\.py \(named by config\.json auto_map\)"),
-    ("sampling_mdm.py", r"missing: sampling_mdm\.py\."),
     ("generation_config.json", r"generation_config\.json"),
     ("model.safetensors", r"weights \(\*\.safetensors\)"),
     ("tokenizer_files", r"tokenizer \(tokenizer\.json or tokenizer_config\.json"),
@@ -189,14 +221,17 @@ def test_incomplete_mdm_fails_before_any_call(mdm_folder, remove, message):
     assert api.calls == []
 
 
-def test_card_without_metadata_or_auto_map_fails(mdm_folder):
+def test_card_without_metadata_fails_and_a_missing_auto_map_is_written(mdm_folder):
     write_card(mdm_folder)
-    (mdm_folder / "README.md").write_text("# A card without front matter\n")
     config = json.loads((mdm_folder / "config.json").read_text())
     del config["auto_map"]
     (mdm_folder / "config.json").write_text(json.dumps(config))
     api = RecordingApi()
-    with pytest.raises(ValueError, match=r"auto_map in config\.json.*library_name, pipeline_tag, license in README"):
+    publish(mdm_folder, "someone/tiny-mdm", api=api)
+    assert json.loads(uploaded(api)["config.json"])["auto_map"]["AutoModel"] == "modeling_mdm.MDMForMaskedDiffusion"
+    (mdm_folder / "README.md").write_text("# A card without front matter\n")
+    api = RecordingApi()
+    with pytest.raises(ValueError, match=r"library_name, pipeline_tag, license in README"):
         publish(mdm_folder, "someone/tiny-mdm", api=api)
     assert api.calls == []
 
@@ -253,13 +288,18 @@ def test_bad_card_input_names_the_field(mdm_folder, overrides, field):
 
 
 def test_publish_command(mdm_folder, monkeypatch, capsys):
-    parser = argparse.ArgumentParser(prog="hf-mdm")
-    hub.add_publish_parser(parser.add_subparsers(dest="command", required=True))
+    from hf_mdm.cli import add_publish_parser
+    from hf_mdm.console import run_command
 
-    with pytest.raises(SystemExit, match=r"^hf-mdm publish: .*README\.md \(write it with") as exit_info:
+    parser = argparse.ArgumentParser(prog="hf-mdm")
+    add_publish_parser(parser.add_subparsers(dest="command", required=True))
+
+    with pytest.raises(SystemExit) as exit_info:
         args = parser.parse_args(["publish", str(mdm_folder), "someone/tiny-mdm"])
-        args.func(args)
-    assert "\n" not in str(exit_info.value)
+        run_command("publish", args.func, args, debug=False)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert re.match(r"^hf-mdm publish: error: .*README\.md \(write it with", error) and error.count("\n") == 1
 
     write_card(mdm_folder)
     api = RecordingApi()

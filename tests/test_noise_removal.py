@@ -166,8 +166,8 @@ def test_mdlm_noise_removal_fills_only_what_is_still_masked_at_its_final_time(or
     fill exactly those, from the network at t = 0.25, and the law is the exact one (not plain ancestral's)."""
     schedule = get_noise_schedule("loglinear", 1e-3)
     record = []
-    sampler = AncestralSampler(schedule, CategoricalSampler(generator=torch.Generator().manual_seed(1), mask_token_id=MASK),
-                               STEPS, noise_removal="mdlm", mask_token_id=MASK, final_time=0.25)
+    sampler = AncestralSampler(schedule=schedule, categorical=CategoricalSampler(generator=torch.Generator().manual_seed(1), mask_token_id=MASK),
+                               steps=STEPS, noise_removal="mdlm", mask_token_id=MASK, final_time=0.25)
     samples = run_sampler(oracle, sampler, SAMPLES, record)
     assert len(record) == STEPS + 1  # the grid, then one argmax call
     rows, times, before = record[-1]
@@ -196,8 +196,8 @@ def test_the_grid_ends_at_mdlms_eps_and_the_extra_call_sees_it():
         logits[..., 0] = 5.0  # token 0 is the argmax
         return logits
 
-    sampler = AncestralSampler(schedule, CategoricalSampler(generator=torch.Generator().manual_seed(0), mask_token_id=3),
-                               4, noise_removal="mdlm", mask_token_id=3)
+    sampler = AncestralSampler(schedule=schedule, categorical=CategoricalSampler(generator=torch.Generator().manual_seed(0), mask_token_id=3),
+                               steps=4, noise_removal="mdlm", mask_token_id=3)
     state = DiffusionState.start(torch.full((2, 3), 3), torch.ones(2, 3, dtype=torch.bool))
     grid = torch.linspace(1, MDLM_NOISE_REMOVAL_TIME, 5, dtype=torch.float64)
     for k in range(4):

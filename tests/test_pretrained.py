@@ -12,7 +12,8 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 import hf_mdm
 from hf_mdm import MDMForMaskedDiffusion, MDMGenerationConfig
-from hf_mdm.pretrained import DEFAULT_JUDGE, DEFAULT_MDM, PRETRAINED, pretrained_path, resolve_checkpoint
+from hf_mdm.constants import DEFAULT_MDM, PRETRAINED, SHIPPED_JUDGE
+from hf_mdm.pretrained import pretrained_path, resolve_checkpoint
 from hf_mdm.training import validation_loss, validation_nelbo
 
 from conftest import run_without_hf_mdm
@@ -20,7 +21,6 @@ from conftest import run_without_hf_mdm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = Path(hf_mdm.__file__).resolve().parent
-REMOTE_CODE = ("configuration_mdm.py", "modeling_mdm.py", "generation_mdm.py", "sampling_mdm.py")
 MAX_WEIGHT_BYTES = 25_000_000  # both are ~16.5 MB in float16; the package must stay small enough to pip install
 
 # Henry V is in the TEST split of examples/shakespeare/prepare.py (neither trained on nor used to pick a checkpoint):
@@ -123,9 +123,9 @@ def blocks(tokenizer):
 
 
 def test_names_and_exports():
-    assert set(hf_mdm.PRETRAINED) == {DEFAULT_MDM, DEFAULT_JUDGE} and hf_mdm.pretrained_path is pretrained_path
+    assert set(hf_mdm.PRETRAINED) == {DEFAULT_MDM, SHIPPED_JUDGE} and hf_mdm.pretrained_path is pretrained_path
     assert pretrained_path(DEFAULT_MDM) == PACKAGE / "pretrained" / DEFAULT_MDM
-    assert resolve_checkpoint(DEFAULT_JUDGE) == str(PACKAGE / "pretrained" / DEFAULT_JUDGE)
+    assert resolve_checkpoint(SHIPPED_JUDGE) == str(PACKAGE / "pretrained" / SHIPPED_JUDGE)
     assert resolve_checkpoint("owner/some-model") == "owner/some-model"  # Hub ids and existing folders pass through
     assert resolve_checkpoint(str(PACKAGE / "pretrained")) == str(PACKAGE / "pretrained")
     with pytest.raises(ValueError, match="'runs/my-mdm/model' is not a folder, a shipped name"):
@@ -150,21 +150,17 @@ def test_mdm_loads_by_name(mdm, tokenizer):
 
 
 def test_judge_loads_by_name(tokenizer):
-    judge = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(DEFAULT_JUDGE))
-    judge_tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(DEFAULT_JUDGE))
+    judge = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(SHIPPED_JUDGE))
+    judge_tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(SHIPPED_JUDGE))
     assert {p.dtype for p in judge.parameters()} == {torch.float32}
     assert judge.config.n_positions == 256 and judge.config.vocab_size == len(tokenizer)
     assert judge_tokenizer.get_vocab() == tokenizer.get_vocab()  # the same tokenizer: samples need no re-encoding
     assert judge_tokenizer.eos_token_id == judge.config.eos_token_id == tokenizer.eos_token_id
 
 
-@pytest.mark.parametrize("name", REMOTE_CODE)
-def test_remote_code_is_the_package_code(name):
-    shipped = pretrained_path(DEFAULT_MDM) / name
-    assert filecmp.cmp(shipped, PACKAGE / name, shallow=False), (
-        f"{shipped} is stale: the remote code of a shipped checkpoint must be the package's own. Refresh it with "
-        f"`cp src/hf_mdm/{name} src/hf_mdm/pretrained/{DEFAULT_MDM}/` (and retrain or convert the checkpoint if the "
-        f"change alters what its weights compute).")
+def test_the_shipped_folder_holds_no_copy_of_the_remote_code():
+    """One copy of the remote code: the package's. A saved folder gets it from save_pretrained (or publish)."""
+    assert not list(pretrained_path(DEFAULT_MDM).glob("*.py"))
 
 
 @pytest.mark.parametrize("name", sorted(PRETRAINED))
@@ -196,7 +192,7 @@ def test_mdm_nelbo_and_judge_nll_on_held_out_text(mdm, blocks):
     nelbo = validation_nelbo(mdm, blocks, num_passes=8, seed=0)
     assert nelbo.estimate == "truncated_nelbo" and not nelbo.is_bound and nelbo.num_tokens == 512
     assert nelbo.nats_per_token < 5.5, nelbo
-    judge = AutoModelForCausalLM.from_pretrained(pretrained_path(DEFAULT_JUDGE))
+    judge = AutoModelForCausalLM.from_pretrained(pretrained_path(SHIPPED_JUDGE))
     nll = validation_loss(judge, blocks, objective="ar")
     assert nll.nats_per_token < 5.0, nll
 
@@ -225,8 +221,17 @@ print(type(model).__name__, tokenizer.decode(out.sequences[0]))
 """
 
 
-def test_mdm_folder_loads_without_hf_mdm(tmp_path):
-    result = run_without_hf_mdm(REMOTE_CODE_SCRIPT, [pretrained_path(DEFAULT_MDM)], tmp_path)
+def test_a_saved_folder_loads_without_hf_mdm(tmp_path, mdm, tokenizer):
+    """save_pretrained writes the package's remote code (the modeling file and its relative imports) into the folder,
+    and config.json names it: the folder then loads and samples where hf_mdm is not installed."""
+    from hf_mdm.constants import travelling_files
+
+    mdm.save_pretrained(tmp_path / "saved")
+    tokenizer.save_pretrained(tmp_path / "saved")
+    for name in travelling_files("mdm"):
+        assert filecmp.cmp(tmp_path / "saved" / name, PACKAGE / name, shallow=False), name
+    assert sorted(path.name for path in (tmp_path / "saved").glob("*.py")) == sorted(travelling_files("mdm"))
+    result = run_without_hf_mdm(REMOTE_CODE_SCRIPT, [tmp_path / "saved"], tmp_path)
     assert result.stdout.startswith("MDMForMaskedDiffusion ")
 
 
@@ -235,5 +240,5 @@ def test_the_shipped_judge_scores_in_float32():
     (the first reproduction run lost 20 minutes per part to it)."""
     from hf_mdm.evaluation import load_judge
 
-    judge = load_judge(str(pretrained_path(DEFAULT_JUDGE)), "cpu")
+    judge = load_judge(str(pretrained_path(SHIPPED_JUDGE)), "cpu")
     assert judge.model.dtype == torch.float32

@@ -214,7 +214,7 @@ def test_first_hitting_times_follow_order_statistics():
     The time the network is asked about is the new time."""
     n, batch = 8, 4000
     schedule = get_noise_schedule("linear")
-    sampler = FirstHittingSampler(schedule, CategoricalSampler(generator=torch.Generator().manual_seed(0)))
+    sampler = FirstHittingSampler(schedule=schedule, categorical=CategoricalSampler(generator=torch.Generator().manual_seed(0)))
     tokens = torch.full((batch, n), 5)
     state = DiffusionState.start(tokens, torch.ones(batch, n, dtype=torch.bool))
     seen = []
@@ -241,7 +241,7 @@ def test_first_hitting_times_other_schedules(schedule_name):
     """For any schedule, 1 - alpha(tau) follows the same order-statistic law (times are uniform in 1 - alpha)."""
     n, batch = 5, 3000
     schedule = get_noise_schedule(schedule_name)
-    sampler = FirstHittingSampler(schedule, CategoricalSampler(generator=torch.Generator().manual_seed(1)))
+    sampler = FirstHittingSampler(schedule=schedule, categorical=CategoricalSampler(generator=torch.Generator().manual_seed(1)))
     state = DiffusionState.start(torch.full((batch, n), 2), torch.ones(batch, n, dtype=torch.bool))
     denoise = lambda rows, tok, pos, t, window=None: torch.zeros(len(rows), pos.shape[1], 3)
     state = sampler.step(state, denoise)
@@ -251,7 +251,8 @@ def test_first_hitting_times_other_schedules(schedule_name):
 
 
 def test_parallel_steps_budget_unmasks_everything_in_budget():
-    sampler = FirstHittingSampler(get_noise_schedule("linear"), CategoricalSampler(generator=torch.Generator().manual_seed(0)), steps=3)
+    sampler = FirstHittingSampler(schedule=get_noise_schedule("linear"),
+                                  categorical=CategoricalSampler(generator=torch.Generator().manual_seed(0)), steps=3)
     masked = torch.zeros(2, 10, dtype=torch.bool)
     masked[0, :10] = True
     masked[1, :4] = True

@@ -18,7 +18,7 @@ import torch
 from scipy import stats
 from transformers.modeling_outputs import MaskedLMOutput
 
-from hf_mdm.sampling_mdm import CategoricalSampler, DiffusionState, build_sampler, get_noise_schedule
+from hf_mdm.sampling_mdm import CategoricalSampler, DiffusionState, build_strategy, get_noise_schedule
 
 from oracle import ALL_INPUTS, LENGTH, MASK, SEQUENCES, TOKENS, OracleDenoiser, correlated_joint, oracle_config, sequence_index
 
@@ -135,7 +135,8 @@ def test_first_hitting_with_the_time_before_the_jump_fails(ancestral_samples):
     """Feeding each step the row's previous time (rather than the new first-hitting time tau) is wrong too."""
     oracle, schedule = MixtureOracle(), get_noise_schedule("loglinear", 1e-3)
     generator = torch.Generator().manual_seed(3)
-    sampler = build_sampler("first_hitting", schedule, CategoricalSampler(torch.float64, generator=generator), MASK)
+    sampler = build_strategy("first_hitting", schedule=schedule, categorical=CategoricalSampler(torch.float64, generator=generator),
+                             mask_token_id=MASK)
     tokens = torch.full((SAMPLES, LENGTH), MASK)
     state = DiffusionState.start(tokens, tokens == MASK)
     while not state.done:
@@ -153,7 +154,8 @@ def test_network_sees_each_rows_new_time():
     """Every call gets, per row, sigma(tau) for the tau that row has just jumped to; the times decrease."""
     oracle, schedule = MixtureOracle(), get_noise_schedule("loglinear", 1e-3)
     generator = torch.Generator().manual_seed(4)
-    sampler = build_sampler("first_hitting", schedule, CategoricalSampler(torch.float64, generator=generator), MASK)
+    sampler = build_strategy("first_hitting", schedule=schedule, categorical=CategoricalSampler(torch.float64, generator=generator),
+                             mask_token_id=MASK)
     tokens = torch.full((64, LENGTH), MASK)
     tokens[:32, 0] = 1  # rows with different numbers of masked positions finish at different steps
     state = DiffusionState.start(tokens, tokens == MASK)

@@ -1,6 +1,7 @@
 """The training loop, in process: it learns, saves loadable models, accumulates gradients over the global batch,
 trains the AR baseline, and survives a crash in the middle of a checkpoint write."""
 
+import re
 
 import pytest
 import torch
@@ -106,7 +107,7 @@ def test_crash_inside_a_checkpoint_write_keeps_the_previous_one(corpus, tmp_path
     assert log[6] == pytest.approx(read_log(tmp_path / "whole", "train/nats_per_token")[6], rel=1e-5)
 
 
-def test_cli_reads_a_yaml_config_and_flags_override_it(corpus, tmp_path):
+def test_cli_reads_a_yaml_config_and_flags_override_it(corpus, tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(f"train-files: [{corpus}]\ntrain_tokenizer: 300\nblock_size: 32\nbatch_size: 4\nmax_steps: 3\n"
                       f"eval_every: 100\neval_blocks: 4\noutput_dir: {tmp_path / 'ignored'}\n")
@@ -114,8 +115,12 @@ def test_cli_reads_a_yaml_config_and_flags_override_it(corpus, tmp_path):
     assert read_log(tmp_path / "run", "val/nats_per_token").keys() == {0, 2}  # max_steps from the flag
     assert not (tmp_path / "ignored").exists()
     config.write_text("max_stepz: 3\n")
-    with pytest.raises(SystemExit, match="unknown settings"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
         cli_main(["--config", str(config)])
-    with pytest.raises(SystemExit, match="hf-mdm train: error: Data file '.*nope.txt' does not exist"):
+    assert exit_info.value.code == 2 and "unknown settings" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
         cli_main(["--train-files", str(tmp_path / "nope.txt"), "--train-tokenizer", "300", "--output-dir",
                   str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
+    assert re.match(r"hf-mdm train: error: Data file '.*nope.txt' does not exist", capsys.readouterr().err)

@@ -1,5 +1,10 @@
-"""The `hf-mdm` commands (their list and the entry point: the top-level module hf_mdm_cli, which answers
-`hf-mdm --help` without importing torch)."""
+"""The `hf-mdm` commands: the full parser, built on the top-level one of the console script (`hf_mdm_cli`, which
+answers `hf-mdm --help` without importing torch), the demo, generate and publish commands, and every other command's
+parser from its own module (training/cli.py, evaluation/cli.py, convert/cli.py). Errors go through one boundary
+(`hf_mdm.console.run_command`): one line and exit code 2.
+
+    python -m hf_mdm_cli COMMAND ...     # the same as `hf-mdm COMMAND ...`
+"""
 
 import argparse
 import os
@@ -106,7 +111,8 @@ def demo(args: argparse.Namespace) -> None:
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging
 
-    from hf_mdm.pretrained import DEFAULT_MDM, PRETRAINED, pretrained_path
+    from hf_mdm.constants import DEFAULT_MDM, PRETRAINED
+    from hf_mdm.pretrained import pretrained_path
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")
@@ -161,12 +167,6 @@ def demo(args: argparse.Namespace) -> None:
         torch.set_num_threads(threads)
 
 
-# MDMGenerationConfig fields that `hf-mdm generate` takes as flags (--block-length for block_length, ...).
-GENERATE_SETTINGS = ("sampler", "steps", "tokens_per_step", "sampling_dtype", "temperature", "top_k", "top_p",
-                     "unmasking", "confidence_threshold", "block_length", "remasking", "remasking_schedule",
-                     "remasking_eta", "use_cache", "cache_mode", "cache_refresh_steps")
-
-
 def check_device(device: str) -> None:
     """A device torch can use here: a CUDA or MPS device only where one is available."""
     import torch
@@ -188,11 +188,12 @@ def generate(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from hf_mdm import MDMGenerationConfig  # also registers "mdm" with the Auto classes
+    from hf_mdm import MDMGenerationConfig  # also registers the model types with the Auto classes
     from hf_mdm.generation_mdm import cut_at_eos
+    from hf_mdm.generation_options import generation_kwargs
     from hf_mdm.pretrained import resolve_checkpoint
 
-    settings = {name: getattr(args, name) for name in GENERATE_SETTINGS if getattr(args, name) is not None}
+    settings = generation_kwargs(args)
     MDMGenerationConfig(**settings)  # bad settings fail here, before the model is loaded
     if args.prompt is not None and args.chat is not None:
         raise ValueError("give --prompt (a prefix) or --chat (a user message), not both.")
@@ -232,13 +233,50 @@ def generate(args: argparse.Namespace) -> None:
           f"{seconds / args.num_samples:.2f} s per sample")
 
 
-def main(argv: list[str] | None = None) -> None:
-    from hf_mdm_cli import COMMANDS, DEBUG_ENV, CommandError, top_level_parser
+def add_publish_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds the `publish` subcommand (hf_mdm.hub.publish) to an argparse subparsers object."""
+    from hf_mdm.constants import COMMANDS
+    from hf_mdm.hub import publish
 
+    parser = subparsers.add_parser("publish", help=COMMANDS["publish"], description=publish.__doc__.split("\n")[0])
+    parser.add_argument("path", help="a save_pretrained folder with its tokenizer and README.md (write_model_card)")
+    parser.add_argument("repo_id", help="the Hub model repo, owner/name; created if missing")
+    parser.add_argument("--private", action="store_true", help="make the repo private if it is created")
+    parser.add_argument("--token", default=None, help="a Hub token with write access; default: HF_TOKEN or the login")
+    parser.add_argument("--revision", default=None, help="the branch to commit to, created if missing; default: main")
+    parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--dry-run", action="store_true", help="check the folder and list its files; upload nothing")
+    parser.set_defaults(func=run_publish)
+    return parser
+
+
+def run_publish(args: argparse.Namespace) -> None:
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from hf_mdm.hub import check_repo_id, checkpoint_files, publish
+
+    try:
+        if args.dry_run:
+            check_repo_id(args.repo_id)
+            files = checkpoint_files(args.path)
+        else:
+            files = publish(args.path, args.repo_id, token=args.token, private=args.private, revision=args.revision,
+                            commit_message=args.commit_message)
+    except (HfHubHTTPError, ConnectionError) as error:
+        raise ValueError(f"the Hub refused or could not be reached: {str(error).splitlines()[0]}") from None
+    print("\n".join(files))
+    url = f"{constants.ENDPOINT}/{args.repo_id}" + (f"/tree/{args.revision}" if args.revision else "")
+    print(f"{'would upload' if args.dry_run else 'uploaded'} {len(files)} files to {url}")
+
+
+def main(argv: list[str], top_level_parser) -> None:
+    """Runs `hf-mdm ARGV` on the parser `top_level_parser()` makes (the console script's)."""
+    from hf_mdm.console import run_command
+    from hf_mdm.constants import COMMANDS, DEBUG_ENV, DEFAULT_MDM
     from hf_mdm.convert.cli import add_convert_parser
     from hf_mdm.evaluation.cli import add_evaluate_parser
-    from hf_mdm.hub import add_publish_parser
-    from hf_mdm.pretrained import DEFAULT_MDM
+    from hf_mdm.generation_options import add_generation_flags
     from hf_mdm.training.cli import add_train_parser
 
     parser, commands = top_level_parser()
@@ -262,25 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--max-new-tokens", type=int, default=None,
                      help="default: the checkpoint's generation config, else fill the model's context")
     gen.add_argument("--num-samples", type=int, default=1)
-    gen.add_argument("--sampler", default=None, help="first_hitting (default), ancestral, ancestral_cache")
-    gen.add_argument("--steps", type=int, default=None)
-    gen.add_argument("--tokens-per-step", type=int, default=None)
-    gen.add_argument("--sampling-dtype", default=None, help="float64 (default), float32, bfloat16, float16")
-    gen.add_argument("--temperature", type=float, default=None)
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    strategies = gen.add_argument_group("decoding strategies (README, 'Decoding strategies')")
-    strategies.add_argument("--unmasking", default=None, help="random (FHS, default), confidence, margin, entropy")
-    strategies.add_argument("--confidence-threshold", type=float, default=None,
-                            help="unmask every draw whose score exceeds it (Fast-dLLM)")
-    strategies.add_argument("--block-length", type=int, default=None, help="semi-autoregressive blocks (LLaDA)")
-    strategies.add_argument("--remasking", default=None, help="remdm (ancestral sampler only)")
-    strategies.add_argument("--remasking-schedule", default=None, help="cap (default), rescale, conf")
-    strategies.add_argument("--remasking-eta", type=float, default=None)
-    strategies.add_argument("--use-cache", action="store_const", const=True, default=None,
-                            help="with --block-length: the block KV cache (an approximation)")
-    strategies.add_argument("--cache-mode", default=None, help="prefix (default) or dual")
-    strategies.add_argument("--cache-refresh-steps", type=int, default=None)
+    add_generation_flags(gen)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--tokenizer", default=None, help="default: the checkpoint's own")
     gen.add_argument("--device", default="cpu")
@@ -291,7 +311,6 @@ def main(argv: list[str] | None = None) -> None:
     add_convert_parser(commands)
     add_publish_parser(commands)
     commands.add_parser("lm-eval", add_help=False, help=COMMANDS["lm-eval"])
-    argv = sys.argv[1:] if argv is None else list(argv)
     debug = argv[:1] == ["--debug"] or bool(os.environ.get(DEBUG_ENV))
     argv = argv[1:] if argv[:1] == ["--debug"] else argv
     if argv[:1] == ["lm-eval"]:  # lm-eval parses its own flags
@@ -301,32 +320,4 @@ def main(argv: list[str] | None = None) -> None:
             parser.exit(2, f"hf-mdm lm-eval: error: lm-eval is not installed ({error}); pip install 'hf_mdm[lm-eval]'.\n")
         return lm_eval_main(argv[1:])
     args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except expected_errors() as error:
-        if debug:
-            raise
-        raise CommandError(args.command, describe(error)) from None
-
-
-def expected_errors() -> tuple[type[BaseException], ...]:
-    """What a user's input can cause (a bad value, a missing or unreadable file or folder, an offline Hub id, a
-    corrupt weights file, a missing optional package): reported in one line. Anything else is a bug: a traceback."""
-    from huggingface_hub.errors import HfHubHTTPError
-    from safetensors import SafetensorError
-
-    return (ValueError, OSError, ImportError, HfHubHTTPError, SafetensorError)
-
-
-def describe(error: BaseException) -> str:
-    """One line: the message's lines joined, prefixed by the error's kind where the message alone would not say."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    if isinstance(error, ValueError):
-        return text
-    if isinstance(error, FileNotFoundError) and error.filename and str(error.filename) not in text:
-        text = f"{text}: {error.filename}"
-    return f"{type(error).__name__}: {text}"
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_command(getattr(args, "command_label", args.command), args.func, args, debug=debug)

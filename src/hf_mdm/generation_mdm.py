@@ -1,43 +1,39 @@
-"""Generation for masked diffusion models: `MDMGenerationConfig` and the `generate()` mixin.
+"""Generation for masked diffusion models: `MDMGenerationConfig`, the `generate()` mixin, and the `Denoiser` that
+stands between the decoding strategies and the model.
 
 This module composes the model (through its `forward` only) with the strategies in `sampling_mdm.py`; the
-model never imports a sampler and a sampler never imports the model.
+model never imports a sampler and a sampler never imports the model. A strategy is chosen by name (`sampler`) and
+configured by its own settings dataclass (`sampler_config`); `generate()` has no per-strategy code.
 
 This file travels with every saved checkpoint as remote code: it imports only torch/transformers and
 same-folder modules, never `hf_mdm`.
 """
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from transformers import GenerationConfig
-from transformers.utils import logging
 from transformers.generation.streamers import BaseStreamer
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
+from .cache_mdm import MDMCanvasCache
+from .modeling_mdm_common import values_checked
 from .sampling_mdm import (
-    DEFAULT_REMASKING_ETA,
-    NOISE_REMOVAL_MODES,
-    REMASKING_SCHEDULES,
-    SAMPLERS,
+    CONFIDENCE_ORDERS,
     SAMPLING_DTYPES,
-    UNMASKING_ORDERS,
+    STRATEGIES,
     CategoricalSampler,
     DiffusionState,
-    build_sampler,
+    StrategySettings,
+    build_strategy,
+    enter_blocks,
     get_noise_schedule,
+    get_strategy,
 )
 
 
 CACHE_MODES = ("prefix", "dual")
-# Per sampler, the fields it does not read, with their neutral values (reset when generate() switches to it).
-_FIRST_HITTING_ONLY = {"unmasking": "random", "confidence_threshold": None, "tokens_per_step": None}
-FIELDS_NOT_READ_BY = {
-    "first_hitting": {"remasking": None, "noise_removal": False},
-    "ancestral": _FIRST_HITTING_ONLY,
-    "ancestral_cache": {**_FIRST_HITTING_ONLY, "block_length": None, "use_cache": False},
-}
 
 logger = logging.get_logger(__name__)
 
@@ -93,44 +89,143 @@ IGNORED_GENERATION_FIELDS = {
 }
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Which strategy, with which settings: the registry's settings fields, and the flat fields of earlier releases.
+# ----------------------------------------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def strategy_fields() -> dict[str, list[str]]:
+    """Every settings field of the registered strategies -> the strategies that have it."""
+    owners: dict[str, list[str]] = {}
+    for name, strategy in STRATEGIES.items():
+        for field in fields(strategy.Settings):
+            owners.setdefault(field.name, []).append(name)
+    return owners
+
+
+def _neutral(key: str):
+    """A settings field's default (the same in every strategy that has it): the value of "not set"."""
+    for strategy in STRATEGIES.values():
+        for field in fields(strategy.Settings):
+            if field.name == key:
+                return field.default
+    return None
+
+
+# Flat generation fields of earlier releases that chose the strategy, not one of its settings.
+LEGACY_STRATEGY_FIELDS = ("unmasking", "remasking")
+
+
+def _translate_legacy(name: str, given: dict) -> str:
+    """Maps the flat fields by which earlier releases chose a strategy onto today's names (warning once):
+    `sampler="first_hitting", unmasking=ORDER` is `sampler="confidence", order=ORDER`; `remasking="remdm"` on an
+    ancestral sampler is `sampler="remdm"` (with `reuse_outputs=True` for ancestral_cache). Pops those fields."""
+    unmasking = given.pop("unmasking", None)
+    remasking = given.pop("remasking", _MISSING)
+    before = name
+    if unmasking is not None:
+        if unmasking not in ("random",) + CONFIDENCE_ORDERS:
+            raise ValueError(f"unmasking must be one of {('random',) + CONFIDENCE_ORDERS}, got {unmasking!r}.")
+        if unmasking != "random":
+            if name not in ("first_hitting", "confidence"):
+                raise ValueError(f"unmasking={unmasking!r} orders the positions of sampler='first_hitting' (now "
+                                 f"sampler='confidence'); got sampler={name!r}.")
+            name = "confidence"
+            given["order"] = unmasking
+        elif name == "confidence":
+            name = "first_hitting"
+    if remasking is not _MISSING and remasking is not None:
+        if remasking != "remdm":
+            raise ValueError(f"remasking must be None or 'remdm', got {remasking!r}.")
+        if name not in ("ancestral", "ancestral_cache", "remdm"):
+            raise ValueError("remasking='remdm' runs on a time grid: use sampler='ancestral' (or 'ancestral_cache'); "
+                             "today's spelling is sampler='remdm'.")
+        if name == "ancestral_cache":
+            given.setdefault("reuse_outputs", True)
+        name = "remdm"
+    elif remasking is None and name == "remdm":
+        name = "ancestral"  # remasking=None turns ReMDM off
+    if name != before:
+        logger.warning_once(
+            f"sampler={before!r} with unmasking/remasking is spelled sampler={name!r} since hf_mdm 0.2 (one class per "
+            "decoding strategy, its settings in sampler_config): mapped onto it; generation_config.json is saved in "
+            "the new form."
+        )
+    return name
+
+
+def resolve_strategy(current: str, settings: StrategySettings | None, given: dict) -> tuple[str, StrategySettings]:
+    """The strategy name and its validated settings after `given` (generate() kwargs or generation_config.json
+    fields: `sampler`, `sampler_config`, settings fields, and the flat fields of earlier releases).
+
+    Switching to another strategy keeps the settings of the same name (a budget of `steps` stays a budget of
+    steps) and drops the others. A field that belongs to other strategies only is refused unless it holds its
+    default (earlier releases wrote every field of every strategy into generation_config.json).
+    """
+    given = dict(given)
+    name = given.pop("sampler", current)
+    if not isinstance(name, str):
+        raise ValueError(f"sampler must be one of {tuple(STRATEGIES)}, got {name!r}.")
+    explicit = given.pop("sampler_config", None)
+    name = _translate_legacy(name, given)
+    if name not in STRATEGIES:
+        raise ValueError(f"sampler must be one of {tuple(STRATEGIES)} (registered decoding strategies), got {name!r}.")
+    settings_class = get_strategy(name).Settings
+    own = [field.name for field in fields(settings_class)]
+    if explicit is None:
+        base = {key: value for key, value in (settings.to_dict() if settings is not None else {}).items() if key in own}
+    elif isinstance(explicit, dict):
+        base = {key: value for key, value in explicit.items() if key != "_cls_name"}
+    elif isinstance(explicit, settings_class):
+        base = explicit.to_dict()
+    else:
+        raise ValueError(f"sampler_config must be a {settings_class.__name__} (the settings of sampler={name!r}) or a "
+                         f"dict of its fields, got {type(explicit).__name__}.")
+    owners = strategy_fields()
+    for key, value in given.items():
+        if key in own:
+            base[key] = value
+        elif value is not _neutral(key) and value != _neutral(key):
+            raise ValueError(f"{key}={value!r} is not a setting of sampler={name!r} (its settings: {own or 'none'}); "
+                             f"it is one of {owners.get(key, [])}.")
+    unknown = sorted(set(base) - set(own))
+    if unknown:
+        raise ValueError(f"sampler_config has fields that sampler={name!r} does not have: {unknown} (its settings: "
+                         f"{own or 'none'}).")
+    return name, settings_class(**base)
+
+
 class MDMGenerationConfig(GenerationConfig):
     # no-format
     r"""
     Generation settings for [`MDMGenerationMixin.generate`], saved as `generation_config.json`.
 
     Args:
-        > Strategy
+        > Decoding strategy
 
-        sampler (`str`, defaults to `"first_hitting"`): `"first_hitting"` (exact FHS, one network call per
-            token), `"ancestral"` (MDLM's "ddpm" on a uniform time grid) or `"ancestral_cache"` (MDLM's
-            "ddpm_cache": rows that did not change reuse their last network output).
-        tokens_per_step (`int`, *optional*): first_hitting only. Positions unmasked per network call; 1 (the
-            default) is exact, larger values are an approximation (parallel decoding).
-        steps (`int`, *optional*): ancestral: number of uniform time steps (default: one per generated token).
-            first_hitting: a budget of network calls, an alternative to `tokens_per_step`.
+        sampler (`str`, defaults to `"first_hitting"`): the registered decoding strategy (`hf_mdm.STRATEGIES`):
+            `"first_hitting"` (exact FHS, one network call per token; parallel with `tokens_per_step` > 1),
+            `"confidence"` (LLaDA's / Dream's confidence-ordered unmasking, Fast-dLLM's threshold), `"ancestral"`
+            (MDLM's "ddpm" on a uniform time grid), `"ancestral_cache"` (MDLM's "ddpm_cache": rows that did not
+            change reuse their last network output), `"remdm"` (ReMDM's remasking), and any strategy registered
+            with `hf_mdm.register_strategy`.
+        sampler_config (`StrategySettings`, *optional*): the strategy's settings dataclass (its defaults when
+            None), saved as a dict. Its fields are also accepted as keywords: `generate(sampler="confidence",
+            order="margin", steps=64)`. Each strategy's class documents them (`first_hitting`: tokens_per_step,
+            steps; `confidence`: order, tokens_per_step, steps, confidence_threshold; `ancestral` and
+            `ancestral_cache`: steps, noise_removal; `remdm`: those and remasking_schedule, remasking_eta,
+            reuse_outputs). Earlier releases' flat fields (`unmasking`, `remasking`) are mapped onto these, with
+            a warning.
         sampling_dtype (`str`, defaults to `"float64"`): dtype of the categorical draws, one of
             "float64", "float32", "bfloat16", "float16". float32 truncates the Gumbel noise and lowers the
             effective temperature (arXiv:2409.02908, section 5).
-        noise_removal (`bool` or `str`, defaults to `False`): ancestral only. `True` or `"mdlm"`: MDLM's noise
-            removal (its default `sampling.noise_removal`): the time grid ends at t = 1e-5 instead of 0, every step
-            sampled, then one extra network call at t = 1e-5 whose argmax fills only the positions still masked.
-            `"last_step_argmax"`: the grid ends at 0 and its last step takes the argmax at every position still
-            masked instead of sampling (hf_mdm's earlier `noise_removal=True`; not MDLM's). Neither is exact.
 
-        > Decoding strategies of instruct MDMs (approximations of the reverse process, except FHS in blocks)
+        > Blocks and the block cache (every strategy that decodes in blocks)
 
-        unmasking (`str`, defaults to `"random"`): first_hitting only. Which masked positions a call unmasks:
-            `"random"` (uniformly chosen: FHS), or the most confident draws, scored by `"confidence"` (probability
-            of the drawn token, LLaDA's low_confidence), `"margin"` (top-1 minus top-2 probability, Dream's
-            topk_margin) or `"entropy"` (negative entropy, Dream's entropy). How many: `tokens_per_step`, `steps`,
-            or `confidence_threshold`.
-        confidence_threshold (`float`, *optional*): with a confidence order, unmask every draw whose score exceeds
-            it, and at least the most confident one per row and call (Fast-dLLM's threshold decoding).
         block_length (`int`, *optional*): semi-autoregressive decoding (LLaDA): the generated region is cut into
             blocks of this many positions, decoded left to right, each with its share of `steps`.
-        remasking (`str`, *optional*): `"remdm"`: ancestral only, ReMDM's remasking of decoded tokens
-            (arXiv:2503.00307), with `remasking_schedule` (`"cap"`, `"rescale"` or `"conf"`) and `remasking_eta`
-            (default: 0.008 for cap, 0.015 for rescale, ReMDM's; none for conf).
         use_cache (`bool`, defaults to `False`): with `block_length`, reuse the keys and values of positions outside
             the active block, refreshed once per block (Fast-dLLM's cache); without blocks it has no effect (a
             warning says so). An APPROXIMATION for a bidirectional network: in a block's later steps, positions
@@ -161,23 +256,18 @@ class MDMGenerationConfig(GenerationConfig):
             `sequences`, `nfe` and, with `output_history`, the draft after each step.
         output_history (`bool`, defaults to `False`): keep the draft after each step.
         pad_token_id, bos_token_id, eos_token_id (`int`, *optional*): special tokens.
+
+    The strategy's settings read as attributes too (`config.steps`, `config.order`).
     """
 
     def __init__(self, **kwargs):
         # We deliberately do not call GenerationConfig.__init__: most of its fields mean nothing to an MDM, and
         # its validation forbids max_new_tokens = 0, which infilling needs.
-        self.sampler: str = kwargs.pop("sampler", "first_hitting")
-        self.tokens_per_step: int | None = kwargs.pop("tokens_per_step", None)
-        self.steps: int | None = kwargs.pop("steps", None)
+        strategy = {key: kwargs.pop(key) for key in list(kwargs) if key in self.strategy_keys()}
+        self.sampler, self.sampler_config = resolve_strategy("first_hitting", None, strategy)
         self.sampling_dtype: str = kwargs.pop("sampling_dtype", "float64")
-        self.noise_removal: bool | str = kwargs.pop("noise_removal", False)
 
-        self.unmasking: str = kwargs.pop("unmasking", "random")
-        self.confidence_threshold: float | None = kwargs.pop("confidence_threshold", None)
         self.block_length: int | None = kwargs.pop("block_length", None)
-        self.remasking: str | None = kwargs.pop("remasking", None)
-        self.remasking_schedule: str = kwargs.pop("remasking_schedule", "cap")
-        self.remasking_eta: float | None = kwargs.pop("remasking_eta", None)
         self.use_cache: bool = kwargs.pop("use_cache", False)
         self.cache_mode: str = kwargs.pop("cache_mode", "prefix")
         self.cache_refresh_steps: int | None = kwargs.pop("cache_refresh_steps", None)
@@ -207,57 +297,45 @@ class MDMGenerationConfig(GenerationConfig):
             setattr(self, key, kwargs[key])  # kept, like GenerationConfig keeps custom entries
         self.validate()
 
+    @staticmethod
+    def strategy_keys() -> set[str]:
+        return {"sampler", "sampler_config", *LEGACY_STRATEGY_FIELDS, *strategy_fields()}
+
+    def __getattr__(self, name: str):
+        # Only called when normal lookup fails: the strategy's settings read as attributes (config.steps), and the
+        # flat `unmasking` of earlier releases.
+        settings = self.__dict__.get("sampler_config")
+        if settings is not None and name in {field.name for field in fields(settings)}:
+            return getattr(settings, name)
+        if name == "unmasking" and settings is not None:
+            return getattr(settings, "order", "random")
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}.")
+
+    def __setattr__(self, name: str, value):
+        settings = self.__dict__.get("sampler_config")
+        if name in self.strategy_keys() and name not in ("sampler", "sampler_config") and settings is not None:
+            self.sampler, self.sampler_config = resolve_strategy(self.sampler, settings, {name: value})
+            return
+        super().__setattr__(name, value)
+
     def validate(self, strict=False, **unused):
         """Raises ValueError naming the field and the allowed values."""
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}.")
+        strategy = get_strategy(self.sampler)
+        if not isinstance(self.sampler_config, strategy.Settings):
+            raise ValueError(f"sampler_config must be a {strategy.Settings.__name__} for sampler={self.sampler!r}, "
+                             f"got {type(self.sampler_config).__name__}.")
+        self.sampler_config.validate()
         if self.sampling_dtype not in SAMPLING_DTYPES:
             raise ValueError(
                 f"sampling_dtype must be a floating type, one of {tuple(SAMPLING_DTYPES)}, got {self.sampling_dtype!r}."
             )
-        for name in ("tokens_per_step", "steps"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be an integer >= 1 (or None), got {value!r}.")
-        if self.sampler == "first_hitting" and self.tokens_per_step is not None and self.steps is not None:
-            raise ValueError("first_hitting takes either tokens_per_step or steps (a budget of network calls), not both.")
-        if self.sampler != "first_hitting" and self.tokens_per_step not in (None, 1):
-            raise ValueError(f"tokens_per_step applies to sampler='first_hitting' only, got sampler={self.sampler!r}.")
-        if self.noise_removal not in (False, True) + NOISE_REMOVAL_MODES or not isinstance(self.noise_removal, (bool, str)):
-            raise ValueError(f"noise_removal must be one of {(False, True) + NOISE_REMOVAL_MODES}, got {self.noise_removal!r}.")
-        if self.unmasking not in UNMASKING_ORDERS:
-            raise ValueError(f"unmasking must be one of {UNMASKING_ORDERS}, got {self.unmasking!r}.")
-        if self.unmasking != "random" and self.sampler != "first_hitting":
-            raise ValueError(f"unmasking={self.unmasking!r} orders the positions of sampler='first_hitting'; "
-                             f"got sampler={self.sampler!r}.")
-        if self.confidence_threshold is not None:
-            value = self.confidence_threshold
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
-                raise ValueError(f"confidence_threshold must be a number in (0, 1) (or None), got {value!r}.")
-            if self.unmasking == "random":
-                raise ValueError("confidence_threshold needs a confidence order: unmasking must be one of "
-                                 f"{UNMASKING_ORDERS[1:]}, got 'random'.")
-            if self.tokens_per_step is not None or self.steps is not None:
-                raise ValueError("confidence_threshold decides how many positions each call unmasks: do not also "
-                                 "set tokens_per_step or steps.")
         value = self.block_length
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"block_length must be an integer >= 1 (or None), got {value!r}.")
-        if value is not None and self.sampler == "ancestral_cache":
-            raise ValueError("block_length works with sampler='first_hitting' or 'ancestral', not 'ancestral_cache' "
-                             "(it reuses whole-sequence outputs).")
-        if self.remasking not in (None, "remdm"):
-            raise ValueError(f"remasking must be None or 'remdm', got {self.remasking!r}.")
-        if self.remasking is not None and self.sampler == "first_hitting":
-            raise ValueError("remasking='remdm' runs on a time grid: use sampler='ancestral' (or 'ancestral_cache').")
-        if self.remasking_schedule not in REMASKING_SCHEDULES:
-            raise ValueError(f"remasking_schedule must be one of {REMASKING_SCHEDULES}, got {self.remasking_schedule!r}.")
-        if self.remasking_eta is not None:
-            value = self.remasking_eta
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
-                raise ValueError(f"remasking_eta must be a number in [0, 1] (or None), got {value!r}.")
-            if DEFAULT_REMASKING_ETA[self.remasking_schedule] is None:
-                raise ValueError(f"remasking_schedule={self.remasking_schedule!r} takes no remasking_eta.")
+        if value is not None and not strategy.supports_blocks:
+            with_blocks = tuple(name for name, cls in STRATEGIES.items() if cls.supports_blocks)
+            raise ValueError(f"block_length: sampler={self.sampler!r} does not decode in blocks (ancestral_cache reuses "
+                             f"whole-sequence outputs); strategies that do: {with_blocks}.")
         if not isinstance(self.use_cache, bool):
             raise ValueError(f"use_cache must be True or False, got {self.use_cache!r}.")
         if self.cache_mode not in CACHE_MODES:
@@ -278,12 +356,13 @@ class MDMGenerationConfig(GenerationConfig):
         for name in ("return_dict_in_generate", "output_history"):
             if not isinstance(getattr(self, name, False), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
-        if self.sampler == "first_hitting" and self.noise_removal:
-            raise ValueError(f"noise_removal={self.noise_removal!r} is for the ancestral samplers (it replaces their "
-                             "last step); first_hitting is exact and ends with every token drawn from the model, so "
-                             "there is no noise to remove. Pass sampler='ancestral' or 'ancestral_cache' with it.")
         if not isinstance(self.num_return_sequences, int) or self.num_return_sequences < 1:
             raise ValueError(f"num_return_sequences must be an integer >= 1, got {self.num_return_sequences!r}.")
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        output["sampler_config"] = self.sampler_config.to_dict()
+        return output
 
     @classmethod
     def from_generation_config(cls, config: GenerationConfig) -> "MDMGenerationConfig":
@@ -306,16 +385,22 @@ class MDMGenerationConfig(GenerationConfig):
     def update(self, **kwargs):
         """Sets the given fields, validates, and returns the kwargs that are not generation fields.
 
-        Choosing another `sampler` resets the fields only the previous one reads, unless they are given too: a
-        folder whose default is confidence-ordered first-hitting decoding can be sampled with `sampler="ancestral"`.
+        `sampler` and the strategy's settings resolve together (`resolve_strategy`): choosing another strategy
+        keeps the settings it shares with the previous one. A strategy that does not decode in blocks drops the
+        block settings, unless they are given too: a folder whose default is confidence decoding in blocks can be
+        sampled with `sampler="ancestral_cache"`.
         """
-        known = {k: v for k, v in kwargs.items() if k in self.__dict__ or k in UNSUPPORTED_GENERATION_FIELDS or k in IGNORED_GENERATION_FIELDS}
-        rest = {k: v for k, v in kwargs.items() if k not in known}
+        strategy = {k: v for k, v in kwargs.items() if k in self.strategy_keys()}
+        known = {k: v for k, v in kwargs.items() if k not in strategy and (
+            k in self.__dict__ or k in UNSUPPORTED_GENERATION_FIELDS or k in IGNORED_GENERATION_FIELDS)}
+        rest = {k: v for k, v in kwargs.items() if k not in strategy and k not in known}
         _reject_unsupported(known)
-        new_sampler = known.get("sampler", self.sampler)
-        if new_sampler != self.sampler:
-            for key, default in FIELDS_NOT_READ_BY.get(new_sampler, {}).items():
-                known.setdefault(key, default)
+        if strategy:
+            sampler, settings = resolve_strategy(self.sampler, self.sampler_config, strategy)
+            if sampler != self.sampler and not get_strategy(sampler).supports_blocks:
+                known.setdefault("block_length", None)
+                known.setdefault("use_cache", False)
+            self.__dict__.update(sampler=sampler, sampler_config=settings)
         for key, value in known.items():
             if key in self.__dict__:
                 setattr(self, key, value)
@@ -354,6 +439,95 @@ class MDMGenerationOutput(ModelOutput):
     nfe: int | None = None
     nfe_per_sequence: torch.LongTensor | None = None
     history: list[torch.LongTensor] | None = None
+
+
+class Denoiser:
+    """The model as the strategies see it, `denoise(rows, tokens, positions, times) -> logits` (`bind`), and what
+    they never see: the padding mask, the time input of a time-conditioned network, the count of network calls,
+    and the block cache.
+
+    With `use_cache` and blocks, a call runs the network on each row's window only (its active block, and for the
+    prefix cache everything after it), rows with equal windows in one forward pass, reading the other positions'
+    keys and values from the row's entries of an `MDMCanvasCache`. A row's first call in a block (or one due a
+    refresh, every `cache_refresh_steps` calls) runs on its whole canvas and writes all of them. Rows are
+    independent: each keeps what its own last whole-canvas call saw (Fast-dLLM's prefix and dual caches).
+    """
+
+    def __init__(self, model, attention_mask, schedule, config: MDMGenerationConfig, tokens: torch.LongTensor):
+        self.model, self.attention_mask, self.schedule = model, attention_mask, schedule
+        batch_size, canvas_length = tokens.shape
+        self.nfe = 0  # forward passes (with the cache, rows in different blocks run in separate passes)
+        self.nfe_per_sequence = torch.zeros(batch_size, dtype=torch.long, device=tokens.device)
+        self.cache = None
+        if config.use_cache and config.block_length is None:
+            # transformers users pass use_cache=True out of habit (an autoregressive KV cache): nothing to reuse here.
+            logger.warning_once("use_cache=True caches keys and values between the blocks of block decoding; without "
+                                "block_length there is nothing to reuse, so no cache is used.")
+        elif config.use_cache:
+            self.cache = MDMCanvasCache(model.config.num_hidden_layers, batch_size, canvas_length)
+            self.cache_mode, self.refresh_steps = config.cache_mode, config.cache_refresh_steps
+            self.recorded_block = torch.full((batch_size,), -1, dtype=torch.long, device=tokens.device)
+            self.recorded_window = torch.zeros(batch_size, 2, dtype=torch.long, device=tokens.device)
+            self.calls_since_refresh = torch.zeros(batch_size, dtype=torch.long, device=tokens.device)
+
+    def bind(self, state: DiffusionState):
+        """The `denoise` callable of one step, on `state`'s layout (the rows' active blocks)."""
+
+        def denoise(rows, tokens, positions, times):
+            self.nfe_per_sequence[rows] += 1
+            if self.cache is None or positions is None or state.block_length is None:
+                return self.network(rows, tokens, positions, times)
+            return self.cached(state, rows, tokens, positions, times)
+
+        return denoise
+
+    def network(self, rows, tokens, positions, times, cache=None) -> torch.Tensor:
+        self.nfe += 1
+        timesteps = self.schedule.total_noise(times).float() if self.model.config.time_conditioning else None
+        mask = self.attention_mask[rows] if self.attention_mask is not None else None
+        return self.model(tokens, attention_mask=mask, timesteps=timesteps, output_positions=positions,
+                          cache=cache).logits
+
+    def cached(self, state, rows, tokens, positions, times) -> torch.Tensor:
+        due = self.calls_since_refresh[rows] + 1 == (self.refresh_steps or 0)
+        entered = self.recorded_block[rows] != state.active_block[rows]
+        refresh = entered | due
+        any_refresh = bool(refresh.any())
+        if bool(entered.any()):  # a row's window changes only when it enters a block
+            self.recorded_window[rows[entered]] = state.windows(rows[entered])
+        windows = self.recorded_window[rows]
+        if not any_refresh and bool((windows == windows[:1]).all()):  # the usual call: one window for all rows
+            return self.read(rows, tokens, positions, times, *windows[0].tolist())
+        groups = [(refresh, None)] if any_refresh else []
+        for start, end in torch.unique(windows[~refresh], dim=0).tolist():
+            groups.append(((windows[:, 0] == start) & (windows[:, 1] == end) & ~refresh, (start, end)))
+        logits = None
+        for members, window in groups:
+            index = members.nonzero().squeeze(1)
+            batch_rows = rows[index]
+            if window is None:  # the whole canvas, written into the cache
+                view_rows = None if len(batch_rows) == self.cache.num_rows else batch_rows
+                part = self.network(batch_rows, tokens[index], positions[index], times[index],
+                                    self.cache.segment(view_rows, 0))
+                self.calls_since_refresh[batch_rows] = 0
+                self.recorded_block[batch_rows] = state.active_block[batch_rows]
+            else:
+                part = self.read(batch_rows, tokens[index], positions[index], times[index], *window)
+            if logits is None:
+                logits = part.new_empty((len(rows),) + tuple(part.shape[1:]))
+            logits[index] = part
+        return logits
+
+    def read(self, rows, tokens, positions, times, start: int, end: int) -> torch.Tensor:
+        """One forward pass on the rows' window [start, end) (to the canvas's end for the prefix cache), reading the
+        rest of each row's canvas from the cache."""
+        end = end if self.cache_mode == "dual" else tokens.shape[1]
+        view_rows = None if len(rows) == self.cache.num_rows else rows
+        # Entries of `positions` past a row's count are padding (their logits are never read).
+        segment_positions = (positions - start).clamp(0, end - start - 1)
+        logits = self.network(rows, tokens[:, start:end], segment_positions, times, self.cache.segment(view_rows, start))
+        self.calls_since_refresh[rows] += 1
+        return logits
 
 
 class MDMGenerationMixin:
@@ -396,19 +570,16 @@ class MDMGenerationMixin:
         The algorithm:
             1. Resolve the generation config: the model's `generation_config` (or the one passed), overridden by
                `kwargs`; a plain `GenerationConfig` is mapped onto `MDMGenerationConfig`, and fields an MDM cannot
-               honour (`num_beams > 1`, ...) raise ValueError.
+               honour (`num_beams > 1`, ...) raise ValueError. Build the strategy registered as `sampler`, with its
+               settings, the model's noise schedule and one `CategoricalSampler` in `sampling_dtype`.
             2. Lay out the canvas: prompts are moved to the left-padded layout, `max_new_tokens` [MASK] positions are
                appended, and every row is repeated `num_return_sequences` times. Every [MASK] of the canvas is
                generated; every other token is kept.
-            3. Build the strategy (`sampling_mdm.build_sampler`) with the model's noise schedule and one
-               `CategoricalSampler` in `sampling_dtype`.
-            4. Step until nothing is masked: `state = sampler.step(state, denoise)`, where `denoise` calls the
-               model's `forward` (with `output_positions` when only some positions are needed, and the time input
-               when the model is time-conditioned). With `use_cache`, a call that names decoding windows (one per
-               row: rows of a batch may be in different blocks) runs the network on each row's window only (its
-               active block, and everything after it for the prefix cache), rows with equal windows in one call,
-               reading the other positions' keys and values from that row's cache entry, which every call without
-               windows (one per block) records. The streamer receives the draft after each step.
+            3. Wrap the model in a `Denoiser`: `denoise(rows, tokens, positions, times)` calls the model's `forward`
+               (with `output_positions` when only some positions are needed, the time input when the model is
+               time-conditioned, and the block cache with `use_cache`).
+            4. Step until nothing is masked: `state = strategy.step(state, denoise)`, then each row whose block is
+               done moves to its next block. The streamer receives the draft after each step.
             5. Return the sequences, or an `MDMGenerationOutput` with the number of network calls (and the history).
 
         Args:
@@ -421,19 +592,30 @@ class MDMGenerationMixin:
                 (`TextDiffusionStreamer`) then the draft of the generated region after each step; every streamer
                 the final generated region with `put`, then `end()`. So a plain `TextStreamer` prints the prompt
                 and the answer once.
-            kwargs: any `MDMGenerationConfig` field, e.g. `sampler`, `steps`, `sampling_dtype`, `max_new_tokens`.
+            kwargs: any `MDMGenerationConfig` field or setting of the strategy, e.g. `sampler`, `steps`,
+                `sampling_dtype`, `max_new_tokens`.
         """
-        # 1. Resolve the generation config.
+        # 1. Resolve the generation config and build the strategy.
         config, rest = self._resolve_generation_config(generation_config, kwargs)
         rest.pop("tokenizer", None)
         if rest:
-            raise ValueError(f"generate() got arguments it does not know: {sorted(rest)}. Allowed: MDMGenerationConfig fields.")
+            raise ValueError(f"generate() got arguments it does not know: {sorted(rest)}. Allowed: MDMGenerationConfig "
+                             f"fields and the settings of sampler={config.sampler!r}.")
         mask_id = self.config.mask_token_id
-        if config.sampler == "ancestral_cache" and self.config.time_conditioning:
+        schedule = get_noise_schedule(self.config.noise_schedule, self.config.noise_eps)
+        categorical = CategoricalSampler(
+            SAMPLING_DTYPES[config.sampling_dtype], config.temperature, config.top_k, config.top_p, generator,
+            mask_token_id=mask_id,
+        )
+        strategy = build_strategy(config.sampler, config.sampler_config, schedule=schedule, categorical=categorical,
+                                  mask_token_id=mask_id, time_conditioned=self.config.time_conditioning)
+        if strategy.time_agnostic_only and self.config.time_conditioning:
             raise ValueError(
-                "sampler='ancestral_cache' reuses network outputs across time steps, which is only valid for a "
+                f"sampler={config.sampler!r} reuses network outputs across time steps, which is only valid for a "
                 "time-agnostic model; this model has time_conditioning=True. Use 'first_hitting' or 'ancestral'."
             )
+        if config.block_length is not None and not strategy.supports_blocks:
+            raise ValueError(f"block_length: sampler={config.sampler!r} with these settings does not decode in blocks.")
 
         # 2. Lay out the canvas.
         tokens, attention_mask, prompt_length, region_start = self._prepare_canvas(input_ids, attention_mask, config)
@@ -443,68 +625,8 @@ class MDMGenerationMixin:
             if bool(attention_mask.all()):
                 attention_mask = None  # decided once per call: the network then runs unmasked (SDPA's fastest kernel)
 
-        # 3. Build the strategy.
-        schedule = get_noise_schedule(self.config.noise_schedule, self.config.noise_eps)
-        categorical = CategoricalSampler(
-            SAMPLING_DTYPES[config.sampling_dtype], config.temperature, config.top_k, config.top_p, generator,
-            mask_token_id=mask_id,
-        )
-        steps = config.steps
-        if config.sampler != "first_hitting" and steps is None:
-            steps = max(int(masked.sum(dim=1).max()), 1)
-        sampler = build_sampler(
-            config.sampler, schedule, categorical, mask_id, config.tokens_per_step, steps, config.noise_removal,
-            unmasking=config.unmasking, confidence_threshold=config.confidence_threshold, remasking=config.remasking,
-            remasking_schedule=config.remasking_schedule, remasking_eta=config.remasking_eta,
-        )
-
-        nfe_per_sequence = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
-        nfe = 0  # forward passes (with the cache, rows in different blocks run in separate passes)
-        if config.use_cache and config.block_length is None:
-            # transformers users pass use_cache=True out of habit (an autoregressive KV cache): nothing to reuse here.
-            logger.warning_once("use_cache=True caches keys and values between the blocks of block decoding; without "
-                                "block_length there is nothing to reuse, so no cache is used.")
-        cache = self.make_kv_cache(tokens.shape[0]) if config.use_cache and config.block_length is not None else None
-        calls_since_refresh = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
-
-        def network(rows, row_tokens, positions, times, kv_cache=None):
-            nonlocal nfe
-            nfe += 1
-            timesteps = schedule.total_noise(times).float() if self.config.time_conditioning else None
-            row_mask = attention_mask[rows] if attention_mask is not None else None
-            return self(row_tokens, attention_mask=row_mask, timesteps=timesteps, output_positions=positions,
-                        kv_cache=kv_cache).logits
-
-        def denoise(rows, row_tokens, positions, times, windows=None):
-            nfe_per_sequence[rows] += 1
-            if cache is None or windows is None:
-                return network(rows, row_tokens, positions, times)
-            # Rows that entered a block (or are due a refresh) run whole and are recorded; the others run only their
-            # window (the block, and for the prefix cache everything after it), grouped by window, reading the rest
-            # of their canvas from the cache.
-            due = calls_since_refresh[rows] + 1 == (config.cache_refresh_steps or 0)
-            refresh = (windows[:, 0] < 0) | due
-            logits = None
-            groups = [(refresh, None)] if bool(refresh.any()) else []
-            for start, end in torch.unique(windows[~refresh], dim=0).tolist():
-                groups.append(((windows[:, 0] == start) & (windows[:, 1] == end) & ~refresh, (start, end)))
-            for members, window in groups:
-                index = members.nonzero().squeeze(1)
-                if window is None:
-                    cache.record(rows[index])
-                    part = network(rows[index], row_tokens[index], positions[index], times[index], cache)
-                    calls_since_refresh[rows[index]] = 0
-                else:
-                    start, end = window[0], window[1] if config.cache_mode == "dual" else row_tokens.shape[1]
-                    cache.read(rows[index], start, end)
-                    # Entries of `positions` past a row's count are padding (their logits are never read).
-                    part = network(rows[index], row_tokens[index, start:end], (positions[index] - start).clamp(0, end - start - 1),
-                                   times[index], cache)
-                    calls_since_refresh[rows[index]] += 1
-                if logits is None:
-                    logits = part.new_empty((len(rows),) + tuple(part.shape[1:]))
-                logits[index] = part
-            return logits
+        # 3. The network behind `denoise`.
+        denoiser = Denoiser(self, attention_mask, schedule, config, tokens)
 
         # 4. Step until nothing is masked.
         stream_from = 0 if prompt_length is None else prompt_length
@@ -513,15 +635,18 @@ class MDMGenerationMixin:
             streamer.put(tokens[:, :stream_from].cpu())
         state = DiffusionState.start(tokens, masked, config.block_length, region_start)
         history = [] if config.output_history else None
-        max_steps = sampler.step_limit(state)
-        while not state.done:
-            if state.step >= max_steps:
-                raise RuntimeError(f"{config.sampler} left [MASK] tokens after {state.step} steps; please report this.")
-            state = sampler.step(state, denoise)
-            if history is not None:
-                history.append(state.tokens.clone())
-            if put_draft is not None:
-                put_draft(state.tokens[:, stream_from:].cpu())
+        max_steps = strategy.step_limit(state)
+        with values_checked():  # the ids were checked above; the denoiser asks only for positions strategies chose
+            while not state.done:
+                if state.step >= max_steps:
+                    raise RuntimeError(f"{config.sampler} left [MASK] tokens after {state.step} steps; please report "
+                                       "this.")
+                state = strategy.step(state, denoiser.bind(state))
+                state = enter_blocks(state, strategy.holds_block(state))
+                if history is not None:
+                    history.append(state.tokens.clone())
+                if put_draft is not None:
+                    put_draft(state.tokens[:, stream_from:].cpu())
         if streamer is not None:
             # A plain streamer (TextStreamer, TextIteratorStreamer) appends whatever it is given: it gets the final
             # text once. A diffusion streamer (put_draft: TextDiffusionStreamer) also got every draft above.
@@ -531,7 +656,8 @@ class MDMGenerationMixin:
         # 5. Return.
         if not config.return_dict_in_generate:
             return state.tokens
-        return MDMGenerationOutput(sequences=state.tokens, nfe=nfe, nfe_per_sequence=nfe_per_sequence, history=history)
+        return MDMGenerationOutput(sequences=state.tokens, nfe=denoiser.nfe, nfe_per_sequence=denoiser.nfe_per_sequence,
+                                   history=history)
 
     def _prepare_canvas(self, input_ids, attention_mask, config):
         """Returns (tokens, attention_mask or None, prompt_length or None, region_start); checks ids and lengths
@@ -645,4 +771,4 @@ def cut_at_eos(sequences: torch.LongTensor, eos_token_id: int | list[int] | None
     return rows
 
 
-__all__ = ["MDMGenerationConfig", "MDMGenerationMixin", "MDMGenerationOutput", "cut_at_eos"]
+__all__ = ["Denoiser", "MDMGenerationConfig", "MDMGenerationMixin", "MDMGenerationOutput", "cut_at_eos"]

@@ -2,15 +2,16 @@
 
 `write_model_card` renders the templates of `model_cards/` (shipped inside the package as `hf_mdm.model_cards`) into
 the folder's README.md, under the metadata the Hub indexes: library, pipeline, tags, datasets, license and evaluation
-results in model-index form. `publish` checks that the folder is a complete checkpoint (weights, config and the remote
-code it names, generation config, tokenizer, card) before anything touches the network, then uploads it in one commit.
+results in model-index form; training, conversion and publishing all write their cards with it. `publish` checks that
+the folder is a complete checkpoint (weights, config, generation config, tokenizer, card) before anything touches the
+network, then uploads it in one commit, with hf_mdm's remote code for an MDM (from the package's own files, and
+config.json's auto_map naming them, whatever an earlier release wrote into the folder).
 
     hf-mdm publish runs/my-mdm/model me/my-mdm
 
-This module never travels with checkpoints, so it may import hf_mdm (importing it registers model_type "mdm").
+This module never travels with checkpoints, so it may import hf_mdm (importing it registers the model types).
 """
 
-import argparse
 import json
 import math
 import os
@@ -21,19 +22,18 @@ from pathlib import Path, PurePosixPath
 from string import Template
 
 import yaml
-from hf_mdm_cli import CommandError
-from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, constants, metadata_load
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, metadata_load
+from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from .constants import MDM_MODEL_TYPES
+from .remote_code import remote_code_files
 
-# The remote code every MDM folder carries: modeling imports generation, which imports sampling.
-MDM_REMOTE_CODE = ("configuration_mdm.py", "modeling_mdm.py", "generation_mdm.py", "sampling_mdm.py")
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # either one lets AutoTokenizer load the folder
 CARD_METADATA = ("library_name", "pipeline_tag", "license")  # what publish requires in README.md's front matter
 KIND_TAGS = {"mdm": ["hf_mdm", "masked-diffusion", "diffusion-lm"], "causal_lm": ["hf_mdm"]}
 KIND_NAMES = {"mdm": "MDM", "causal_lm": "causal LM"}
-MDM_MODEL_TYPES = ("mdm", "mdm_llama")  # MDLM's DiT; the bidirectional Llama family (LLaDA, Dream)
 
 # training=... of write_model_card: field -> (type, what it says on the card). Every field is optional.
 TRAINING_FIELDS = {
@@ -86,15 +86,34 @@ def checkpoint_kind(config: Mapping) -> str:
 def checkpoint_files(folder: str | os.PathLike) -> list[str]:
     """The files `publish` uploads (POSIX paths relative to `folder`), after checking that they make a complete
     checkpoint; a ValueError names everything that is missing, so one run tells the whole story."""
+    return sorted(checkpoint_upload(folder))
+
+
+def checkpoint_upload(folder: str | os.PathLike) -> dict[str, Path | bytes]:
+    """Path in the repo -> what is uploaded there: the folder's files, and for an MDM hf_mdm's remote code (the
+    package's own files) with config.json's auto_map naming today's classes. Raises ValueError naming every missing
+    part."""
     folder = Path(folder)
     config = read_config(folder)
     kind = checkpoint_kind(config)
     relative = (PurePosixPath(path.relative_to(folder).as_posix()) for path in folder.rglob("*") if path.is_file())
-    files = sorted(str(path) for path in relative if not _is_junk(path))
-    missing = _missing_parts(folder, config, kind, set(files))
+    upload: dict[str, Path | bytes] = {str(path): folder / path for path in relative if not _is_junk(path)}
+    if kind == "mdm":
+        upload.update({name: path for name, path in remote_code_files(config["model_type"]).items()})
+        upload["config.json"] = (json.dumps(_with_current_auto_map(folder), indent=2, sort_keys=True) + "\n").encode()
+    missing = _missing_parts(folder, config, kind, set(upload))
     if missing:
         raise ValueError(f"{folder} is not a complete {KIND_NAMES[kind]} checkpoint; missing: {'; '.join(missing)}.")
-    return files
+    return upload
+
+
+def _with_current_auto_map(folder: Path) -> dict:
+    """config.json with the auto_map of today's remote code (what loading the config and saving it writes)."""
+    from transformers import AutoConfig
+
+    config = read_config(folder)
+    config["auto_map"] = AutoConfig.from_pretrained(folder).auto_map
+    return config
 
 
 def _is_junk(relative: PurePosixPath) -> bool:
@@ -105,15 +124,10 @@ def _is_junk(relative: PurePosixPath) -> bool:
 
 def _missing_parts(folder: Path, config: Mapping, kind: str, files: set[str]) -> list[str]:
     missing = []
-    auto_map = config.get("auto_map")
-    if kind == "mdm" and not auto_map:
-        missing.append("auto_map in config.json (without it trust_remote_code cannot load the folder)")
-    code = _auto_map_files(auto_map or {})
-    missing += [f"{name} (named by config.json auto_map)" for name in code if name not in files]
-    if kind == "mdm":
-        missing += [name for name in MDM_REMOTE_CODE if name not in files and name not in code]
-        if "generation_config.json" not in files:
-            missing.append("generation_config.json")
+    code = _auto_map_files(config.get("auto_map") or {})
+    missing += [f"{name} (named by config.json auto_map)" for name in code if name not in files and kind != "mdm"]
+    if kind == "mdm" and "generation_config.json" not in files:
+        missing.append("generation_config.json")
     if not any(name.endswith(".safetensors") for name in files):
         missing.append("weights (*.safetensors)")
     index = "model.safetensors.index.json"
@@ -159,6 +173,8 @@ def write_model_card(
     base_model: str | None = None,
     language: str | Sequence[str] | None = None,
     repo_id: str | None = None,
+    conversion: str | None = None,
+    usage: str | None = None,
 ) -> Path:
     """Writes folder/README.md: Hub metadata, then model_cards/template.md filled in for this checkpoint.
 
@@ -177,6 +193,9 @@ def write_model_card(
         base_model: the Hub id this checkpoint was fine-tuned or converted from.
         language: language code(s) of the training text.
         repo_id: the Hub id the usage code loads; default: a path placeholder.
+        conversion: for a converted checkpoint (`hf-mdm convert`), where the weights came from and what the
+            conversion decided (Markdown): a "Conversion" section instead of "Training".
+        usage: Markdown replacing the card's usage code (a converter's chat example, say).
 
     Returns:
         The path of README.md. It is replaced atomically: a reader sees the old card or the new one, never half.
@@ -197,15 +216,22 @@ def write_model_card(
         _check_value("base_model", base_model, str)
     results = _eval_results(eval_results)
     training = _checked_training(training)
+    for name, text in (("conversion", conversion), ("usage", usage)):
+        if text is not None:
+            _check_value(name, text, str)
+    if conversion is not None and training:
+        raise ValueError("a card has training or conversion, not both: a converted checkpoint was not trained here.")
 
     config = AutoConfig.from_pretrained(folder)
     context = config.max_position_embeddings
     values = {
         "title": title, "summary": summary, "architecture": _architecture(config, kind, _count_parameters(folder)),
         "model_id": repo_id or "path/to/this/folder", "context": context, "max_new_tokens": min(128, context // 2),
-        "training": _training_section(training, kind), "evaluation": _evaluation_section(results),
+        "origin": (f"## Conversion\n\n{conversion.strip()}\n" if conversion is not None else
+                   f"## Training\n\n{_training_section(training, kind)}\n"),
+        "evaluation": _evaluation_section(results),
     }
-    values["how_to_use"] = _template(f"usage_{kind}.md").substitute(values).strip()
+    values["how_to_use"] = usage.strip() if usage is not None else _template(f"usage_{kind}.md").substitute(values).strip()
     values["limitations"] = _template(f"limitations_{kind}.md").substitute(values).strip()
     body = _template("template.md").substitute(values)
 
@@ -399,53 +425,19 @@ def publish(
         The uploaded paths, relative to the folder and the repo root.
     """
     check_repo_id(repo_id)
-    files = checkpoint_files(folder)
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(folder) / name)) for name in files]
+    upload = checkpoint_upload(folder)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(source) if isinstance(source, Path) else source)
+                  for name, source in sorted(upload.items())]
     api = api or HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     if revision not in (None, "main"):
         api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
     api.create_commit(repo_id=repo_id, operations=operations, repo_type="model", revision=revision,
                       commit_message=commit_message or "Upload checkpoint with hf-mdm publish")
-    return files
-
-
-def add_publish_parser(subparsers) -> argparse.ArgumentParser:
-    """Adds the `publish` subcommand to an argparse subparsers object; its `func` runs `run_publish`."""
-    from hf_mdm_cli import COMMANDS
-
-    parser = subparsers.add_parser("publish", help=COMMANDS["publish"],
-                                   description=publish.__doc__.split("\n")[0])
-    parser.add_argument("path", help="a save_pretrained folder with its tokenizer and README.md (write_model_card)")
-    parser.add_argument("repo_id", help="the Hub model repo, owner/name; created if missing")
-    parser.add_argument("--private", action="store_true", help="make the repo private if it is created")
-    parser.add_argument("--token", default=None, help="a Hub token with write access; default: HF_TOKEN or the login")
-    parser.add_argument("--revision", default=None, help="the branch to commit to, created if missing; default: main")
-    parser.add_argument("--commit-message", default=None)
-    parser.add_argument("--dry-run", action="store_true", help="check the folder and list its files; upload nothing")
-    parser.set_defaults(func=run_publish)
-    return parser
-
-
-def run_publish(args: argparse.Namespace) -> None:
-    try:
-        if args.dry_run:
-            check_repo_id(args.repo_id)
-            files = checkpoint_files(args.path)
-        else:
-            files = publish(args.path, args.repo_id, token=args.token, private=args.private, revision=args.revision,
-                            commit_message=args.commit_message)
-    except ValueError as error:  # bad input, found before any upload: say what, without a traceback
-        raise CommandError("publish", error) from None
-    except (HfHubHTTPError, ConnectionError) as error:
-        raise CommandError("publish", f"the Hub refused or could not be reached: {str(error).splitlines()[0]}") from None
-    print("\n".join(files))
-    url = f"{constants.ENDPOINT}/{args.repo_id}" + (f"/tree/{args.revision}" if args.revision else "")
-    print(f"{'would upload' if args.dry_run else 'uploaded'} {len(files)} files to {url}")
+    return sorted(upload)
 
 
 __all__ = [
-    "MDM_REMOTE_CODE",
     "TRAINING_FIELDS",
     "EVAL_REQUIRED",
     "EVAL_OPTIONAL",
@@ -455,6 +447,5 @@ __all__ = [
     "write_model_card",
     "check_repo_id",
     "publish",
-    "add_publish_parser",
-    "run_publish",
+    "checkpoint_upload",
 ]

@@ -1,12 +1,13 @@
-"""Sampling for masked diffusion models: noise schedules, one categorical sampler, and the strategies.
+"""Sampling for masked diffusion models: noise schedules, one categorical sampler, and the decoding strategies.
 
-Like diffusers' schedulers, nothing here knows the model: a strategy sees the current tokens and a `denoise`
-callable that returns logits. Every strategy follows one contract,
+Like diffusers' schedulers, nothing here knows the model. Every strategy is one registered class
+(`@register_strategy(name)`) with its settings dataclass and one method,
 
     state = strategy.step(state, denoise)
 
-with `state` a `DiffusionState` (tokens, which positions are still masked, per-row time) and
-`denoise(rows, tokens, positions, times) -> logits`, so `generate()` has no per-strategy special cases.
+with `state` a `DiffusionState` (tokens, which positions are still masked, per-row time and block) and
+`denoise(rows, tokens, positions, times) -> logits` the network, so `generate()` has no per-strategy special cases:
+it builds the strategy named by `sampler`, binds the network into `denoise` and steps until nothing is masked.
 Equations cite Zheng et al., arXiv:2409.02908 ("FHS" = first-hitting sampler, section 4) and MDLM,
 arXiv:2310.07524 (ancestral "ddpm" sampler). See hf_mdm's docs/mdm-math.md, sections 1, 3 and 4.
 
@@ -15,7 +16,7 @@ This file travels with every saved checkpoint as remote code: it imports only nu
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 
 import numpy as np
 import torch
@@ -145,6 +146,16 @@ def uniform(shape, dtype: torch.dtype, device, generator: torch.Generator | None
     return torch.rand(shape, dtype=dtype, device=source, generator=generator).to(device)
 
 
+def skip_uniform(shape, dtype: torch.dtype, device, generator: torch.Generator | None) -> None:
+    """Advances `generator` exactly as `uniform(shape, ...)` would, at the least cost (one draw for float64 on the
+    CPU, whose values come from a numpy generator seeded by that draw)."""
+    source = torch.device(generator.device if generator is not None else device)
+    if source.type == "cpu" and dtype == torch.float64:
+        torch.randint(2**63 - 1, (), generator=generator)
+    else:
+        uniform(shape, dtype, device, generator)
+
+
 class CategoricalSampler:
     """Turns logits into probabilities and draws one category per row, all in `dtype`.
 
@@ -193,8 +204,17 @@ class CategoricalSampler:
         exponential = uniform(probs.shape, probs.dtype, probs.device, self.generator).log_().neg_()  # E = -log U
         return torch.div(probs, exponential, out=exponential).argmax(dim=-1)  # in place: this is the hot loop
 
+    def choose(self, probs: torch.Tensor) -> torch.LongTensor:
+        """(..., V) output of `probabilities` -> (...) one token each: the exponential race, or when greedy the
+        argmax of the one-hot rows, with the generator advanced as the race would advance it (so the step's other
+        draws, and every sample, are the race's): greedy decoding skips the race's arithmetic only."""
+        if not self.greedy:
+            return self.draw(probs)
+        skip_uniform(probs.shape, probs.dtype, probs.device, self.generator)
+        return probs.argmax(dim=-1)
+
     def __call__(self, logits: torch.Tensor) -> torch.LongTensor:
-        return self.draw(self.probabilities(logits))
+        return self.choose(self.probabilities(logits))
 
     def confidence_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The model's own distribution, which confidences are read from: the softmax of the logits at temperature
@@ -206,19 +226,16 @@ class CategoricalSampler:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The shared contract of every strategy.
+# The state every strategy reads and returns.
 # ----------------------------------------------------------------------------------------------------------------
 
-# denoise(rows, tokens, positions, times, windows=None) -> logits
+# denoise(rows, tokens, positions, times) -> logits: the network as a strategy sees it.
 #   rows:      (R,) indices of the batch rows being denoised
 #   tokens:    (R, L) their current tokens
 #   positions: (R, k) positions whose logits are needed, or None for all L positions
 #   times:     (R,) float64 diffusion times (the network reads them only if it is time-conditioned)
-#   windows:   (R, 2) per row [start, end) of the block the strategy is decoding (block decoding only; else None);
-#              (-1, -1) for a row that has just entered its block. Since a row entered its block only positions in
-#              its window changed, so a denoiser may reuse what it computed for the others (a KV cache), row by row.
-#              `positions` lie inside the windows.
 #   returns    (R, k, V) or (R, L, V) logits; the [MASK] logit is ignored (the categorical sampler zeroes it)
+# What runs behind it (padding, a KV cache over decoded blocks, counting network calls) is generate()'s business.
 Denoiser = Callable[..., torch.Tensor]
 
 
@@ -232,15 +249,16 @@ class DiffusionState:
         time (`torch.DoubleTensor` of shape `(batch,)`): each row's diffusion time, 1 = fully noised (with blocks:
             within its current block).
         step (`int`): number of steps taken so far.
-        cache (`dict`, *optional*): strategy-private scratch space (ancestral_cache keeps its network outputs here).
+        scratch (`dict`, *optional*): strategy-private memory carried from one step to the next.
         generated (`torch.BoolTensor` of shape `(batch, seq_len)`): the positions generate() fills (masked at the
             start): the only ones a remasking strategy may mask again. The prompt never is.
         block (`torch.LongTensor` of shape `(batch, seq_len)`): each position's block for semi-autoregressive
             decoding (all 0 without blocks).
         block_length (`int`, *optional*): the block size; None without blocks.
+        num_blocks (`int`): the number of blocks (1 without blocks).
         region_start (`int`): where block 0's generated region starts (the prompt length); earlier masked
             positions (infilling) belong to block 0.
-        active_block (`torch.LongTensor` of shape `(batch,)`): the block each row decodes now.
+        active_block (`torch.LongTensor` of shape `(batch,)`): the block each row decodes now (-1: nothing to do).
         block_step (`torch.LongTensor` of shape `(batch,)`): steps the row has taken in its active block.
         confidence (`torch.DoubleTensor` of shape `(batch, seq_len)`): each generated token's confidence when it was
             unmasked (the probability of the drawn token; NaN where none was recorded).
@@ -252,10 +270,11 @@ class DiffusionState:
     masked: torch.BoolTensor
     time: torch.Tensor
     step: int = 0
-    cache: dict | None = None
+    scratch: dict | None = None
     generated: torch.BoolTensor | None = None
     block: torch.LongTensor | None = None
     block_length: int | None = None
+    num_blocks: int = 1
     region_start: int = 0
     active_block: torch.LongTensor | None = None
     block_step: torch.LongTensor | None = None
@@ -265,6 +284,7 @@ class DiffusionState:
     @classmethod
     def start(cls, tokens: torch.LongTensor, masked: torch.BoolTensor, block_length: int | None = None,
               region_start: int = 0) -> "DiffusionState":
+        """The state before the first step: every row in the first block that has a masked position."""
         batch, seq_len = tokens.shape
         device = tokens.device
         time = torch.ones(batch, dtype=torch.float64, device=device)
@@ -274,20 +294,16 @@ class DiffusionState:
         else:
             block = ((position - region_start).clamp(min=0) // block_length).expand(batch, -1).contiguous()
         state = cls(tokens=tokens.clone(), masked=masked.clone(), time=time, generated=masked.clone(), block=block,
-                    block_length=block_length, region_start=region_start,
+                    block_length=block_length, num_blocks=int(block.max()) + 1, region_start=region_start,
                     active_block=torch.full((batch,), -1, dtype=torch.long, device=device),
                     block_step=torch.zeros(batch, dtype=torch.long, device=device),
                     confidence=torch.full((batch, seq_len), float("nan"), dtype=torch.float64, device=device),
                     pending=torch.zeros(batch, dtype=torch.bool, device=device))
-        return state
+        return enter_blocks(state)
 
     @property
     def done(self) -> bool:
         return not bool(self.masked.any() or (self.pending is not None and self.pending.any()))
-
-    @property
-    def num_blocks(self) -> int:
-        return int(self.block.max()) + 1
 
     def block_bounds(self, block: int) -> tuple[int, int]:
         """[start, end) of a block (block 0 also holds any masked position before the generated region)."""
@@ -296,43 +312,38 @@ class DiffusionState:
         start = 0 if block == 0 else self.region_start + block * self.block_length
         return start, min(self.region_start + (block + 1) * self.block_length, self.tokens.shape[1])
 
+    def windows(self, rows: torch.LongTensor) -> torch.LongTensor:
+        """(R, 2): per row, the [start, end) of its active block (block 0 starting at the generated region, or at an
+        earlier position being infilled). Outside it nothing changes until the row moves on: a denoiser may reuse
+        what it computed there (a KV cache)."""
+        blocks = self.active_block[rows]
+        starts = self.region_start + blocks * self.block_length
+        ends = (self.region_start + (blocks + 1) * self.block_length).clamp(max=self.tokens.shape[1])
+        infilled = self.generated[rows] & (self.block[rows] == 0) & (blocks[:, None] == 0)  # decoded or not
+        first = torch.where(infilled, torch.arange(self.tokens.shape[1], device=rows.device), self.tokens.shape[1])
+        return torch.stack([torch.minimum(starts, first.amin(dim=1)), ends], dim=1)
 
-def enter_blocks(state: DiffusionState, keep: torch.BoolTensor | None = None) -> tuple[DiffusionState, torch.BoolTensor]:
+
+def enter_blocks(state: DiffusionState, hold: torch.BoolTensor | None = None) -> DiffusionState:
     """Moves each row whose active block has no [MASK] left to its next block with one (resetting its block step and
-    time), unless `keep` says the row stays (a remasking strategy finishing its block's time grid). Returns the new
-    state and which rows entered a block."""
+    time), unless `hold` says the row stays (a remasking strategy finishing its block's time grid). generate() calls
+    it between steps, so a strategy always finds each row in the block it must decode."""
     far = torch.iinfo(torch.long).max
     next_block = torch.where(state.masked, state.block, far).amin(dim=1)
     entered = state.masked.any(dim=1) & (next_block != state.active_block)
-    if keep is not None:
-        entered &= ~keep
+    if hold is not None:
+        entered &= ~hold
     if not bool(entered.any()):
-        return state, entered
+        return state
     active = torch.where(entered, next_block, state.active_block)
     block_step = torch.where(entered, 0, state.block_step)
     time = torch.where(entered, torch.ones_like(state.time), state.time)
-    return replace(state, active_block=active, block_step=block_step, time=time), entered
+    return replace(state, active_block=active, block_step=block_step, time=time)
 
 
 def candidates(state: DiffusionState) -> torch.BoolTensor:
     """(batch, seq_len): the masked positions of each row's active block, the only ones a step may unmask."""
     return state.masked & (state.block == state.active_block[:, None])
-
-
-def decoding_window(state: DiffusionState, rows: torch.LongTensor, entered: torch.BoolTensor):
-    """The `windows` a strategy passes to denoise: None without blocks, else per row the [start, end) of its active
-    block (block 0 starting at the generated region, or at an earlier position being infilled), (-1, -1) for a row
-    that has just entered it."""
-    if state.block_length is None:
-        return None
-    blocks = state.active_block[rows]
-    starts = state.region_start + blocks * state.block_length
-    ends = (state.region_start + (blocks + 1) * state.block_length).clamp(max=state.tokens.shape[1])
-    infilled = state.generated[rows] & (state.block[rows] == 0) & (blocks[:, None] == 0)  # decoded or not
-    first = torch.where(infilled, torch.arange(state.tokens.shape[1], device=rows.device), state.tokens.shape[1])
-    starts = torch.minimum(starts, first.amin(dim=1))
-    windows = torch.stack([starts, ends], dim=1)
-    return windows.masked_fill(entered[rows][:, None], -1)
 
 
 def block_budget(state: DiffusionState, steps: int) -> torch.LongTensor:
@@ -397,11 +408,154 @@ def commit(state: DiffusionState, rows, positions, valid, sampled, confidence=No
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Strategies.
+# The strategy contract and its registry.
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class FirstHittingSampler:
+def check_count(name: str, value, minimum: int = 1) -> None:
+    """An optional integer setting: None, or an int >= minimum."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+        raise ValueError(f"{name} must be an integer >= {minimum} (or None), got {value!r}.")
+
+
+@dataclass
+class StrategySettings:
+    """The settings of a decoding strategy: a dataclass whose fields are `generate()` keywords, validated when it is
+    made (`validate` raises ValueError naming the field and the allowed values) and saved in generation_config.json
+    as `sampler_config`. A strategy without settings uses this empty one."""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        pass
+
+    def to_dict(self) -> dict:
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+
+class DecodingStrategy:
+    """One way of running the reverse process, behind one contract:
+
+        state = strategy.step(state, denoise)
+
+    `state` is a `DiffusionState` (tokens, which positions are masked, per-row time and block), `denoise(rows,
+    tokens, positions, times) -> logits` the network (see `Denoiser`). A step calls `denoise` once, draws tokens with
+    `self.categorical` (the one categorical sampler, in `sampling_dtype`) and returns the new state; it never sees
+    the model, the padding or the KV cache. Rows with nothing masked are left alone.
+
+    A strategy is registered under its name with `@register_strategy(name)`; `generate(sampler=name, **settings)`
+    then builds it. Class attributes:
+        Settings: its settings dataclass (a `StrategySettings` subclass); `self.settings` holds the instance.
+        supports_blocks: whether it decodes semi-autoregressive blocks (`block_length`): it must then unmask only
+            `candidates(state)`, the masked positions of each row's active block.
+        time_agnostic_only: whether it reuses network outputs across times, which only a model without time input
+            allows.
+    Attributes set at construction: `settings`, `schedule` (the model's noise schedule), `categorical`,
+    `mask_token_id`, `time_conditioned` (whether the network reads the time: a strategy may skip computing times
+    it would ignore).
+    """
+
+    name: str = ""
+    Settings: type = StrategySettings
+    supports_blocks: bool = False
+    time_agnostic_only: bool = False
+
+    def __init__(self, settings: StrategySettings | None = None, *, schedule: NoiseSchedule | None = None,
+                 categorical: CategoricalSampler | None = None, mask_token_id: int | None = None,
+                 time_conditioned: bool = True, **fields):
+        if settings is not None and fields:
+            raise ValueError(f"{type(self).__name__}: pass settings or their fields ({sorted(fields)}), not both.")
+        self.settings = settings if settings is not None else self.Settings(**fields)
+        if not isinstance(self.settings, self.Settings):
+            raise TypeError(f"{type(self).__name__} takes {self.Settings.__name__} settings, got "
+                            f"{type(self.settings).__name__}.")
+        self.schedule = schedule if schedule is not None else LinearSchedule()
+        self.mask_token_id = mask_token_id
+        self.time_conditioned = time_conditioned
+        self.categorical = categorical if categorical is not None else CategoricalSampler(mask_token_id=mask_token_id)
+
+    def step(self, state: DiffusionState, denoise: Denoiser) -> DiffusionState:
+        raise NotImplementedError
+
+    def step_limit(self, state: DiffusionState) -> int:
+        """An upper bound on the steps to the end (generate() stops with an error past it): by default one position
+        unmasked per step at least."""
+        return int(state.masked.sum(dim=1).max())
+
+    def holds_block(self, state: DiffusionState) -> torch.BoolTensor | None:
+        """Rows that stay in their active block although nothing in it is masked (None: none)."""
+        return None
+
+    @classmethod
+    def describe(cls, settings: StrategySettings) -> str:
+        """A short name for tables and plots: the strategy's name and the settings that differ from their defaults."""
+        changed = [f"{field.name}={getattr(settings, field.name)}" for field in fields(settings)
+                   if getattr(settings, field.name) != field.default]
+        return " ".join([cls.name] + changed)
+
+
+STRATEGIES: dict[str, type[DecodingStrategy]] = {}
+
+
+def register_strategy(name: str):
+    """Class decorator: makes a `DecodingStrategy` subclass available as `generate(sampler=name)`, with its
+    `Settings` fields as `generate()` keywords, `hf-mdm generate` flags and `hf-mdm evaluate --setting` fields.
+
+    Refuses a name already taken and a class that is not a `DecodingStrategy` with its own `step`."""
+
+    def register(cls):
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"register_strategy: the name must be an identifier (letters, digits, _), got {name!r}.")
+        if name in STRATEGIES:
+            raise ValueError(f"register_strategy: a decoding strategy named {name!r} is already registered "
+                             f"({STRATEGIES[name].__module__}.{STRATEGIES[name].__qualname__}); choose another name.")
+        if not isinstance(cls, type) or not issubclass(cls, DecodingStrategy):
+            raise TypeError(f"register_strategy({name!r}): {cls!r} must subclass DecodingStrategy.")
+        if not callable(getattr(cls, "step", None)) or cls.step is DecodingStrategy.step:
+            raise TypeError(f"register_strategy({name!r}): {cls.__name__} must define step(self, state, denoise).")
+        if not (isinstance(cls.Settings, type) and issubclass(cls.Settings, StrategySettings) and is_dataclass(cls.Settings)):
+            raise TypeError(f"register_strategy({name!r}): {cls.__name__}.Settings must be a StrategySettings dataclass.")
+        cls.name = name
+        STRATEGIES[name] = cls
+        return cls
+
+    return register
+
+
+def get_strategy(name: str) -> type[DecodingStrategy]:
+    if name not in STRATEGIES:
+        raise ValueError(f"sampler must be one of {tuple(STRATEGIES)} (registered decoding strategies), got {name!r}.")
+    return STRATEGIES[name]
+
+
+def setting_names(name: str) -> tuple[str, ...]:
+    """The settings fields of the strategy registered as `name`."""
+    return tuple(field.name for field in fields(get_strategy(name).Settings))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Strategies: first-hitting, confidence-ordered, ancestral, ancestral with output reuse, ReMDM.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FirstHittingSettings(StrategySettings):
+    """tokens_per_step: positions unmasked per network call (1, the default, is exact; more is parallel decoding).
+    steps: a budget of network calls instead (k = ceil(n / calls left) per row)."""
+
+    tokens_per_step: int | None = None
+    steps: int | None = None
+
+    def validate(self):
+        check_count("tokens_per_step", self.tokens_per_step)
+        check_count("steps", self.steps)
+        if self.tokens_per_step is not None and self.steps is not None:
+            raise ValueError("first_hitting takes either tokens_per_step or steps (a budget of network calls), not both.")
+
+
+@register_strategy("first_hitting")
+class FirstHittingSampler(DecodingStrategy):
     """First-hitting sampler (FHS, arXiv:2409.02908 section 4; docs/mdm-math.md section 3.2).
 
     With `tokens_per_step = 1` (the default) it is exact: each step draws the next unmasking time of every row
@@ -421,24 +575,22 @@ class FirstHittingSampler:
     later blocks fully masked, which is not the MDM's joint distribution.
     """
 
-    def __init__(self, schedule: NoiseSchedule, categorical: CategoricalSampler, tokens_per_step=None, steps=None):
-        self.schedule = schedule
-        self.categorical = categorical
-        self.tokens_per_step = tokens_per_step if steps is None else None
-        self.steps = steps
-        if tokens_per_step is None and steps is None:
-            self.tokens_per_step = 1
+    Settings = FirstHittingSettings
+    supports_blocks = True
 
-    def step_limit(self, state: DiffusionState) -> int:
-        return int(state.masked.sum(dim=1).max())
+    @classmethod
+    def describe(cls, settings):
+        return f"FHS {settings.steps} calls" if settings.steps else f"FHS k={settings.tokens_per_step or 1}"
 
     def step(self, state: DiffusionState, denoise: Denoiser) -> DiffusionState:
+        tokens_per_step, steps = self.settings.tokens_per_step, self.settings.steps
+        if tokens_per_step is None and steps is None:
+            tokens_per_step = 1
         generator = self.categorical.generator
-        state, entered = enter_blocks(state)
         rows = state.masked.any(dim=1).nonzero().squeeze(1)
         masked = candidates(state)[rows]
         num_masked = masked.sum(dim=1)
-        count = count_per_row(num_masked, state, rows, self.tokens_per_step, self.steps)
+        count = count_per_row(num_masked, state, rows, tokens_per_step, steps)
 
         # Next unmasking times, drawn from the top down: the order statistics of i.i.d. uniforms (eq. 4.1).
         time = state.time[rows]
@@ -451,8 +603,7 @@ class FirstHittingSampler:
                 network_time = time  # the network predicts at the time of the first unmasking of this step
 
         positions, valid = uniformly_chosen_positions(masked, count, generator)
-        logits = denoise(rows, state.tokens[rows], positions, network_time, decoding_window(state, rows, entered))
-        sampled = self.categorical(logits)
+        sampled = self.categorical(denoise(rows, state.tokens[rows], positions, network_time))
         new_time = state.time.clone()
         new_time[rows] = time
         return commit(state, rows, positions, valid, sampled, time=new_time)
@@ -472,13 +623,42 @@ def confidence_scores(order: str, probs: torch.Tensor, sampled: torch.LongTensor
         return top[..., 0] - top[..., 1]
     if order == "entropy":
         return torch.where(probs > 0, probs * probs.clamp(min=torch.finfo(probs.dtype).tiny).log(), 0.0).sum(-1)
-    raise ValueError(f"unmasking order must be one of {CONFIDENCE_ORDERS}, got {order!r}.")
+    raise ValueError(f"order must be one of {CONFIDENCE_ORDERS}, got {order!r}.")
 
 
 CONFIDENCE_ORDERS = ("confidence", "margin", "entropy")
 
 
-class ConfidenceSampler:
+@dataclass
+class ConfidenceSettings(StrategySettings):
+    """order: how a draw is scored, "confidence" (probability of the drawn token, LLaDA's low_confidence), "margin"
+    (top-1 minus top-2, Dream's topk_margin) or "entropy" (negative entropy, Dream's entropy).
+    How many positions a call unmasks: tokens_per_step, a budget of `steps` calls, or every draw whose score reaches
+    confidence_threshold (and at least the most confident one: Fast-dLLM); one per call by default."""
+
+    order: str = "confidence"
+    tokens_per_step: int | None = None
+    steps: int | None = None
+    confidence_threshold: float | None = None
+
+    def validate(self):
+        if self.order not in CONFIDENCE_ORDERS:
+            raise ValueError(f"order must be one of {CONFIDENCE_ORDERS}, got {self.order!r}.")
+        check_count("tokens_per_step", self.tokens_per_step)
+        check_count("steps", self.steps)
+        if self.tokens_per_step is not None and self.steps is not None:
+            raise ValueError("confidence takes either tokens_per_step or steps (a budget of network calls), not both.")
+        value = self.confidence_threshold
+        if value is not None:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
+                raise ValueError(f"confidence_threshold must be a number in (0, 1) (or None), got {value!r}.")
+            if self.tokens_per_step is not None or self.steps is not None:
+                raise ValueError("confidence_threshold decides how many positions each call unmasks: do not also "
+                                 "set tokens_per_step or steps.")
+
+
+@register_strategy("confidence")
+class ConfidenceSampler(DecodingStrategy):
     """Confidence-ordered unmasking (LLaDA's low_confidence remasking, Dream's maskgit_plus / topk_margin / entropy,
     Fast-dLLM's threshold decoding). An APPROXIMATION of the MDM's reverse process, biased towards likely tokens.
 
@@ -489,52 +669,253 @@ class ConfidenceSampler:
     low_confidence and Fast-dLLM score; Dream's code scores its tempered, filtered one) and keeps per row:
         - the `count` most confident (`tokens_per_step`, or the block's candidates spread over its `steps` budget,
           else one per call), or
-        - with `threshold`, every draw whose score reaches it, and at least the most confident one (Fast-dLLM).
+        - with `confidence_threshold`, every draw whose score reaches it, and at least the most confident one.
     The others stay masked and are drawn again next step. Rows are independent: each has its own count.
+    A time-conditioned network is told the time at which its block's masked fraction is expected.
     """
 
-    def __init__(self, categorical: CategoricalSampler, order: str = "confidence", tokens_per_step=None, steps=None,
-                 threshold: float | None = None, schedule: NoiseSchedule | None = None):
-        if order not in CONFIDENCE_ORDERS:
-            raise ValueError(f"unmasking must be one of {('random',) + CONFIDENCE_ORDERS}, got {order!r}.")
-        self.categorical = categorical
-        self.schedule = schedule
-        self.order = order
-        self.tokens_per_step = tokens_per_step if steps is None else None
-        self.steps = steps
-        self.threshold = threshold
-        if tokens_per_step is None and steps is None and threshold is None:
-            self.tokens_per_step = 1
+    Settings = ConfidenceSettings
+    supports_blocks = True
 
-    def step_limit(self, state: DiffusionState) -> int:
-        return int(state.masked.sum(dim=1).max())
+    @classmethod
+    def describe(cls, settings):
+        if settings.confidence_threshold is not None:
+            return f"{settings.order} thr {settings.confidence_threshold:g}"
+        how = f"{settings.steps} calls" if settings.steps else f"k={settings.tokens_per_step or 1}"
+        return f"{settings.order} {how}"
 
     def step(self, state: DiffusionState, denoise: Denoiser) -> DiffusionState:
-        state, entered = enter_blocks(state)
+        settings = self.settings
+        tokens_per_step = settings.tokens_per_step
+        if tokens_per_step is None and settings.steps is None and settings.confidence_threshold is None:
+            tokens_per_step = 1
         rows = state.masked.any(dim=1).nonzero().squeeze(1)
         in_block = candidates(state)[rows]
         positions, valid = candidate_positions(in_block)
-        # A time-conditioned network is told the time at which its block's masked fraction is expected.
-        if self.schedule is not None:
+        if self.time_conditioned:
             block = state.generated[rows] & (state.block[rows] == state.active_block[rows, None])
             fraction = in_block.sum(dim=1).double() / block.sum(dim=1).clamp(min=1).double()
             time = state.time.clone()
             time[rows] = self.schedule.inverse(1 - fraction).clamp(0.0, 1.0)
             state = replace(state, time=time)
-        logits = denoise(rows, state.tokens[rows], positions, state.time[rows], decoding_window(state, rows, entered))
+        logits = denoise(rows, state.tokens[rows], positions, state.time[rows])
         probs = self.categorical.probabilities(logits)
-        sampled = self.categorical.draw(probs)
-        scores = confidence_scores(self.order, self.categorical.confidence_probabilities(logits), sampled)
+        sampled = self.categorical.choose(probs)
+        scores = confidence_scores(settings.order, self.categorical.confidence_probabilities(logits), sampled)
         scores = scores.masked_fill(~valid, float("-inf"))
-        if self.threshold is not None:
-            chosen = valid & (scores >= self.threshold)
+        if settings.confidence_threshold is not None:
+            chosen = valid & (scores >= settings.confidence_threshold)
             chosen.scatter_(1, scores.argmax(dim=1, keepdim=True), True)  # at least one per row and call
         else:
-            count = count_per_row(valid.sum(dim=1), state, rows, self.tokens_per_step, self.steps)
+            count = count_per_row(valid.sum(dim=1), state, rows, tokens_per_step, settings.steps)
             rank = scores.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
             chosen = valid & (rank < count[:, None])
         probability = probs.gather(-1, sampled[..., None])[..., 0]
         return commit(state, rows, positions, chosen, sampled, confidence=probability)
+
+
+NOISE_REMOVAL_MODES = ("mdlm", "last_step_argmax")
+# MDLM's `Diffusion._sample(eps=1e-5)`: its time grid ends here, and noise removal runs the network at this time.
+MDLM_NOISE_REMOVAL_TIME = 1e-5
+
+
+def noise_removal_mode(value) -> str | None:
+    """The `noise_removal` setting as a mode: None (off), "mdlm" (also True) or "last_step_argmax"."""
+    if value is False:
+        return None
+    if value is True:
+        return "mdlm"
+    if isinstance(value, str) and value in NOISE_REMOVAL_MODES:
+        return value
+    raise ValueError(f"noise_removal must be one of {(False, True) + NOISE_REMOVAL_MODES}, got {value!r}.")
+
+
+@dataclass
+class AncestralSettings(StrategySettings):
+    """steps: the uniform time grid's number of steps (default: one per generated position).
+    noise_removal: False; True or "mdlm" (MDLM's: the grid ends at t = 1e-5, then one argmax call fills what is
+    still masked); "last_step_argmax" (the last step takes the argmax instead of sampling). Neither is exact."""
+
+    steps: int | None = None
+    noise_removal: bool | str = False
+
+    def validate(self):
+        check_count("steps", self.steps)
+        noise_removal_mode(self.noise_removal)
+
+
+class ReuseUnchangedOutputs:
+    """MDLM's "ddpm_cache" as a wrapper of `denoise`: a row whose tokens did not change since its last network call
+    gets that call's logits again (as the network returned them); only changed rows run. Valid only for a network
+    without time input, and for whole-canvas calls (positions=None)."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.logits = None  # (batch, L, V): each row's logits from its last call
+        self.owned = False  # whether self.logits is our own tensor (never write into the network's)
+        self.tokens = None  # (batch, L): each row's tokens at its last call
+
+    def wrap(self, denoise: Denoiser) -> Denoiser:
+        def reuse(rows, tokens, positions, times):
+            if positions is not None:
+                raise ValueError("output reuse (ancestral_cache) runs the network on whole canvases (positions=None).")
+            changed = torch.ones(len(rows), dtype=torch.bool, device=rows.device) if self.tokens is None else \
+                (self.tokens[rows] != tokens).any(dim=1)
+            stale = changed.nonzero().squeeze(1)
+            if len(stale):
+                new_logits = denoise(rows[stale], tokens[stale], None, times[stale])
+                if len(stale) == self.batch_size:
+                    self.logits, self.owned = new_logits, False  # every row recomputed: the network's own tensor
+                else:
+                    if self.logits is None or not self.owned:
+                        self.logits = (new_logits.new_empty((self.batch_size,) + tuple(new_logits.shape[1:]))
+                                       if self.logits is None else self.logits.clone())
+                    self.logits[rows[stale]], self.owned = new_logits, True
+                if self.tokens is None:
+                    self.tokens = tokens.new_full((self.batch_size, tokens.shape[1]), -1)
+                self.tokens[rows[stale]] = tokens[stale]
+            return self.logits if len(rows) == self.batch_size else self.logits[rows]
+
+        return reuse
+
+
+@register_strategy("ancestral")
+class AncestralSampler(DecodingStrategy):
+    """MDLM's ancestral sampler ("ddpm") on a uniform grid of `steps` times from 1 down to 0 (docs/mdm-math.md
+    section 3.1).
+
+    From t to s < t every masked position independently becomes token x with probability
+    ((alpha_s - alpha_t) / (1 - alpha_t)) p(x | x_t), or stays masked with probability
+    (1 - alpha_s) / (1 - alpha_t): one categorical over V + 1 classes per position (the [MASK] column, of
+    probability zero as a token, carries "stay masked"), drawn in the sampling dtype, which is how
+    float32 lowers the temperature.
+
+    `noise_removal`:
+        - False: the grid ends at t = 0, where alpha = 1, so the last step unmasks every position left.
+        - True / "mdlm" (MDLM's `sampling.noise_removal`, its `_sample` with eps = `final_time` = 1e-5): the grid
+          1 = t_0 > ... > t_steps = final_time (`torch.linspace(1, eps, steps + 1)`), every step sampled, then ONE
+          extra network call at t = final_time whose argmax fills only the positions still masked (MDLM's SUBS
+          output carries the unmasked ones over). That call is made only for rows with positions left, so NFE is
+          at most steps + 1.
+        - "last_step_argmax" (hf_mdm's earlier `noise_removal=True`): the grid ends at 0 and the last step takes
+          the argmax at every position still masked instead of sampling it. Not MDLM's: it replaces a whole
+          sampled step by an argmax.
+
+    With blocks, each block runs its own grid of `steps / num_blocks` times, over its own positions only.
+    """
+
+    Settings = AncestralSettings
+    supports_blocks = True
+    reuse_outputs = False  # ancestral_cache: MDLM's ddpm_cache
+
+    def __init__(self, settings=None, *, final_time: float = MDLM_NOISE_REMOVAL_TIME, **kwargs):
+        super().__init__(settings, **kwargs)
+        if not 0 < final_time < 1:
+            raise ValueError(f"final_time must lie in (0, 1), got {final_time!r}.")
+        self.noise_removal = noise_removal_mode(self.settings.noise_removal)
+        # Where the time grid ends: MDLM's eps with its noise removal, else 0.
+        self.end_time = final_time if self.noise_removal == "mdlm" else 0.0
+
+    @classmethod
+    def describe(cls, settings):
+        return f"{cls.name} {settings.steps} steps" if settings.steps else f"{cls.name} L steps"
+
+    def total_steps(self, state: DiffusionState) -> int:
+        """`steps`, or one per generated position (the most of any row)."""
+        return self.settings.steps or max(int(state.generated.sum(dim=1).max()), 1)
+
+    def step_limit(self, state: DiffusionState) -> int:
+        steps = self.total_steps(state)
+        extra_call = int(self.noise_removal == "mdlm")  # the argmax call after each grid
+        if state.block_length is None:
+            return steps + extra_call
+        per_block, extra = divmod(steps, state.num_blocks)
+        return sum(max(per_block + (block < extra), 1) + extra_call for block in range(state.num_blocks))
+
+    def busy_rows(self, state: DiffusionState) -> torch.BoolTensor:
+        return state.masked.any(dim=1)
+
+    def step(self, state: DiffusionState, denoise: Denoiser) -> DiffusionState:
+        steps = self.total_steps(state)
+        device = state.tokens.device
+        rows = self.busy_rows(state).nonzero().squeeze(1)
+        budget = block_budget(state, steps)[rows]
+        # The grid t_k = 1 - (1 - end) k / budget, k = 0..budget, from 1 down to end (0, or MDLM's eps).
+        span = 1.0 - self.end_time
+        t = (1.0 - span * state.block_step[rows].double() / budget.double()).clamp(min=self.end_time)
+        s = (1.0 - span * (state.block_step[rows].double() + 1) / budget.double()).clamp(min=self.end_time)
+        # Rows past their grid with positions still masked: MDLM's noise removal, an argmax call at t = end.
+        final = state.block_step[rows] >= budget
+        active = candidates(state)
+        # Only masked positions of the active blocks are drawn: the (V + 1)-way categorical is the main cost.
+        masked_rows, masked_positions = active.nonzero(as_tuple=True)
+        row_of = torch.empty(state.tokens.shape[0], dtype=torch.long, device=device)
+        row_of[rows] = torch.arange(len(rows), device=device)
+
+        scratch = dict(state.scratch or {})
+        if self.uses_output_reuse():
+            reuse = scratch.setdefault("reuse", ReuseUnchangedOutputs(state.tokens.shape[0]))
+            logits = reuse.wrap(denoise)(rows, state.tokens[rows], None, t)
+            masked_probs = self.categorical.probabilities(logits[row_of[masked_rows], masked_positions])
+        elif state.block_length is None:
+            logits = denoise(rows, state.tokens[rows], None, t)
+            masked_probs = self.categorical.probabilities(logits[row_of[masked_rows], masked_positions])
+        else:
+            positions, valid = candidate_positions(active[rows])
+            logits = denoise(rows, state.tokens[rows], positions, t)
+            masked_probs = self.categorical.probabilities(logits[valid])  # row-major: the order of active.nonzero()
+
+        which = row_of[masked_rows]
+        greedy = final[which]  # positions the noise-removal argmax fills
+        alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s)
+        if self.noise_removal == "last_step_argmax" and bool((s == 0).all()):
+            sampled = masked_probs.argmax(dim=-1)
+        elif bool(greedy.all()):
+            sampled = masked_probs.argmax(dim=-1)
+        else:
+            greedy_tokens = masked_probs.argmax(dim=-1) if bool(greedy.any()) else None
+            sampled = self.draw_transitions(state, rows, which, masked_probs, alpha_t, alpha_s)
+            if greedy_tokens is not None:
+                sampled = torch.where(greedy, greedy_tokens, sampled)
+
+        unmasked_now = sampled != self.mask_token_id
+        changed_rows, changed_positions = masked_rows[unmasked_now], masked_positions[unmasked_now]
+        tokens, still_masked = state.tokens.clone(), state.masked.clone()
+        tokens[changed_rows, changed_positions] = sampled[unmasked_now]
+        still_masked[changed_rows, changed_positions] = False
+        new_time = state.time.clone()
+        new_time[rows] = s
+        block_step = state.block_step.clone()
+        block_step[rows] += 1
+        after = replace(state, tokens=tokens, masked=still_masked, time=new_time, step=state.step + 1,
+                        scratch=scratch, block_step=block_step)
+        return self.after_transition(after, state, rows, final, masked_probs, sampled, unmasked_now, alpha_t, alpha_s)
+
+    def uses_output_reuse(self) -> bool:
+        return self.reuse_outputs
+
+    def draw_transitions(self, state, rows, which, masked_probs, alpha_t, alpha_s) -> torch.LongTensor:
+        """Each masked position's draw over V + 1 classes: token x with ((alpha_s - alpha_t) / (1 - alpha_t)) p(x),
+        [MASK] ("stay masked") with (1 - alpha_s) / (1 - alpha_t)."""
+        token_scale = ((alpha_s - alpha_t) / (1 - alpha_t)).to(masked_probs.dtype)
+        stay_masked = ((1 - alpha_s) / (1 - alpha_t)).to(masked_probs.dtype)
+        weights = masked_probs.mul_(token_scale[which, None])  # in place: nothing else reads the probabilities
+        weights[..., self.mask_token_id] = stay_masked[which]
+        return self.categorical.draw(weights)
+
+    def after_transition(self, after, before, rows, final, masked_probs, sampled, unmasked_now, alpha_t, alpha_s):
+        """The state after the step's draws (ReMDM adds its remasking here)."""
+        return after
+
+
+@register_strategy("ancestral_cache")
+class AncestralCacheSampler(AncestralSampler):
+    """MDLM's "ddpm_cache": the ancestral sampler, with rows whose tokens did not change since their last network call
+    reusing its output (`ReuseUnchangedOutputs`). Only for a network without time input; whole canvases, no blocks."""
+
+    supports_blocks = False
+    time_agnostic_only = True
+    reuse_outputs = True
 
 
 REMASKING_SCHEDULES = ("cap", "rescale", "conf")
@@ -575,199 +956,94 @@ class RemaskingSchedule:
         return sigma, sigma[:, None].expand_as(confidence).masked_fill(~decoded, 0.0)
 
 
-NOISE_REMOVAL_MODES = ("mdlm", "last_step_argmax")
-# MDLM's `Diffusion._sample(eps=1e-5)`: its time grid ends here, and noise removal runs the network at this time.
-MDLM_NOISE_REMOVAL_TIME = 1e-5
+@dataclass
+class RemdmSettings(AncestralSettings):
+    """The ancestral settings, and ReMDM's: remasking_schedule ("cap", "rescale" or "conf"), remasking_eta (default
+    0.008 for cap, 0.015 for rescale, ReMDM's; none for conf), reuse_outputs (MDLM's ddpm_cache: rows that did not
+    change reuse their last network output; time-agnostic networks only)."""
+
+    remasking_schedule: str = "cap"
+    remasking_eta: float | None = None
+    reuse_outputs: bool = False
+
+    def validate(self):
+        super().validate()
+        if self.remasking_schedule not in REMASKING_SCHEDULES:
+            raise ValueError(f"remasking_schedule must be one of {REMASKING_SCHEDULES}, got {self.remasking_schedule!r}.")
+        value = self.remasking_eta
+        if value is not None:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+                raise ValueError(f"remasking_eta must be a number in [0, 1] (or None), got {value!r}.")
+            if DEFAULT_REMASKING_ETA[self.remasking_schedule] is None:
+                raise ValueError(f"remasking_schedule={self.remasking_schedule!r} takes no remasking_eta.")
+        if not isinstance(self.reuse_outputs, bool):
+            raise ValueError(f"reuse_outputs must be True or False, got {self.reuse_outputs!r}.")
 
 
-def noise_removal_mode(value) -> str | None:
-    """`MDMGenerationConfig.noise_removal` as a mode: None (off), "mdlm" (also True) or "last_step_argmax"."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return "mdlm"
-    if value in NOISE_REMOVAL_MODES:
-        return value
-    raise ValueError(f"noise_removal must be one of (False, True) + {NOISE_REMOVAL_MODES}, got {value!r}.")
+@register_strategy("remdm")
+class RemdmSampler(AncestralSampler):
+    """ReMDM (Wang et al., arXiv:2503.00307): the ancestral sampler, with decoded tokens masked again with probability
+    sigma_t (`RemaskingSchedule`) and the unmasking probabilities adjusted to keep the forward marginals; with more
+    steps than tokens it corrects earlier draws. The prompt is never remasked. A row runs its block's whole time
+    grid (it may still remask), so it stays in its block until the grid is over."""
 
+    Settings = RemdmSettings
 
-class AncestralSampler:
-    """MDLM's ancestral sampler ("ddpm") on a uniform grid of `steps` times from 1 down to 0 (docs/mdm-math.md section 3.1).
+    @classmethod
+    def describe(cls, settings):
+        eta = f" eta={settings.remasking_eta:g}" if settings.remasking_eta is not None else ""
+        return f"ReMDM-{settings.remasking_schedule}{eta} {settings.steps or 'L'} steps"
 
-    From t to s < t every masked position independently becomes token x with probability
-    ((alpha_s - alpha_t) / (1 - alpha_t)) p(x | x_t), or stays masked with probability
-    (1 - alpha_s) / (1 - alpha_t): one categorical over V + 1 classes per position (the [MASK] column, of
-    probability zero as a token, carries "stay masked"), drawn in the sampling dtype, which is how
-    float32 lowers the temperature.
+    def __init__(self, settings=None, **kwargs):
+        super().__init__(settings, **kwargs)
+        self.remasking = RemaskingSchedule(self.settings.remasking_schedule, self.settings.remasking_eta)
+        self.time_agnostic_only = self.settings.reuse_outputs
 
-    `noise_removal`:
-        - None: the grid ends at t = 0, where alpha = 1, so the last step unmasks every position left.
-        - "mdlm" (MDLM's `sampling.noise_removal`, its `_sample` with eps = `final_time` = 1e-5): the grid
-          1 = t_0 > ... > t_steps = final_time (`torch.linspace(1, eps, steps + 1)`), every step sampled, then ONE
-          extra network call at t = final_time whose argmax fills only the positions still masked (MDLM's SUBS
-          output carries the unmasked ones over). That call is made only for rows with positions left, so NFE is
-          at most steps + 1.
-        - "last_step_argmax" (hf_mdm's earlier `noise_removal=True`): the grid ends at 0 and the last step takes
-          the argmax at every position still masked instead of sampling it. Not MDLM's: it replaces a whole
-          sampled step by an argmax.
+    def uses_output_reuse(self) -> bool:
+        return self.settings.reuse_outputs
 
-    With `reuse_unchanged` ("ancestral_cache", MDLM's "ddpm_cache"), a row whose tokens
-    did not change since its last network call reuses that call's output (its logits, as the network returned them,
-    batch x L x V values); only changed rows are recomputed. That is valid only for a time-agnostic network.
+    def holds_block(self, state: DiffusionState) -> torch.BoolTensor:
+        return (state.active_block >= 0) & (state.block_step < block_budget(state, self.total_steps(state)))
 
-    With `remasking` (a `RemaskingSchedule`), this is ReMDM: decoded tokens are masked again with probability
-    sigma_t and the unmasking probabilities adjust to keep the forward marginals; the prompt is never remasked.
-    With blocks, each block runs its own grid of `steps / num_blocks` times, over its own positions only.
-    """
+    def busy_rows(self, state: DiffusionState) -> torch.BoolTensor:
+        return state.masked.any(dim=1) | self.holds_block(state)
 
-    def __init__(self, schedule, categorical, steps: int, noise_removal=None, reuse_unchanged=False, mask_token_id=None,
-                 remasking: RemaskingSchedule | None = None, final_time: float = MDLM_NOISE_REMOVAL_TIME):
-        self.schedule = schedule
-        self.categorical = categorical
-        self.steps = steps
-        self.noise_removal = noise_removal_mode(noise_removal)
-        self.reuse_unchanged = reuse_unchanged
-        self.mask_token_id = mask_token_id
-        self.remasking = remasking
-        if not 0 < final_time < 1:
-            raise ValueError(f"final_time must lie in (0, 1), got {final_time!r}.")
-        # Where the time grid ends: MDLM's eps with its noise removal, else 0.
-        self.end_time = final_time if self.noise_removal == "mdlm" else 0.0
+    def decoded(self, state: DiffusionState, rows) -> torch.BoolTensor:
+        """(R, L): the generated positions of each row's active block that hold a token now."""
+        return state.generated[rows] & ~state.masked[rows] & (state.block[rows] == state.active_block[rows, None])
 
-    def step_limit(self, state: DiffusionState) -> int:
-        extra_call = int(self.noise_removal == "mdlm")  # the argmax call after each grid
-        if state.block_length is None:
-            return self.steps + extra_call
-        per_block, extra = divmod(self.steps, state.num_blocks)
-        return sum(max(per_block + (block < extra), 1) + extra_call for block in range(state.num_blocks))
+    def draw_transitions(self, state, rows, which, masked_probs, alpha_t, alpha_s) -> torch.LongTensor:
+        sigma, _ = self.remasking.sigmas(alpha_t, alpha_s, self.decoded(state, rows), state.confidence[rows])
+        kept = 1 - sigma
+        token_scale = ((alpha_s - kept * alpha_t) / (1 - alpha_t)).to(masked_probs.dtype)
+        stay_masked = ((1 - alpha_s - (1 - kept) * alpha_t) / (1 - alpha_t)).to(masked_probs.dtype)
+        weights = masked_probs.mul(token_scale[which, None])  # not in place: the confidences read masked_probs
+        weights[..., self.mask_token_id] = stay_masked[which]
+        return self.categorical.draw(weights)
 
-    def step(self, state: DiffusionState, denoise: Denoiser) -> DiffusionState:
-        device = state.tokens.device
-        # With remasking a row stays in its block until the block's time grid is over, even if nothing is masked.
-        in_grid = (state.active_block >= 0) & (state.block_step < block_budget(state, self.steps))
-        keep = in_grid if self.remasking is not None else None
-        state, entered = enter_blocks(state, keep)
-        busy = state.masked.any(dim=1) | (keep if keep is not None else False)
-        rows = busy.nonzero().squeeze(1)
-        budget = block_budget(state, self.steps)[rows]
-        # The grid t_k = 1 - (1 - end) k / budget, k = 0..budget, from 1 down to end (0, or MDLM's eps).
-        span = 1.0 - self.end_time
-        t = (1.0 - span * state.block_step[rows].double() / budget.double()).clamp(min=self.end_time)
-        s = (1.0 - span * (state.block_step[rows].double() + 1) / budget.double()).clamp(min=self.end_time)
-        # Rows past their grid with positions still masked: MDLM's noise removal, an argmax call at t = end.
-        final = state.block_step[rows] >= budget
-        active = candidates(state)
-        # Only masked positions of the active blocks are drawn: the (V + 1)-way categorical is the main cost.
-        masked_rows, masked_positions = active.nonzero(as_tuple=True)
-        row_of = torch.empty(state.tokens.shape[0], dtype=torch.long, device=device)
-        row_of[rows] = torch.arange(len(rows), device=device)
-
-        cache = dict(state.cache or {})
-        if self.reuse_unchanged:
-            # MDLM's ddpm_cache: a row that did not change keeps its network output, computed once per network call
-            # and kept as the network returned it (its logits); probabilities are formed where a draw needs them.
-            logits = cache.get("logits")
-            fresh = cache.get("fresh", torch.zeros(state.tokens.shape[0], dtype=torch.bool, device=device))
-            stale = rows[~fresh[rows]]
-            if len(stale):
-                new_logits = denoise(stale, state.tokens[stale], None, t[row_of[stale]])
-                if len(stale) == state.tokens.shape[0]:
-                    logits, owned = new_logits, False  # every row recomputed: the network's own tensor, no copy
-                else:
-                    if logits is None or not cache.get("owned", False):  # never write into the network's tensor
-                        logits = (new_logits.new_empty((state.tokens.shape[0],) + tuple(new_logits.shape[1:]))
-                                  if logits is None else logits.clone())
-                    logits[stale], owned = new_logits, True
-                cache["owned"] = owned
-            masked_probs = self.categorical.probabilities(logits[masked_rows, masked_positions])
-        elif state.block_length is None:
-            logits = denoise(rows, state.tokens[rows], None, t)
-            masked_probs = self.categorical.probabilities(logits[row_of[masked_rows], masked_positions])
-        else:
-            positions, valid = candidate_positions(active[rows])
-            logits = denoise(rows, state.tokens[rows], positions, t, decoding_window(state, rows, entered))
-            masked_probs = self.categorical.probabilities(logits[valid])  # row-major: the order of active.nonzero()
-
-        alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s)
-        decoded = state.generated[rows] & ~state.masked[rows] & (state.block[rows] == state.active_block[rows, None])
-        sigma = remask = None
-        if self.remasking is not None:
-            sigma, remask = self.remasking.sigmas(alpha_t, alpha_s, decoded, state.confidence[rows])
-        if remask is not None:
-            remask = remask.masked_fill(final[:, None], 0.0)  # the noise-removal call only fills, never remasks
-        last_step = s == 0
-        confidence = masked_probs
-        which = row_of[masked_rows]
-        greedy = final[which]  # positions the noise-removal argmax fills
-        if self.noise_removal == "last_step_argmax" and bool(last_step.all()):
-            sampled = masked_probs.argmax(dim=-1)
-        elif bool(greedy.all()):
-            sampled = masked_probs.argmax(dim=-1)
-        else:
-            greedy_tokens = masked_probs.argmax(dim=-1) if bool(greedy.any()) else None
-            kept = 1 - (sigma if sigma is not None else torch.zeros_like(alpha_t))
-            token_scale = ((alpha_s - kept * alpha_t) / (1 - alpha_t)).to(masked_probs.dtype)
-            stay_masked = ((1 - alpha_s - (1 - kept) * alpha_t) / (1 - alpha_t)).to(masked_probs.dtype)
-            weights = masked_probs.mul(token_scale[which, None]) if self.remasking is not None else \
-                masked_probs.mul_(token_scale[which, None])  # in place when nothing else reads the probabilities
-            weights[..., self.mask_token_id] = stay_masked[which]
-            sampled = self.categorical.draw(weights)
-            if greedy_tokens is not None:
-                sampled = torch.where(greedy, greedy_tokens, sampled)
-
-        unmasked_now = sampled != self.mask_token_id
+    def after_transition(self, after, before, rows, final, masked_probs, sampled, unmasked_now, alpha_t, alpha_s):
+        masked_rows, masked_positions = candidates(before).nonzero(as_tuple=True)
         changed_rows, changed_positions = masked_rows[unmasked_now], masked_positions[unmasked_now]
-        tokens, still_masked = state.tokens.clone(), state.masked.clone()
-        tokens[changed_rows, changed_positions] = sampled[unmasked_now]
-        still_masked[changed_rows, changed_positions] = False
-        recorded = state.confidence
-        if self.remasking is not None:
-            recorded = recorded.clone()
-            recorded[changed_rows, changed_positions] = confidence[unmasked_now].gather(
-                -1, sampled[unmasked_now][:, None])[:, 0].double()
-            # ReMDM: each decoded token of the active block is masked again with its probability (a 2-way draw).
-            decoded_rows, decoded_positions = (decoded & (remask > 0)).nonzero(as_tuple=True)
-            if len(decoded_rows):  # no draw where nothing can be remasked (eta = 0 is then MDLM's sampler exactly)
-                p = remask[decoded_rows, decoded_positions].to(self.categorical.dtype)
-                again = self.categorical.draw(torch.stack([1 - p, p], dim=-1)) == 1
-                again_rows, again_positions = rows[decoded_rows[again]], decoded_positions[again]
-                tokens[again_rows, again_positions] = self.mask_token_id
-                still_masked[again_rows, again_positions] = True
-                recorded[again_rows, again_positions] = float("nan")
-                changed_rows = torch.cat([changed_rows, again_rows])
-        new_time = state.time.clone()
-        new_time[rows] = s
-        block_step = state.block_step.clone()
-        block_step[rows] += 1
-        if self.reuse_unchanged:
-            fresh = fresh.clone()
-            fresh[rows] = True
-            fresh[changed_rows] = False  # a row that did not change keeps a valid network output
-            cache.update(logits=logits, fresh=fresh)
-        pending = state.pending
-        if self.remasking is not None:
-            pending = block_step < block_budget(replace(state, block_step=block_step), self.steps)
-        return replace(state, tokens=tokens, masked=still_masked, time=new_time, step=state.step + 1, cache=cache,
-                       block_step=block_step, confidence=recorded, pending=pending)
+        decoded = self.decoded(before, rows)
+        _, remask = self.remasking.sigmas(alpha_t, alpha_s, decoded, before.confidence[rows])
+        remask = remask.masked_fill(final[:, None], 0.0)  # the noise-removal call only fills, never remasks
+        tokens, still_masked, recorded = after.tokens, after.masked, before.confidence.clone()
+        recorded[changed_rows, changed_positions] = masked_probs[unmasked_now].gather(
+            -1, sampled[unmasked_now][:, None])[:, 0].double()
+        # Each decoded token of the active block is masked again with its probability (a 2-way draw).
+        decoded_rows, decoded_positions = (decoded & (remask > 0)).nonzero(as_tuple=True)
+        if len(decoded_rows):  # no draw where nothing can be remasked (eta = 0 is then MDLM's sampler exactly)
+            p = remask[decoded_rows, decoded_positions].to(self.categorical.dtype)
+            again = self.categorical.draw(torch.stack([1 - p, p], dim=-1)) == 1
+            again_rows, again_positions = rows[decoded_rows[again]], decoded_positions[again]
+            tokens[again_rows, again_positions] = self.mask_token_id
+            still_masked[again_rows, again_positions] = True
+            recorded[again_rows, again_positions] = float("nan")
+        pending = after.block_step < block_budget(after, self.total_steps(after))
+        return replace(after, tokens=tokens, masked=still_masked, confidence=recorded, pending=pending)
 
 
-SAMPLERS = ("first_hitting", "ancestral", "ancestral_cache")
-UNMASKING_ORDERS = ("random",) + CONFIDENCE_ORDERS
-
-
-def build_sampler(name, schedule, categorical, mask_token_id, tokens_per_step=None, steps=None, noise_removal=None,
-                  unmasking="random", confidence_threshold=None, remasking=None, remasking_schedule="cap",
-                  remasking_eta=None):
-    """The strategy named by `MDMGenerationConfig.sampler` (and its `unmasking` / `remasking` fields)."""
-    remasker = RemaskingSchedule(remasking_schedule, remasking_eta) if remasking == "remdm" else None
-    factories = {
-        "first_hitting": lambda: (
-            FirstHittingSampler(schedule, categorical, tokens_per_step, steps) if unmasking == "random"
-            else ConfidenceSampler(categorical, unmasking, tokens_per_step, steps, confidence_threshold, schedule)),
-        "ancestral": lambda: AncestralSampler(schedule, categorical, steps, noise_removal, False, mask_token_id, remasker),
-        "ancestral_cache": lambda: AncestralSampler(schedule, categorical, steps, noise_removal, True, mask_token_id,
-                                                    remasker),
-    }
-    if name not in factories:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}.")
-    return factories[name]()
+def build_strategy(name: str, settings: StrategySettings | None = None, **kwargs) -> DecodingStrategy:
+    """The registered strategy `name` with its settings (defaults when None); kwargs: schedule, categorical,
+    mask_token_id."""
+    return get_strategy(name)(settings, **kwargs)

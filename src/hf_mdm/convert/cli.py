@@ -13,6 +13,9 @@ import argparse
 import sys
 import warnings
 
+from ..console import run_command
+from ..constants import COMMANDS
+
 
 def _bool(text: str) -> bool:
     value = text.strip().lower()
@@ -23,30 +26,25 @@ def _bool(text: str) -> bool:
 
 def convert_mdlm_command(args: argparse.Namespace) -> None:
     from .mdlm import convert_mdlm
-    from .safe_load import ConversionError
 
-    try:
-        with warnings.catch_warnings():  # what convert_mdlm warns about is printed below, as a note
-            warnings.filterwarnings("ignore", message="hf_mdm convert mdlm:")
-            result = convert_mdlm(
-                args.src,
-                args.dst,
-                revision=args.revision,
-                use_ema=not args.no_ema,
-                n_heads=args.n_heads,
-                model_length=args.model_length,
-                time_conditioning=args.time_conditioning,
-                mask_token_id=args.mask_token_id,
-                tokenizer=args.tokenizer,
-                attend_to_padding=args.attend_to_padding,
-                length_extrapolation=args.length_extrapolation,
-                license=args.license,
-                overwrite=args.overwrite,
-                verify=not args.no_verify,
-            )
-    except ConversionError as error:
-        print(f"hf-mdm convert mdlm: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    with warnings.catch_warnings():  # what convert_mdlm warns about is printed below, as a note
+        warnings.filterwarnings("ignore", message="hf_mdm convert mdlm:")
+        result = convert_mdlm(
+            args.src,
+            args.dst,
+            revision=args.revision,
+            use_ema=not args.no_ema,
+            n_heads=args.n_heads,
+            model_length=args.model_length,
+            time_conditioning=args.time_conditioning,
+            mask_token_id=args.mask_token_id,
+            tokenizer=args.tokenizer,
+            attend_to_padding=args.attend_to_padding,
+            length_extrapolation=args.length_extrapolation,
+            license=args.license,
+            overwrite=args.overwrite,
+            verify=not args.no_verify,
+        )
     config = result.model.config
     print(f"converted {result.source.name} ({result.source.layout} layout"
           f"{', EMA weights' if result.source.used_ema else ''}) -> {result.path}")
@@ -60,14 +58,9 @@ def convert_mdlm_command(args: argparse.Namespace) -> None:
 
 def convert_llama_family_command(args: argparse.Namespace) -> None:
     from .llama_family import convert_llama_family
-    from .safe_load import ConversionError
 
-    try:
-        result = convert_llama_family(args.format, args.src, args.dst, revision=args.revision, license=args.license,
-                                      overwrite=args.overwrite, verify=not args.no_verify)
-    except ConversionError as error:
-        print(f"hf-mdm convert {args.format}: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    result = convert_llama_family(args.format, args.src, args.dst, revision=args.revision, license=args.license,
+                                  overwrite=args.overwrite, verify=not args.no_verify)
     config = result.source.config
     print(f"converted {result.source.name} ({len(result.source.shards)} shard(s), "
           f"{str(result.source.dtype).replace('torch.', '')}) -> {result.path}")
@@ -106,7 +99,7 @@ def _add_format_parsers(parser: argparse.ArgumentParser) -> None:
     mdlm.add_argument("--license", help="the card's Hub license id (default: the source card's, else 'other')")
     mdlm.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
     mdlm.add_argument("--no-verify", action="store_true", help="skip reloading DST to check its logits")
-    mdlm.set_defaults(func=convert_mdlm_command)
+    mdlm.set_defaults(func=convert_mdlm_command, command_label="convert mdlm")
 
     for name, title, example in (("llada", "LLaDA", "GSAI-ML/LLaDA-8B-Instruct"),
                                  ("dream", "Dream", "Dream-org/Dream-v0-Instruct-7B")):
@@ -123,13 +116,11 @@ def _add_format_parsers(parser: argparse.ArgumentParser) -> None:
         family.add_argument("--overwrite", action="store_true", help="replace a non-empty DST (only once complete)")
         family.add_argument("--no-verify", action="store_true",
                             help="skip reloading DST to compare every weight with the source")
-        family.set_defaults(func=convert_llama_family_command)
+        family.set_defaults(func=convert_llama_family_command, command_label=f"convert {name}")
 
 
 def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     """Adds `convert` (with its formats, e.g. `convert mdlm SRC DST`) to `hf-mdm`'s subparsers; sets `func`."""
-    from hf_mdm_cli import COMMANDS
-
     parser = subparsers.add_parser("convert", help=COMMANDS["convert"],
                                    description="Convert a checkpoint from another format into hf_mdm.")
     _add_format_parsers(parser)
@@ -140,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hf-mdm convert", description="Convert a checkpoint into hf_mdm.")
     _add_format_parsers(parser)
     args = parser.parse_args(argv)
-    args.func(args)
+    run_command(args.command_label, args.func, args)
 
 
 if __name__ == "__main__":

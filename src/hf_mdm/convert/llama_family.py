@@ -43,14 +43,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..configuration_mdm import MDMLlamaConfig
+from ..configuration_mdm_llama import MDMLlamaConfig
 from ..generation_mdm import MDMGenerationConfig
-from ..modeling_mdm import MDMLlamaForMaskedDiffusion
+from ..modeling_mdm_llama import MDMLlamaForMaskedDiffusion
+from ..remote_code import write_remote_code
 from .mdlm import card_license, resolve_license, resolve_source
 from .safe_load import ConversionError
 
 
-REMOTE_CODE = ("configuration_mdm.py", "modeling_mdm.py", "generation_mdm.py", "sampling_mdm.py")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "tokenizer.model")
 HUB_PATTERNS = ["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
@@ -235,11 +235,11 @@ FAMILIES = {
     # LLaDA's chat.py: greedy, low-confidence remasking, semi-autoregressive blocks of 32, steps = answer length.
     "llada": Family("llada", "LLaDA", llada_config, llada_weight_name, "GSAI-ML/LLaDA-8B-Instruct", ("<|eot_id|>",),
                     "Nie et al., *Large Language Diffusion Models*, arXiv:2502.09992",
-                    dict(unmasking="confidence", block_length=32, temperature=0.0)),
+                    dict(sampler="confidence", order="confidence", block_length=32, temperature=0.0)),
     # Dream's README: entropy order, temperature 0.2, top_p 0.95, steps = answer length.
     "dream": Family("dream", "Dream", dream_config, dream_weight_name, "Dream-org/Dream-v0-Instruct-7B", ("<|im_end|>",),
                     "Ye et al., *Dream 7B: Diffusion Large Language Models*, arXiv:2508.15487",
-                    dict(unmasking="entropy", temperature=0.2, top_p=0.95)),
+                    dict(sampler="confidence", order="entropy", temperature=0.2, top_p=0.95)),
 }
 
 
@@ -532,45 +532,38 @@ def _generation_config(source: LlamaFamilySource, tokenizer) -> MDMGenerationCon
                 stops.append(token_id)
     eos = stops[0] if len(stops) == 1 else (stops or None)
     new_tokens = min(128, config.max_position_embeddings // 2)  # 128, or half the context of a small model
-    return MDMGenerationConfig(sampler="first_hitting", sampling_dtype="float64", max_new_tokens=new_tokens,
+    return MDMGenerationConfig(sampling_dtype="float64", max_new_tokens=new_tokens,
                                bos_token_id=config.bos_token_id, eos_token_id=eos, pad_token_id=config.pad_token_id,
                                **FAMILIES[source.family].generation)
 
 
-def _model_card(source: LlamaFamilySource, license: str, notes: list[str], tokenizer_saved: bool) -> str:
-    from huggingface_hub import ModelCardData
+def _write_card(folder: Path, source: LlamaFamilySource, license: str, notes: list[str], tokenizer_saved: bool) -> Path:
+    """The README.md of a converted folder, through `hub.write_model_card` (the one card writer)."""
+    from ..hub import write_model_card
 
     spec = FAMILIES[source.family]
     config = source.config
-    metadata = ModelCardData(library_name="transformers", pipeline_tag="text-generation", license=license,
-                             tags=["hf_mdm", "masked-diffusion", "diffusion-lm", source.family],
-                             base_model=source.hub_id)
     revision = f" (revision {source.revision})" if source.revision else ""
     generation = ", ".join(f"{key}={value!r}" for key, value in spec.generation.items())
     shift = ("Dream's network predicts token i + 1 at position i (it was initialised from Qwen2.5); hf_mdm shifts "
              "its logits inside the model, so logits at position i are the distribution of token i and the first "
              "position of every sequence must be a real token (a prompt, or BOS)." if config.shift_logits else
              "No logit shift: the output at position i is the distribution of token i.")
-    body = f"""
-# {Path(str(source.name)).name} for hf_mdm
-
-Converted from **{source.name}**{revision} with `hf-mdm convert {source.family}`: {spec.title} ({spec.paper}) as
-hf_mdm's `MDMLlamaForMaskedDiffusion`, a bidirectional Llama-family transformer that loads with transformers 5
-(`AutoModel.from_pretrained`, in-library or with `trust_remote_code=True`) and samples with every hf_mdm sampler
-through `generate()`. The weights are copied unchanged ({str(source.dtype).replace('torch.', '')}); the conversion
-checks that the folder reloads to them bit for bit. Use of these weights is governed by the source's license and
-model card.
-
-## Use
-
-```python
+    summary = (f"Converted from **{source.name}**{revision} with `hf-mdm convert {source.family}`: {spec.title} "
+               f"({spec.paper}) as hf_mdm's `MDMLlamaForMaskedDiffusion`, a bidirectional Llama-family transformer "
+               "that loads with transformers 5 (`AutoModel.from_pretrained`, in-library or with "
+               "`trust_remote_code=True`) and samples with every hf_mdm decoding strategy through `generate()`. The "
+               f"weights are copied unchanged ({str(source.dtype).replace('torch.', '')}); the conversion checks that "
+               "the folder reloads to them bit for bit. Use of these weights is governed by the source's license "
+               "and model card.")
+    usage = """```python
 import torch
 from transformers import AutoModel, AutoTokenizer
 from hf_mdm.generation_mdm import cut_at_eos
 
 model = AutoModel.from_pretrained("path/to/this/folder", dtype=torch.bfloat16, trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
-prompt = tokenizer.apply_chat_template([{{"role": "user", "content": "Explain diffusion models."}}],
+prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Explain diffusion models."}],
                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
 out = model.generate(**prompt, max_new_tokens=128, generator=torch.Generator().manual_seed(0))
 answer = cut_at_eos(out, model.generation_config.eos_token_id, start=prompt["input_ids"].shape[1])[0]
@@ -578,13 +571,8 @@ print(tokenizer.decode(answer, skip_special_tokens=True))
 ```
 
 (`cut_at_eos` is in the folder's `generation_mdm.py`, or `hf_mdm.generation_mdm`: instruct MDMs fill the tail of
-the answer with EOS.)
-
-Or `hf-mdm generate path/to/this/folder --chat "Explain diffusion models." --max-new-tokens 128`.
-
-## What the conversion set
-
-| field | value |
+the answer with EOS.) Or `hf-mdm generate path/to/this/folder --chat "Explain diffusion models." --max-new-tokens 128`."""
+    conversion = f"""| field | value |
 | --- | --- |
 | layers / width / heads / key-value heads / MLP | {config.num_hidden_layers} / {config.hidden_size} / {config.num_attention_heads} / {config.num_key_value_heads} / {config.intermediate_size} |
 | vocab_size (embedding rows) | {config.vocab_size} |
@@ -595,11 +583,13 @@ Or `hf-mdm generate path/to/this/folder --chat "Explain diffusion models." --max
 | tied embeddings | {config.tie_word_embeddings} |
 | logits | {shift} |
 | tokenizer | {"copied from the source, with its chat template" if tokenizer_saved else "none in the source"} |
-| generation | `MDMGenerationConfig`: {generation}, float64 sampling, 128 new tokens; `generate(unmasking="random", block_length=None, temperature=1.0, top_p=1.0)` samples the model exactly (first-hitting) |
+| generation | `MDMGenerationConfig`: {generation}, float64 sampling, 128 new tokens; `generate(sampler="first_hitting", block_length=None, temperature=1.0, top_p=1.0)` samples the model exactly |
 """
     if notes:
-        body += "\nConversion notes:\n" + "".join(f"- {note}\n" for note in notes)
-    return f"---\n{metadata.to_yaml()}\n---\n" + body
+        conversion += "\nConversion notes:\n" + "".join(f"- {note}\n" for note in notes)
+    return write_model_card(folder, title=f"{Path(str(source.name)).name} for hf_mdm", summary=summary,
+                            license=license, tags=[source.family], base_model=source.hub_id, conversion=conversion,
+                            usage=usage)
 
 
 def _same_bytes(first: Path, second: Path, first_name: str, second_name: str, chunk_bytes: int = 64 << 20) -> bool:
@@ -721,12 +711,10 @@ def convert_llama_family(
         config.dtype = source.dtype
         config.architectures = ["MDMLlamaForMaskedDiffusion"]
         config.save_pretrained(staging)
-        package = Path(__file__).resolve().parents[1]
-        for name in REMOTE_CODE:
-            shutil.copyfile(package / name, staging / name)
+        write_remote_code(staging, config.model_type)
         tokenizer = _save_tokenizer(source, staging, notes)
         _generation_config(source, tokenizer).save_pretrained(staging)
-        (staging / "README.md").write_text(_model_card(source, license, notes, tokenizer is not None))
+        _write_card(staging, source, license, notes, tokenizer is not None)
         # 4. Verify, then move into place.
         if verify:
             verify_converted(source, staging)

@@ -462,7 +462,7 @@ def load_mdlm_weights(model: MDMForMaskedDiffusion, weights: dict, prefix: str =
             f"all): not part of MDLM's DiT with {model.config.num_hidden_layers} blocks."
         )
     if ROTARY_BUFFER in weights:  # MDLM's persistent buffer: it must be the one hf_mdm computes
-        inv_freq, ours = weights[ROTARY_BUFFER].float(), model.model.rotary_emb.compute_inv_freq()
+        inv_freq, ours = weights[ROTARY_BUFFER].float(), model.model.rotary_emb.compute_parameters()[0]
         if inv_freq.shape != ours.shape:
             raise ConversionError(
                 f"shape mismatch for {prefix}{ROTARY_BUFFER}: the checkpoint has {tuple(inv_freq.shape)}, hf_mdm "
@@ -668,8 +668,7 @@ def convert_mdlm(
     model.save_pretrained(dst)
     if loaded_tokenizer is not None:
         loaded_tokenizer.save_pretrained(dst)
-    card = model_card(source, config, notes, tokenizer_saved=loaded_tokenizer is not None, license=license)
-    (dst / "README.md").write_text(card)
+    write_card(dst, source, config, notes, tokenizer_saved=loaded_tokenizer is not None, license=license)
 
     # 5. Verify the saved folder.
     if verify:
@@ -702,41 +701,25 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def model_card(source: MDLMSource, config: MDMConfig, notes: list[str], tokenizer_saved: bool,
-               license: str = "other") -> str:
-    """The README.md of a converted folder: where it came from and what the conversion decided."""
-    from huggingface_hub import ModelCardData  # the YAML the Hub reads, as hub.write_model_card writes it
+def write_card(folder: Path, source: MDLMSource, config: MDMConfig, notes: list[str], tokenizer_saved: bool,
+               license: str = "other") -> Path:
+    """The README.md of a converted folder (through `hub.write_model_card`, the one card writer): where it came from
+    and what the conversion decided."""
+    from ..hub import write_model_card
 
-    metadata = ModelCardData(library_name="transformers", pipeline_tag="text-generation", license=license,
-                             tags=["hf_mdm", "masked-diffusion", "mdlm"], base_model=source.hub_id)
     layout = {"hub": "MDLM Hub layout", "lightning": "MDLM Lightning checkpoint"}[source.layout]
     weights = "EMA weights" if source.used_ema else "weights"
     revision = f" (revision {source.revision})" if source.revision else ""
     files = "\n".join(f"- `{path.name}`: sha256 `{_sha256(path)}`" for path in source.files)
     conditioning = ("reads the noise level: hf_mdm feeds it the total noise sigma(t) = -log alpha_t, as MDLM does"
                     if config.time_conditioning else "ignores the noise level (time_conditioning = False), as MDLM's does")
-    body = f"""
-# {Path(str(source.name)).name or source.name} for hf_mdm
-
-Converted from **{source.name}**{revision} ({layout}, {weights}) with `hf-mdm convert mdlm`: MDLM's diffusion
-transformer (Sahoo et al., *Simple and Effective Masked Diffusion Language Models*, arXiv:2406.07524) as an hf_mdm
-`MDMForMaskedDiffusion`. The weights are copied unchanged; the conversion checks that the folder reloads to the same
-logits. Use of these weights is governed by the source's license and model card.
-
-Source files:
+    summary = (f"Converted from **{source.name}**{revision} ({layout}, {weights}) with `hf-mdm convert mdlm`: MDLM's "
+               "diffusion transformer (Sahoo et al., *Simple and Effective Masked Diffusion Language Models*, "
+               "arXiv:2406.07524) as an hf_mdm `MDMForMaskedDiffusion`. The weights are copied unchanged; the "
+               "conversion checks that the folder reloads to the same logits. Use of these weights is governed by the "
+               "source's license and model card.")
+    conversion = f"""Source files:
 {files}
-
-## Use
-
-```python
-import torch
-from transformers import AutoModel
-
-model = AutoModel.from_pretrained("path/to/this/folder", trust_remote_code=True)  # or `import hf_mdm` first
-ids = model.generate(max_new_tokens=128, generator=torch.Generator().manual_seed(0))  # exact first-hitting sampler
-```
-
-## What the conversion set
 
 | field | value |
 | --- | --- |
@@ -751,8 +734,9 @@ ids = model.generate(max_new_tokens=128, generator=torch.Generator().manual_seed
 | generation | `MDMGenerationConfig`: first_hitting, float64 sampling |
 """
     if notes:
-        body += "\nConversion notes:\n" + "".join(f"- {note}\n" for note in notes)
-    return f"---\n{metadata.to_yaml()}\n---\n" + body
+        conversion += "\nConversion notes:\n" + "".join(f"- {note}\n" for note in notes)
+    return write_model_card(folder, title=f"{Path(str(source.name)).name or source.name} for hf_mdm", summary=summary,
+                            license=license, tags=["mdlm"], base_model=source.hub_id, conversion=conversion)
 
 
 __all__ = [
@@ -767,5 +751,5 @@ __all__ = [
     "load_mdlm_weights",
     "convert_mdlm",
     "verify_saved_model",
-    "model_card",
+    "write_card",
 ]

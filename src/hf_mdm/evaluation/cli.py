@@ -17,8 +17,10 @@ import json
 import sys
 from pathlib import Path
 
-from ..pretrained import MDM_MODEL_TYPES, resolve_checkpoint
-from .judge import DEFAULT_JUDGE
+from ..console import run_command
+from ..constants import COMMANDS, DEFAULT_JUDGE, MDM_MODEL_TYPES
+from ..pretrained import resolve_checkpoint
+from ..sampling_mdm import STRATEGIES
 from .sweep import SamplerSetting, expand_settings, parse_setting
 
 
@@ -28,8 +30,6 @@ GRID_DEFAULTS = dict(samplers=["first_hitting"], steps=[None], tokens_per_step=[
 
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     """Adds the `evaluate` subcommand to an argparse subparsers object; its `func` runs the evaluation."""
-    from hf_mdm_cli import COMMANDS
-
     parser = subparsers.add_parser("evaluate", help=COMMANDS["evaluate"],
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
@@ -61,13 +61,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="drop special tokens (EOS, ...) when decoding samples (default: keep them, as MDLM does)")
 
     sweep = parser.add_argument_group("sampler settings: the cross product of these, or --setting")
-    sweep.add_argument("--samplers", nargs="+", help="first_hitting, ancestral, ancestral_cache (default: first_hitting)")
+    sweep.add_argument("--samplers", nargs="+", help=f"registered strategies: {', '.join(STRATEGIES)} (default: "
+                       "first_hitting)")
     sweep.add_argument("--steps", nargs="+", type=int, help="ancestral samplers: time steps (default: one per token)")
     sweep.add_argument("--tokens-per-step", nargs="+", type=int, help="first_hitting: tokens per network call (default: 1)")
     sweep.add_argument("--sampling-dtypes", nargs="+", help="float64, float32, bfloat16, float16 (default: float64)")
     sweep.add_argument("--temperatures", nargs="+", type=float, help="(default: 1.0)")
     sweep.add_argument("--setting", action="append", default=[], metavar="FIELD=VALUE,...",
-                       help="one setting, e.g. sampler=ancestral,steps=256,sampling_dtype=float32 (repeatable)")
+                       help="one setting: a strategy, its settings and generation fields, e.g. sampler=ancestral,"
+                       "steps=256,sampling_dtype=float32 or sampler=confidence,order=margin,steps=64 (repeatable)")
 
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--num-samples", type=int, default=64, help="samples per setting")
@@ -274,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(prog="hf-mdm evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    return run_evaluate(parser.parse_args(argv))
+    return run_command("evaluate", run_evaluate, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

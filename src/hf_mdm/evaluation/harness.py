@@ -41,7 +41,8 @@ logger = logging.get_logger(__name__)
 
 
 def _generation_fields() -> set:
-    return set(MDMGenerationConfig().to_dict()) - {"transformers_version", "_from_model_config"}
+    fields = set(MDMGenerationConfig().to_dict()) | MDMGenerationConfig.strategy_keys()
+    return fields - {"transformers_version", "_from_model_config"}
 
 
 @register_model("hf_mdm")
@@ -56,7 +57,7 @@ class MDMHarnessLM(LM):
         unknown = sorted(set(generation) - _generation_fields())
         if unknown:
             raise ValueError(f"hf_mdm model_args: unknown argument {unknown[0]!r}; allowed: {', '.join(MODEL_ARGS)} "
-                             "and MDMGenerationConfig fields (sampler, steps, unmasking, block_length, ...).")
+                             "and MDMGenerationConfig fields and strategy settings (sampler, steps, order, block_length, ...).")
         if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
             raise ValueError(f"hf_mdm model_args: mc_samples must be an integer >= 1, got {mc_samples!r}.")
         if batch_size == "auto" or (isinstance(batch_size, str) and batch_size.startswith("auto")):

@@ -4,7 +4,6 @@ A `SamplerSetting` is validated when it is made (through `MDMGenerationConfig`, 
 the allowed values), which lets `hf-mdm evaluate` reject a bad sweep before it generates anything.
 """
 
-import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Sequence
@@ -13,88 +12,82 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..generation_mdm import MDMGenerationConfig
+from ..generation_mdm import LEGACY_STRATEGY_FIELDS, MDMGenerationConfig, strategy_fields
+from ..generation_options import parse_options
+from ..sampling_mdm import get_strategy, setting_names
 
 
-def _boolean(text: str) -> bool:
-    if text.strip().lower() not in ("true", "false", "1", "0"):
-        raise ValueError(text)
-    return text.strip().lower() in ("true", "1")
+# The generation fields a sweep varies besides the strategy and its settings.
+SWEEP_FIELDS = ("sampling_dtype", "temperature", "block_length", "use_cache", "cache_mode")
 
 
-# The generation fields a sweep varies, and how a `--setting` string spells their values.
-_FIELD_TYPES = {"sampler": str, "steps": int, "tokens_per_step": int, "sampling_dtype": str, "temperature": float,
-                "unmasking": str, "confidence_threshold": float, "block_length": int, "remasking": str,
-                "remasking_schedule": str, "remasking_eta": float, "use_cache": _boolean, "cache_mode": str}
-SETTING_FIELDS = tuple(_FIELD_TYPES)
-
-
-@dataclass(frozen=True)
 class SamplerSetting:
-    """One point of a sweep: the `MDMGenerationConfig` fields that `hf-mdm evaluate` varies.
+    """One point of a sweep: a registered decoding strategy (`sampler`), its settings, and the generation fields of
+    `SWEEP_FIELDS`, validated when it is made (through `MDMGenerationConfig`, so the errors name the field and the
+    allowed values).
 
-    `steps`: ancestral time steps (None: one per generated token), or a first_hitting budget of network calls.
-    `tokens_per_step`: first_hitting only, positions unmasked per call (1 is exact).
-    The decoding strategies of instruct MDMs: `unmasking` (a confidence order), `confidence_threshold`,
-    `block_length`, `remasking` (with `remasking_schedule`, `remasking_eta`), `use_cache` (with `cache_mode`);
-    see `MDMGenerationConfig`.
+        SamplerSetting("ancestral", steps=256, sampling_dtype="float32")
+        SamplerSetting("confidence", order="margin", steps=64, block_length=32, use_cache=True)
+
+    Earlier releases' spelling (`sampler="first_hitting", unmasking="margin"`) maps onto today's. Two settings are
+    equal when they sample the same way.
     """
 
-    sampler: str = "first_hitting"
-    steps: int | None = None
-    tokens_per_step: int | None = None
-    sampling_dtype: str = "float64"
-    temperature: float = 1.0
-    unmasking: str = "random"
-    confidence_threshold: float | None = None
-    block_length: int | None = None
-    remasking: str | None = None
-    remasking_schedule: str | None = None
-    remasking_eta: float | None = None
-    use_cache: bool = False
-    cache_mode: str | None = None
+    def __init__(self, sampler: str = "first_hitting", **fields):
+        unknown = sorted(set(fields) - set(SWEEP_FIELDS) - set(strategy_fields()) - set(LEGACY_STRATEGY_FIELDS))
+        if unknown:
+            raise ValueError(f"SamplerSetting: {unknown} are not sweep fields; allowed: {SWEEP_FIELDS} and the "
+                             "settings of the registered strategies.")
+        config = MDMGenerationConfig(sampler=sampler, **fields)  # raises ValueError naming the field
+        self.sampler, self.settings = config.sampler, config.sampler_config
+        self.fields = {name: getattr(config, name) for name in SWEEP_FIELDS}
 
-    def __post_init__(self):
-        MDMGenerationConfig(**self.generation_kwargs())  # raises ValueError naming the field and the allowed values
+    def _key(self) -> tuple:
+        return (self.sampler, tuple(sorted(self.settings.to_dict().items(), key=str)),
+                tuple(sorted(self.fields.items())))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, SamplerSetting) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"SamplerSetting({self.generation_kwargs()})"
 
     def generation_kwargs(self) -> dict:
-        """The fields to pass to `model.generate`, unset ones left out."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        """The fields to pass to `model.generate`: the strategy, its settings and the sweep fields, unset ones left
+        out."""
+        kwargs = {"sampler": self.sampler, **self.settings.to_dict(), **self.fields}
+        return {key: value for key, value in kwargs.items() if value is not None}
 
     @property
     def label(self) -> str:
         """A short name for tables and plots, e.g. "FHS k=1 float64", "ancestral 256 steps float32 T=0.9" or
-        "confidence 64 calls blocks 32 cache float64"."""
-        if self.sampler == "first_hitting" and self.unmasking != "random":
-            how = f"thr {self.confidence_threshold:g}" if self.confidence_threshold is not None else (
-                f"{self.steps} calls" if self.steps else f"k={self.tokens_per_step or 1}")
-            name = f"{self.unmasking} {how}"
-        elif self.sampler == "first_hitting":
-            name = f"FHS {self.steps} calls" if self.steps else f"FHS k={self.tokens_per_step or 1}"
-        else:
-            name = f"{self.sampler} {self.steps} steps" if self.steps else f"{self.sampler} L steps"
-            if self.remasking:
-                eta = f" eta={self.remasking_eta:g}" if self.remasking_eta is not None else ""
-                name = f"ReMDM-{self.remasking_schedule or 'cap'}{eta} {self.steps or 'L'} steps"
-        if self.block_length:
-            name += f" blocks {self.block_length}"
-        if self.use_cache:
-            name += f" {self.cache_mode or 'prefix'} cache"
-        name += f" {self.sampling_dtype}"
-        return name + (f" T={self.temperature:g}" if self.temperature != 1.0 else "")
+        "confidence 64 calls blocks 32 cache float64": the strategy's own description, then the sweep fields."""
+        name = get_strategy(self.sampler).describe(self.settings)
+        if self.fields["block_length"]:
+            name += f" blocks {self.fields['block_length']}"
+        if self.fields["use_cache"]:
+            name += f" {self.fields['cache_mode'] or 'prefix'} cache"
+        name += f" {self.fields['sampling_dtype']}"
+        temperature = self.fields["temperature"]
+        return name + (f" T={temperature:g}" if temperature != 1.0 else "")
 
 
 def expand_settings(samplers: Sequence[str], steps: Sequence[int | None] = (None,),
                     tokens_per_step: Sequence[int] = (1,), sampling_dtypes: Sequence[str] = ("float64",),
                     temperatures: Sequence[float] = (1.0,)) -> list[SamplerSetting]:
-    """The cross product of the given values, meaningful combinations only: `tokens_per_step` varies the
-    first_hitting sampler, `steps` the ancestral ones. Duplicates are dropped, order kept."""
+    """The cross product of the given values, meaningful combinations only: `tokens_per_step` varies the strategies
+    that have it (first_hitting), `steps` the others that have it (the ancestral ones). Duplicates are dropped,
+    order kept."""
     settings = []
     for sampler, dtype, temperature in itertools.product(samplers, sampling_dtypes, temperatures):
-        variants = ([dict(tokens_per_step=k) for k in tokens_per_step] if sampler == "first_hitting"
-                    else [dict(steps=s) for s in steps])
+        own = setting_names(sampler)
+        variants = ([dict(tokens_per_step=k) for k in tokens_per_step] if "tokens_per_step" in own
+                    else [dict(steps=s) for s in steps] if "steps" in own else [{}])
         for variant in variants:
-            setting = SamplerSetting(sampler=sampler, sampling_dtype=dtype, temperature=float(temperature), **variant)
+            setting = SamplerSetting(sampler, sampling_dtype=dtype, temperature=float(temperature), **variant)
             if setting not in settings:
                 settings.append(setting)
     return settings
@@ -102,17 +95,7 @@ def expand_settings(samplers: Sequence[str], steps: Sequence[int | None] = (None
 
 def parse_setting(text: str) -> SamplerSetting:
     """"sampler=ancestral,steps=256,sampling_dtype=float32" -> a validated `SamplerSetting`."""
-    fields = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in _FIELD_TYPES:
-            raise ValueError(f"setting {text!r}: {item!r} is not FIELD=VALUE with FIELD one of {SETTING_FIELDS}.")
-        try:
-            fields[key] = _FIELD_TYPES[key](value.strip())
-        except ValueError:
-            raise ValueError(f"setting {text!r}: {key} must be {_FIELD_TYPES[key].__name__}, got {value!r}.") from None
-    return SamplerSetting(**fields)
+    return SamplerSetting(**parse_options(text, "setting"))
 
 
 @dataclass

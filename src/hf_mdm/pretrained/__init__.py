@@ -6,26 +6,22 @@
     path = hf_mdm.pretrained_path("shakespeare-mdm")
     model, tokenizer = AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
-Each folder is an ordinary `save_pretrained` folder (config, float16 weights, tokenizer, model card; the MDM one
-also its remote code), so it loads the same way from a path, from the Hub once published, or with
-`trust_remote_code=True` where hf_mdm is not installed. The weights are stored in float16 to keep the package
+Each folder is an ordinary `save_pretrained` folder (config, float16 weights, tokenizer, model card), so it loads
+the same way from a path or from the Hub once published (`hf-mdm publish` adds the remote code, which
+`save_pretrained` writes into any folder saved from a loaded model). The weights are stored in float16 to keep the package
 small; the configs say float32, which is the dtype `from_pretrained` gives them. How they were trained:
 examples/shakespeare/ and each folder's README.md.
 """
 
 import json
+import re
 import struct
 from pathlib import Path
 
-from hf_mdm_cli import HUB_ID
+from ..constants import DEFAULT_MDM, HUB_ID_PATTERN, MDM_MODEL_TYPES, PRETRAINED, UNCONVERTED
 
 
-PRETRAINED = {
-    "shakespeare-mdm": "time-agnostic masked diffusion LM, 8.1 M parameters, context 256, Shakespeare BPE (4099)",
-    "shakespeare-ar": "GPT-2-style causal LM, 8.2 M parameters, same data and tokenizer: judge and AR baseline",
-}
-DEFAULT_MDM = "shakespeare-mdm"
-DEFAULT_JUDGE = "shakespeare-ar"
+HUB_ID = re.compile(HUB_ID_PATTERN)
 
 
 def pretrained_path(name: str = DEFAULT_MDM) -> Path:
@@ -37,9 +33,6 @@ def pretrained_path(name: str = DEFAULT_MDM) -> Path:
         raise FileNotFoundError(f"The shipped checkpoint {name!r} is missing from {folder}: reinstall hf_mdm.")
     return folder
 
-
-MDM_MODEL_TYPES = ("mdm", "mdm_llama")
-UNCONVERTED = {"llada": "llada", "dream": "dream"}  # model_type (lowercased) of the peers' own folders: convert format
 
 
 def resolve_checkpoint(name_or_path: str, require_mdm: bool = False) -> str:

@@ -13,9 +13,9 @@ import types
 import typing
 from pathlib import Path
 
-from hf_mdm_cli import CommandError
-
-from .loop import InputError, TrainConfig, train
+from ..console import run_command
+from ..constants import COMMANDS
+from .loop import TrainConfig, train
 
 
 def _flag_kwargs(config_field: dataclasses.Field) -> dict:
@@ -43,19 +43,17 @@ def read_config_file(path: str) -> dict:
     else:
         values = json.loads(text)
     if not isinstance(values, dict):
-        raise CommandError("train", f"--config {path!r} must hold a mapping of settings.")
+        raise ValueError(f"--config {path!r} must hold a mapping of settings.")
     values = {key.replace("-", "_"): value for key, value in values.items()}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise CommandError("train", f"--config {path!r} has unknown settings {unknown}.")
+        raise ValueError(f"--config {path!r} has unknown settings {unknown}.")
     return values
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Adds the `train` subcommand to an argparse subparsers object; its `func` runs the training."""
-    from hf_mdm_cli import COMMANDS
-
     parser = subparsers.add_parser("train", help=COMMANDS["train"],
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a YAML or JSON file of settings; flags override it")
@@ -74,21 +72,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    try:
-        config = config_from_args(args)
-    except (TypeError, ValueError) as error:
-        raise CommandError("train", error) from None
-    try:
-        train(config)
-    except InputError as error:  # bad input, found before training starts: say what, without a traceback
-        raise CommandError("train", error) from None
+    """Bad settings, and bad input found before training starts (`InputError`), are ValueErrors: the console turns
+    them into one line."""
+    train(config_from_args(args))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hf-mdm")
     add_train_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    args.func(args)
+    run_command("train", args.func, args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,116 @@
+"""Configuration of the bidirectional Llama-family transformer of LLaDA and Dream, model_type "mdm_llama".
+
+This file travels with every saved checkpoint as remote code: it imports only transformers and same-folder
+modules, never `hf_mdm`.
+"""
+
+from transformers import PreTrainedConfig
+
+from .configuration_mdm_common import auto_map, check_positive_ints, check_shared_fields, is_int, is_number
+
+
+class MDMLlamaConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`MDMLlamaModel`] and [`MDMLlamaForMaskedDiffusion`]: a bidirectional Llama-family transformer
+    (RMSNorm, SwiGLU MLP, rotary attention with grouped-query heads, no causal mask, no time input), the
+    architecture of LLaDA and Dream.
+
+    The defaults are LLaDA-8B's shapes (32 layers of width 4096, 32 heads, MLP 12288, vocabulary 126464, rotary
+    base 500000, RMSNorm eps 1e-5); `hf-mdm convert llada` and `hf-mdm convert dream` set every field from the
+    source checkpoint.
+
+    Args:
+        vocab_size (`int`): rows of the embedding and of the output projection ([MASK] and any padding rows
+            included).
+        mask_token_id (`int`, *optional*): the [MASK] id; defaults to `vocab_size - 1` (LLaDA's is 126336,
+            Dream's 151666: the converters set them).
+        pad_token_id, bos_token_id, eos_token_id (`int`, *optional*): special token ids.
+        hidden_size (`int`): width of the residual stream.
+        intermediate_size (`int`): width of the SwiGLU MLP.
+        num_hidden_layers (`int`): number of blocks.
+        num_attention_heads (`int`): query heads.
+        num_key_value_heads (`int`, *optional*): key/value heads (grouped-query attention); defaults to
+            `num_attention_heads`. Must divide it.
+        head_dim (`int`, *optional*): width of a head; defaults to `hidden_size // num_attention_heads`. Even.
+        rms_norm_eps (`float`): epsilon of every RMSNorm (LLaDA 1e-5, Dream 1e-6).
+        attention_bias (`bool`): bias on the query, key and value projections (Qwen2/Dream: True; LLaDA: False).
+            The output projection and the MLP never have one.
+        attention_dropout (`float`): dropout on attention weights (training only).
+        max_position_embeddings (`int`): longest sequence the model accepts.
+        rope_parameters (`dict`, *optional*): transformers 5's rotary settings; default `{"rope_type": "default",
+            "rope_theta": 500000.0}`. A config with a top-level `rope_theta` still loads.
+        shift_logits (`bool`): True for networks initialised from an autoregressive model whose output at
+            position i predicts token i + 1 (Dream). The model shifts internally, so its logits at position i are
+            always the distribution of token i; the first position of a sequence then has no prediction and must
+            not be masked (`generate()` checks it).
+        tie_word_embeddings (`bool`): share the token embedding with the output projection.
+        noise_schedule (`str`), noise_eps (`float`): the schedule used in training and sampling (default
+            "linear", LLaDA's and Dream's).
+        initializer_range (`float`): std of the normal initialisation of linear and embedding weights.
+        source_family (`str`, *optional*): where the weights came from ("llada", "dream"); informational.
+    """
+
+    model_type = "mdm_llama"
+    default_theta = 500000.0
+    # These networks read no noise level (LLaDA and Dream are time-agnostic); generation and training read this.
+    time_conditioning = False
+
+    vocab_size: int = 126464
+    mask_token_id: int | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    hidden_size: int = 4096
+    intermediate_size: int = 12288
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    attention_bias: bool = False
+    attention_dropout: float | int = 0.0
+    max_position_embeddings: int = 4096
+    rope_parameters: dict | None = None
+    shift_logits: bool = False
+    tie_word_embeddings: bool = False
+    noise_schedule: str = "linear"
+    noise_eps: float = 1e-3
+    initializer_range: float = 0.02
+    source_family: str | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.mask_token_id is None and is_int(self.vocab_size):
+            self.mask_token_id = self.vocab_size - 1
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and is_int(self.hidden_size) and is_int(self.num_attention_heads) \
+                and self.num_attention_heads > 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if kwargs.get("time_conditioning"):
+            raise ValueError("MDMLlamaConfig.time_conditioning must be False: this backbone reads no noise level.")
+        kwargs.pop("time_conditioning", None)
+        super().__post_init__(**kwargs)
+        self.auto_map = auto_map(type(self), "modeling_mdm_llama", "MDMLlamaForMaskedDiffusion")
+        self._check_fields()
+
+    def _check_fields(self):
+        check_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                   "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"))
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"MDMLlamaConfig.num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"MDMLlamaConfig.head_dim must be even for rotary embeddings, got {self.head_dim}.")
+        if not is_number(self.rms_norm_eps) or not self.rms_norm_eps > 0:
+            raise ValueError(f"MDMLlamaConfig.rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}.")
+        if not is_number(self.attention_dropout) or not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"MDMLlamaConfig.attention_dropout must be a number in [0, 1), got {self.attention_dropout!r}.")
+        for field in ("attention_bias", "shift_logits", "tie_word_embeddings"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"MDMLlamaConfig.{field} must be True or False, got {getattr(self, field)!r}.")
+        check_shared_fields(self)
+
+
+__all__ = ["MDMLlamaConfig"]

@@ -1,0 +1,230 @@
+"""A bidirectional Llama-family transformer as a transformers model: the network of LLaDA (Llama/OLMo blocks) and
+Dream (Qwen2 blocks with q/k/v biases and grouped-query attention, whose output at position i predicts token i + 1:
+the model shifts it back inside, so that no sampler ever knows). What every hf_mdm family shares (the head's
+`forward`, the loss, the [MASK] logit, rotary embeddings, masks) is in `modeling_mdm_common.py`.
+
+This file travels with every saved checkpoint as remote code: it imports only torch/transformers and same-folder
+modules, never `hf_mdm`.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_mdm_llama import MDMLlamaConfig
+from .generation_mdm import MDMGenerationConfig, MDMGenerationMixin
+from .modeling_mdm_common import (
+    MDMHeadMixin,
+    MDMModelOutput,
+    MDMPreTrainedBase,
+    MDMRotaryEmbedding,
+    apply_rotary_pos_emb,
+    attention_implementation,
+    build_attention_mask,
+    check_kwargs,
+    eager_attention_forward,
+    gather_positions,
+    input_position_ids,
+    validate_inputs,
+)
+
+
+class MDMRMSNorm(nn.Module):
+    """RMSNorm as Llama, LLaDA and Dream compute it: normalised in float32, cast back, then scaled by the weight."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(hidden_states.dtype)
+
+
+class MDMLlamaAttention(nn.Module):
+    """Bidirectional grouped-query attention: separate q/k/v projections (biased for Qwen2/Dream), rotary q/k."""
+
+    def __init__(self, config: MDMLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, attn_implementation=None):
+        """(batch, seq_len, hidden) -> (batch, seq_len, hidden) and the attention weights (eager only, else None)."""
+        batch_size, seq_len, _ = hidden_states.shape
+        query = self.q_proj(hidden_states).view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+
+        # The backbone passes the implementation it resolved (eager when attention weights are asked for).
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            attn_implementation or self.config._attn_implementation, eager_attention_forward)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        attn_output, attn_weights = attention_interface(
+            self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, is_causal=False
+        )
+        return self.o_proj(attn_output.reshape(batch_size, seq_len, -1)), attn_weights
+
+
+class MDMLlamaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)) (LLaDA's ff_proj is the gate, up_proj the up, ff_out the down)."""
+
+    def __init__(self, config: MDMLlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states):
+        return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+class MDMLlamaBlock(GradientCheckpointingLayer):
+    """Pre-norm block: x = x + attention(norm(x)); x = x + mlp(norm(x))."""
+
+    def __init__(self, config: MDMLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = MDMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MDMLlamaAttention(config, layer_idx)
+        self.post_attention_layernorm = MDMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MDMLlamaMLP(config)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, attn_implementation=None):
+        """(batch, seq_len, hidden) -> (batch, seq_len, hidden)."""
+        attn_output, _ = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache,
+                                        attn_implementation)
+        hidden_states = hidden_states + attn_output
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class MDMLlamaPreTrainedModel(MDMPreTrainedBase):
+    config: MDMLlamaConfig
+    config_class = MDMLlamaConfig
+    _no_split_modules = ["MDMLlamaBlock"]
+    _can_record_outputs = {"hidden_states": MDMLlamaBlock, "attentions": OutputRecorder(MDMLlamaAttention, index=1)}
+
+
+class MDMLlamaModel(MDMLlamaPreTrainedModel):
+    """The bidirectional Llama-family backbone: token embedding, blocks and the final RMSNorm, without the head."""
+
+    def __init__(self, config: MDMLlamaConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary_emb = MDMRotaryEmbedding(config)
+        self.layers = nn.ModuleList([MDMLlamaBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = MDMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MDMModelOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, seq_len)`): partly masked token ids.
+            attention_mask (`torch.Tensor` of shape `(batch, seq_len)`, *optional*): 1 for real tokens, 0 for
+                padding (left or right). Padding is never attended to, and rotary positions count real tokens only.
+            timesteps (`torch.Tensor`, *optional*): ignored (the network reads no noise level); accepted so that
+                every hf_mdm backbone takes the same arguments.
+            inputs_embeds, position_ids, cache, kwargs: as for `MDMModel`.
+
+        The last entry of `hidden_states` is `last_hidden_state`, after the final norm, as in transformers' Llama.
+        """
+        check_kwargs(self, kwargs)
+        validate_inputs(self.config, input_ids, inputs_embeds, attention_mask, timesteps, cache)
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch_size, seq_len = hidden_states.shape[:2]
+        if position_ids is None:
+            position_ids = input_position_ids(attention_mask, batch_size, seq_len, hidden_states.device, cache)
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        implementation = attention_implementation(self, kwargs.get("output_attentions", False))
+        mask = build_attention_mask(self.config, hidden_states, attention_mask, cache, implementation)
+
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_embeddings, mask, cache, implementation)
+        return MDMModelOutput(last_hidden_state=self.norm(hidden_states))
+
+
+class MDMLlamaForMaskedDiffusion(MDMHeadMixin, MDMLlamaPreTrainedModel, MDMGenerationMixin):
+    """The bidirectional Llama-family backbone plus its output projection (`lm_head`): LLaDA and Dream.
+
+    With `config.shift_logits` (Dream), the network's output at position i - 1 is the prediction for token i, so
+    the logits at position i are computed from the hidden state at i - 1: every family returns logits aligned with
+    its input positions, and samplers never know. Position 0 then has no prediction of its own: its logits are
+    those of position 0's hidden state (Dream's convention), and `generate()` never lets it be masked.
+    `forward` is `MDMHeadMixin.forward`.
+    """
+
+    _auto_class = "AutoModel"
+    generation_config_class = MDMGenerationConfig
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MDMLlamaConfig):
+        super().__init__(config)
+        self.model = MDMLlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def compute_logits(self, outputs: MDMModelOutput, output_positions: torch.LongTensor | None,
+                       cache=None) -> torch.Tensor:
+        hidden_states = outputs.last_hidden_state
+        if self.config.shift_logits:
+            # Token i is predicted from position i - 1. The first position of a cached segment reads the recorded
+            # hidden state before it; the first of the sequence its own (Dream's convention: it has no prediction).
+            before = cache.hidden_before_segment() if cache is not None and cache.get_query_offset() > 0 else None
+            before = hidden_states[:, :1] if before is None else before.to(hidden_states.dtype)
+            hidden_states = torch.cat([before, hidden_states[:, :-1]], dim=1)
+        if output_positions is not None:
+            hidden_states = gather_positions(hidden_states, output_positions)
+        return self.lm_head(hidden_states)
+
+
+__all__ = ["MDMLlamaPreTrainedModel", "MDMLlamaModel", "MDMLlamaForMaskedDiffusion"]
