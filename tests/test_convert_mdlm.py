@@ -800,8 +800,9 @@ def test_mdlm_attention_over_padding_as_a_conversion_choice(tmp_path):
 
 
 def test_mdlm_length_extrapolation_as_a_conversion_choice(tmp_path):
-    """MDLM's rotary DiT runs sequences longer than its training length (here 32). length_extrapolation=True runs
-    them too, with a warning, and gives MDLM's logits; the default refuses them, naming the setting."""
+    """MDLM's rotary DiT runs sequences longer than its training length (here 32). So does forward, as in every
+    transformers model, with a warning, and gives MDLM's logits; generate() refuses such a canvas unless the
+    conversion chose length_extrapolation=True, naming the setting."""
     from transformers.utils import logging as hf_logging
 
     from hf_mdm import modeling_mdm_common as modeling_mdm
@@ -810,8 +811,6 @@ def test_mdlm_length_extrapolation_as_a_conversion_choice(tmp_path):
     longer = convert_mdlm(path, tmp_path / "longer", length_extrapolation=True).model
     default = convert_mdlm(path, tmp_path / "default").model
     assert MDMConfig.from_pretrained(tmp_path / "longer").length_extrapolation is True
-    with pytest.raises(ValueError, match=r"seq_len 48, longer than max_position_embeddings \(32\).*length_extrapolation"):
-        default(torch.zeros(1, 48, dtype=torch.long))
     hf_logging.enable_propagation()
     type(modeling_mdm.logger).warning_once.cache_clear()
     import logging
@@ -825,7 +824,9 @@ def test_mdlm_length_extrapolation_as_a_conversion_choice(tmp_path):
     finally:
         modeling_mdm.logger.removeHandler(handler)
     assert any("longer than max_position_embeddings (32): running anyway" in record.getMessage() for record in records)
+    torch.testing.assert_close(default(torch.zeros(1, 48, dtype=torch.long)).logits,
+                               longer(torch.zeros(1, 48, dtype=torch.long)).logits, rtol=0, atol=0)
     out = longer.generate(max_new_tokens=40, generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 40) and (out != ids["mask"]).all()
-    with pytest.raises(ValueError, match=r"exceeds the model's max_position_embeddings \(32\)"):
+    with pytest.raises(ValueError, match=r"exceeds the model's max_position_embeddings \(32\).*length_extrapolation"):
         default.generate(max_new_tokens=40)

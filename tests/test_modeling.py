@@ -522,14 +522,17 @@ def test_rope_parameters_and_old_rope_theta_configs(tmp_path, tester):
     linear = tester.model(rope_parameters={"rope_type": "linear", "rope_theta": theta, "factor": 1.0})
     assert_float32_close(linear(ids).logits, model(ids).logits)
     # A scaled rotary type extends the context, as in transformers' models: dynamic keeps the default frequencies up to
-    # max_position_embeddings and rescales them past it; with the default type a longer sequence is refused.
+    # max_position_embeddings and rescales them past it. With the default type forward runs a longer sequence too
+    # (transformers' convention), but generate() refuses a canvas past the trained length.
     dynamic = tester.model(rope_parameters={"rope_type": "dynamic", "rope_theta": theta, "factor": 2.0})
     assert_float32_close(dynamic(ids).logits, model(ids).logits)
     longer = random_ids(1, model.config.max_position_embeddings + 8)
-    assert torch.isfinite(dynamic(longer).logits).all()
+    assert torch.isfinite(dynamic(longer).logits).all() and torch.isfinite(model(longer).logits).all()
     assert not torch.equal(dynamic.model.rotary_emb.inv_freq, dynamic.model.rotary_emb.original_inv_freq)
-    with pytest.raises(ValueError, match="longer than max_position_embeddings"):
-        model(longer)
+    prompt = longer[:, :2]
+    assert dynamic.generate(prompt, max_new_tokens=longer.shape[1] - 2, temperature=0).shape[1] == longer.shape[1]
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
+        model.generate(prompt, max_new_tokens=longer.shape[1] - 2)
     with pytest.raises(ValueError, match="rope_type"):
         tester.config(rope_parameters={"rope_type": "nonsense", "rope_theta": 10000.0})
 

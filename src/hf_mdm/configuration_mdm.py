@@ -53,9 +53,10 @@ class MDMConfig(PreTrainedConfig):
             DiT, which has no attention mask: the network ignores `attention_mask`, every position attends to
             every position, padding included, at rotary positions 0..L-1 (a converted MDLM model trained on padded
             data, such as LM1B, saw its padding that way). `attention_mask` still says what the loss scores.
-        length_extrapolation (`bool`): False (the default): a sequence longer than `max_position_embeddings` is
-            refused. True: it runs, with a warning, the rotary positions extrapolating past the training length, as
-            MDLM's rotary DiT runs them.
+        length_extrapolation (`bool`): False (the default): `generate()` refuses a canvas longer than
+            `max_position_embeddings`. True: it generates one, with a warning, the rotary positions extrapolating past
+            the training length, as MDLM's rotary DiT runs them. (`forward` runs any length, as transformers' models
+            do, warning past `max_position_embeddings`.)
 
     `output_hidden_states`, `output_attentions` and `return_dict` are the usual `PreTrainedConfig` fields: they set
     the defaults of the model's `forward` arguments of the same names.

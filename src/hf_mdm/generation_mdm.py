@@ -719,11 +719,12 @@ class MDMGenerationMixin:
             raise ValueError(
                 f"the prompt ({prompt_length} tokens) plus max_new_tokens ({new_tokens}) exceeds max_length ({config.max_length})."
             )
-        if prompt_length + new_tokens > max_context:
+        if prompt_length + new_tokens > max_context and self.config.rope_parameters["rope_type"] == "default":
             if not getattr(self.config, "length_extrapolation", False):
                 raise ValueError(
                     f"the prompt ({prompt_length} tokens) plus {new_tokens} new tokens exceeds the model's "
-                    f"max_position_embeddings ({max_context})."
+                    f"max_position_embeddings ({max_context}); a rotary DiT can run past it (MDLM's does): set "
+                    "config.length_extrapolation = True, or use a scaled rope type."
                 )
             logger.warning_once(
                 f"the prompt ({prompt_length} tokens) plus {new_tokens} new tokens exceeds max_position_embeddings "

@@ -312,22 +312,15 @@ def validate_inputs(config, input_ids, inputs_embeds, attention_mask, timesteps,
 
 
 def check_length(config, seq_len: int) -> None:
-    """A sequence longer than `max_position_embeddings` runs only where the model says it may: a scaled rotary type
-    (linear, dynamic, yarn, llama3: the scaling is what extends the context, as in transformers' models), or
-    `length_extrapolation` (MDLM's rotary DiT, with a warning)."""
-    if seq_len <= config.max_position_embeddings:
+    """A sequence longer than `max_position_embeddings` runs, as in transformers' models. With the default rotary
+    type its positions lie past those the model was trained on: a warning says so (generate() refuses such canvases
+    unless `config.length_extrapolation`). A scaled type (linear, dynamic, yarn, llama3) is what extends the context."""
+    if seq_len <= config.max_position_embeddings or config.rope_parameters["rope_type"] != "default":
         return
-    if config.rope_parameters["rope_type"] != "default":
-        return
-    if not getattr(config, "length_extrapolation", False):
-        raise ValueError(
-            f"input_ids has seq_len {seq_len}, longer than max_position_embeddings ({config.max_position_embeddings}). "
-            "A rotary model runs longer sequences with a scaled rope type (rope_parameters['rope_type'] linear, "
-            "dynamic, yarn or llama3), and a DiT with config.length_extrapolation = True (MDLM's does)."
-        )
     logger.warning_once(
         f"seq_len {seq_len} is longer than max_position_embeddings ({config.max_position_embeddings}): running "
-        "anyway (config.length_extrapolation), with rotary positions past those the model was trained on."
+        "anyway, with rotary positions past those the model was trained on (a scaled rope type extends the context; "
+        "generate() refuses such canvases unless config.length_extrapolation)."
     )
 
 
@@ -379,7 +372,9 @@ class MDMPreTrainedBase(PreTrainedModel):
 
 
 def check_layer_count(model: nn.Module, info: dict) -> None:
-    """Raises ValueError when the loaded weights hold other layers than the config's `num_hidden_layers`."""
+    """Raises ValueError when the loaded weights hold other layers than the config's `num_hidden_layers`: layers past
+    it, or some layers but not all (a checkpoint with no layer weights at all is a partial one, initialised and
+    reported like any missing weight)."""
     layers_of = lambda keys: {int(match.group(1)) for key in keys if (match := LAYER_INDEX.search(key))}
     expected = model.config.num_hidden_layers
     extra = sorted(index for index in layers_of(info.get("unexpected_keys", ())) if index >= expected)
@@ -389,6 +384,8 @@ def check_layer_count(model: nn.Module, info: dict) -> None:
         if match := LAYER_INDEX.search(key):
             by_layer.setdefault(int(match.group(1)), []).append(key)
     absent = sorted(index for index, keys in by_layer.items() if all(key in missing for key in keys))
+    if len(absent) == len(by_layer):
+        absent = []  # no layer at all in the weights: nothing contradicts the layer count
     if extra or absent:
         problems = ([f"weights for layers {extra} the config does not have"] if extra else []) + (
             [f"no weights for layers {absent}"] if absent else [])
