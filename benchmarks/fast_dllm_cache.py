@@ -41,9 +41,6 @@ import is never called here: where einops is missing, a placeholder that raises 
 """
 
 import argparse
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import json
 import os
 import platform
@@ -51,10 +48,11 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
+
+from peer_code import install_placeholders
 
 from hf_mdm import MDMLlamaConfig, MDMLlamaForMaskedDiffusion
 from hf_mdm.convert.llama_family import LLADA_FIELDS, llada_config, llada_weight_name
@@ -63,37 +61,6 @@ from hf_mdm.convert.llama_family import LLADA_FIELDS, llada_config, llada_weight
 # Imported by Fast-dLLM's modeling_llada.py but never called by the LLaDA Llama block this benchmark builds.
 UNCALLED_PACKAGES = ("einops",)
 MAX_LOGIT_DIFFERENCE = 1e-4
-
-
-class _Placeholder(types.ModuleType):
-    """A module Fast-dLLM's files import but this benchmark never calls: any attribute is a callable that raises."""
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-
-        def unavailable(*args, **kwargs):
-            raise RuntimeError(f"{self.__name__}.{name} is a placeholder (the package is not installed).")
-
-        return unavailable
-
-
-class _PlaceholderFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def __init__(self, roots):
-        self.roots = roots
-
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in self.roots:
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        module = _Placeholder(spec.name)
-        module.__path__ = []
-        return module
-
-    def exec_module(self, module):
-        pass
 
 
 def import_fast_dllm(path: str | None):
@@ -107,9 +74,7 @@ def import_fast_dllm(path: str | None):
         if not (llada / needed).is_file():
             return None, f"{llada / needed} does not exist: --fast-dllm-path must be a clone of NVlabs/Fast-dLLM"
     sys.path.insert(0, str(llada))  # generate.py imports `model.modeling_llada` from its own folder
-    missing = tuple(name for name in UNCALLED_PACKAGES if importlib.util.find_spec(name) is None)
-    if missing:
-        sys.meta_path.append(_PlaceholderFinder(missing))
+    missing = install_placeholders(UNCALLED_PACKAGES)
     try:
         import generate
         from model.configuration_llada import LLaDAConfig

@@ -24,9 +24,6 @@ Printed: seconds, network calls, and MDLM's time over each hf_mdm time.
 """
 
 import argparse
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import os
 import statistics
 import sys
@@ -34,6 +31,8 @@ import time
 import types
 
 import torch
+
+from peer_code import install_placeholders
 
 from hf_mdm import MDMConfig, MDMForMaskedDiffusion
 
@@ -43,46 +42,11 @@ from hf_mdm import MDMConfig, MDMForMaskedDiffusion
 UNCALLED_PACKAGES = ("flash_attn", "mamba_ssm", "causal_conv1d", "timm")
 
 
-class _Placeholder(types.ModuleType):
-    """A module MDLM's files import but this benchmark never calls: any attribute is a class or callable that raises."""
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-
-        def unavailable(*args, **kwargs):
-            raise RuntimeError(f"{self.__name__}.{name} is a placeholder (the package is not installed).")
-
-        if name[:1].isupper():  # a class: MDLM's modules subclass some (utils.py: timm's CosineLRScheduler)
-            return type(name, (), {"__init__": unavailable})
-        return unavailable
-
-
-class _PlaceholderFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def __init__(self, roots):
-        self.roots = roots
-
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in self.roots:
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        module = _Placeholder(spec.name)
-        module.__path__ = []
-        return module
-
-    def exec_module(self, module):
-        pass
-
-
 def import_mdlm(path: str | None):
     """MDLM's `diffusion` and `noise_schedule` modules, or (None, why not)."""
     if path:
         sys.path.insert(0, os.path.abspath(path))
-    missing = tuple(name for name in UNCALLED_PACKAGES if importlib.util.find_spec(name) is None)
-    if missing:
-        sys.meta_path.append(_PlaceholderFinder(missing))
+    missing = install_placeholders(UNCALLED_PACKAGES)
     try:
         import diffusion
         import noise_schedule

@@ -682,7 +682,7 @@ def test_remote_code_loads_without_hf_mdm(tmp_path, model):
         (lambda m: m(torch.tensor([1, 2, 3])), "shape"),
         (lambda m: m(torch.tensor([[1, 2, 51]])), "vocab_size"),
         (lambda m: m(torch.tensor([[-1, 2, 3]])), "vocab_size"),
-        (lambda m: m(torch.ones(1, 65, dtype=torch.long)), "max_position_embeddings"),
+        (lambda m: m.generate(torch.ones(1, 1, dtype=torch.long), max_new_tokens=64), "max_position_embeddings"),
         (lambda m: m(torch.ones(1, 5)), "dtype"),
         (lambda m: m(torch.ones(1, 5, dtype=torch.long), attention_mask=torch.ones(1, 4)), "attention_mask"),
         (lambda m: m(torch.ones(1, 5, dtype=torch.long), output_positions=torch.tensor([[5]])), "output_positions"),

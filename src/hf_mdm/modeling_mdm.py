@@ -31,12 +31,10 @@ from .modeling_mdm_common import (
     MDMPreTrainedBase,
     MDMRotaryEmbedding,
     apply_rotary_pos_emb,
-    attention_implementation,
-    build_attention_mask,
+    backbone_inputs,
     check_kwargs,
     eager_attention_forward,
     gather_positions,
-    input_position_ids,
     validate_inputs,
 )
 
@@ -242,16 +240,11 @@ class MDMModel(MDMPreTrainedModel):
         if self.config.attend_to_padding:
             attention_mask = None  # MDLM's DiT: no attention mask, positions 0..L-1
 
-        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        batch_size, seq_len = hidden_states.shape[:2]
+        hidden_states, position_embeddings, mask, implementation = backbone_inputs(
+            self, input_ids, inputs_embeds, attention_mask, position_ids, cache, kwargs.get("output_attentions", False))
         if not self.config.time_conditioning:
-            timesteps = torch.zeros(batch_size, device=hidden_states.device)
+            timesteps = torch.zeros(hidden_states.shape[0], device=hidden_states.device)
         conditioning = F.silu(self.timestep_embedder(timesteps))
-        if position_ids is None:
-            position_ids = input_position_ids(attention_mask, batch_size, seq_len, hidden_states.device, cache)
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        implementation = attention_implementation(self, kwargs.get("output_attentions", False))
-        mask = build_attention_mask(self.config, hidden_states, attention_mask, cache, implementation)
 
         for layer in self.layers:
             hidden_states = layer(hidden_states, conditioning, position_embeddings, mask, cache, implementation)

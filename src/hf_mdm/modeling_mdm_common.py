@@ -202,6 +202,21 @@ def input_position_ids(attention_mask, batch_size: int, seq_len: int, device, ca
     return position_ids_from_mask(attention_mask, batch_size, length, device)[:, start : start + seq_len]
 
 
+def backbone_inputs(model: nn.Module, input_ids, inputs_embeds, attention_mask, position_ids, cache,
+                    output_attentions: bool = False):
+    """What every backbone computes before its blocks: the embeddings (batch, seq_len, hidden), rotary cos/sin at the
+    positions (counted over the real tokens, or those of a cached segment), the attention implementation (eager
+    when attention weights are asked for) and the mask in its form."""
+    hidden_states = model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+    batch_size, seq_len = hidden_states.shape[:2]
+    if position_ids is None:
+        position_ids = input_position_ids(attention_mask, batch_size, seq_len, hidden_states.device, cache)
+    position_embeddings = model.rotary_emb(hidden_states, position_ids)
+    implementation = attention_implementation(model, output_attentions)
+    mask = build_attention_mask(model.config, hidden_states, attention_mask, cache, implementation)
+    return hidden_states, position_embeddings, mask, implementation
+
+
 @dataclass
 class MDMModelOutput(ModelOutput):
     """
