@@ -35,18 +35,18 @@ def settings(quick: bool) -> list[str]:
     blocks = "block_length=32"
     out = ["sampler=first_hitting"]  # exact, 256 calls
     out += [f"tokens_per_step={k}" for k in ([4] if quick else [2, 4, 8])]
-    out += [f"unmasking=confidence,steps={LENGTH}"] if not quick else []
+    out += [f"sampler=confidence,order=confidence,steps={LENGTH}"] if not quick else []
     for order in ("confidence", "margin", "entropy"):
-        out += [f"unmasking={order},steps={n}" for n in budgets]
-        out += [f"unmasking={order},steps={n},{blocks}" for n in (budgets if order == "confidence" else [64])]
-    out += [f"unmasking=confidence,steps={n},{blocks},use_cache=true" for n in budgets]
+        out += [f"sampler=confidence,order={order},steps={n}" for n in budgets]
+        out += [f"sampler=confidence,order={order},steps={n},{blocks}" for n in (budgets if order == "confidence" else [64])]
+    out += [f"sampler=confidence,order=confidence,steps={n},{blocks},use_cache=true" for n in budgets]
     for threshold in ([0.7] if quick else [0.9, 0.7, 0.5]):
-        out += [f"unmasking=confidence,confidence_threshold={threshold}",
-                f"unmasking=confidence,confidence_threshold={threshold},{blocks}",
-                f"unmasking=confidence,confidence_threshold={threshold},{blocks},use_cache=true"]
+        out += [f"sampler=confidence,order=confidence,confidence_threshold={threshold}",
+                f"sampler=confidence,order=confidence,confidence_threshold={threshold},{blocks}",
+                f"sampler=confidence,order=confidence,confidence_threshold={threshold},{blocks},use_cache=true"]
     out += [f"{blocks}", f"{blocks},use_cache=true"]  # FHS k=1 within blocks: exact for the block-factorised process
     out += [f"sampler=ancestral,steps={LENGTH}"]
-    out += [f"sampler=ancestral,steps={n},remasking=remdm" for n in ([LENGTH] if quick else [LENGTH, 2 * LENGTH])]
+    out += [f"sampler=remdm,steps={n}" for n in ([LENGTH] if quick else [LENGTH, 2 * LENGTH])]
     return out
 
 
@@ -54,14 +54,16 @@ def strategy(row: dict) -> str:
     """The curve a result row belongs to (its label without the budget)."""
     s = row["setting"]
     tail = (" blocks" if s.get("block_length") else "") + (" + cache" if s.get("use_cache") else "")
-    if s.get("remasking"):
+    sampler = s.get("sampler", "first_hitting")
+    order = s.get("order", s.get("unmasking", "random"))  # results written before hf_mdm 0.2 use the flat unmasking
+    if sampler == "remdm" or s.get("remasking"):
         return "ReMDM-cap" + tail
-    if s.get("sampler") == "ancestral":
+    if sampler == "ancestral":
         return "ancestral (MDLM)" + tail
-    if s.get("unmasking", "random") != "random":
+    if sampler == "confidence" or order != "random":
         if s.get("confidence_threshold") is not None:
             return "threshold" + tail
-        return s["unmasking"] + tail
+        return order + tail
     if (s.get("tokens_per_step") or 1) > 1:
         return "parallel FHS" + tail
     return ("FHS (exact" + (", block-factorised)" if s.get("block_length") else ")")) + (" + cache" if s.get("use_cache") else "")
@@ -118,7 +120,7 @@ def measure_cache(args) -> dict:
     from hf_mdm.pretrained import pretrained_path
 
     model = AutoModel.from_pretrained(pretrained_path("shakespeare-mdm")).eval()
-    base = dict(max_new_tokens=LENGTH, num_return_sequences=args.batch_size, unmasking="confidence", steps=64,
+    base = dict(max_new_tokens=LENGTH, num_return_sequences=args.batch_size, sampler="confidence", steps=64,
                 block_length=32)
     variants = {"no cache": {}, "prefix cache": dict(use_cache=True), "dual cache": dict(use_cache=True, cache_mode="dual")}
     times = {name: [] for name in variants}

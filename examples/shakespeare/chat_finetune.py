@@ -3,7 +3,7 @@
     python examples/shakespeare/prepare.py --out data/shakespeare
     python examples/shakespeare/chat_finetune.py --data data/shakespeare --out runs/shakespeare-chat
     hf-mdm generate runs/shakespeare-chat/run/model --chat "But soft, what light through yonder window breaks?" \
-        --unmasking confidence --block-length 8 --temperature 0 --max-new-tokens 48
+        --sampler confidence --block-length 8 --temperature 0 --max-new-tokens 48
 
 1. Chat data: every speech of at least four lines becomes a conversation, its first two lines the user's turn,
    its next two lines the answer (kept when the rendered conversation fits --block-size): training conversations
@@ -122,8 +122,8 @@ def main():
     # Answers to held-out prompts before and after, three ways: greedy most-confident-first over the whole answer
     # (instruct MDMs fill their EOS padding first and can end up answering nothing), the same in blocks of 8 (LLaDA's
     # semi-autoregressive remedy), and the exact first-hitting sampler at temperature 1.
-    decodings = {"greedy": dict(unmasking="confidence", temperature=0.0),
-                 "greedy, blocks of 8": dict(unmasking="confidence", temperature=0.0, block_length=8),
+    decodings = {"greedy": dict(sampler="confidence", temperature=0.0),
+                 "greedy, blocks of 8": dict(sampler="confidence", temperature=0.0, block_length=8),
                  "sampled (exact FHS)": dict(temperature=1.0)}
     samples = []
     for row in validation_rows[:4]:
