@@ -824,8 +824,9 @@ def test_mdlm_length_extrapolation_as_a_conversion_choice(tmp_path):
     finally:
         modeling_mdm.logger.removeHandler(handler)
     assert any("longer than max_position_embeddings (32): running anyway" in record.getMessage() for record in records)
-    torch.testing.assert_close(default(torch.zeros(1, 48, dtype=torch.long)).logits,
-                               longer(torch.zeros(1, 48, dtype=torch.long)).logits, rtol=0, atol=0)
+    zeros, noise = torch.zeros(1, 48, dtype=torch.long), torch.tensor([0.5])
+    torch.testing.assert_close(default(zeros, timesteps=noise).logits, longer(zeros, timesteps=noise).logits,
+                               rtol=0, atol=0)
     out = longer.generate(max_new_tokens=40, generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 40) and (out != ids["mask"]).all()
     with pytest.raises(ValueError, match=r"exceeds the model's max_position_embeddings \(32\).*length_extrapolation"):
