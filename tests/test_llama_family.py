@@ -188,8 +188,13 @@ def test_converted_folder_is_hub_ready(converted, family_name):
     assert f"license: {'mit' if family_name == 'llada' else 'apache-2.0'}" in card  # the source card's license
     assert f"hf-mdm convert {family_name}" in card
     generation = MDMGenerationConfig.from_pretrained(folder)
-    assert generation.sampler == "confidence" and generation.sampling_dtype == "float64"
-    assert generation.order == ("confidence" if family_name == "llada" else "entropy")
+    assert generation.sampling_dtype == "float64"
+    if family_name == "llada":  # LLaDA's chat.py: greedy low-confidence remasking in blocks of 32
+        assert (generation.sampler, generation.order, generation.block_length) == ("confidence", "confidence", 32)
+        assert generation.temperature == 0
+    else:  # Dream's README: its own loop, entropy order, temperature 0.2, top-p 0.95, alg_temp 0
+        assert (generation.sampler, generation.alg, generation.alg_temp, generation.eps) == ("dream", "entropy", 0, 1e-3)
+        assert (generation.temperature, generation.top_p) == (0.2, 0.95)
     end_of_turn = LLADA_EOT if family_name == "llada" else DREAM_IM_END
     assert generation.eos_token_id == [config["eos_token_id"], end_of_turn]
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -175,6 +175,7 @@ class CategoricalSampler:
 
     def __init__(self, dtype=torch.float64, temperature=1.0, top_k=0, top_p=1.0, generator=None, mask_token_id=None):
         self.dtype = dtype
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.mask_token_id = mask_token_id
         self.greedy = temperature == 0
         self.generator = generator
@@ -712,6 +713,199 @@ class ConfidenceSampler(DecodingStrategy):
             chosen = valid & (rank < count[:, None])
         probability = probs.gather(-1, sampled[..., None])[..., 0]
         return commit(state, rows, positions, chosen, sampled, confidence=probability)
+
+
+DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+
+
+def dream_filtered_logits(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
+    """Dream's `sample_tokens` filters, in the logits' dtype: divided by the temperature (when > 0), then nucleus
+    (when top_p < 1: an entry goes when the probability ranked above it exceeds top_p; the best one stays), then
+    top-k (entries below the k-th largest value); what is filtered gets finfo.min. They apply at temperature 0
+    too: the argmax is unchanged, but the scores, hence the order, come from the filtered distribution."""
+    if temperature > 0:
+        logits = logits / temperature
+    floor = torch.finfo(logits.dtype).min
+    if top_p < 1:
+        ordered, order = torch.sort(logits, dim=-1, descending=True)
+        running = torch.cumsum(torch.softmax(ordered, dim=-1), dim=-1)
+        above = torch.cat([torch.zeros_like(running[..., :1]), running[..., :-1]], dim=-1)
+        drop = (above > top_p).scatter(-1, torch.zeros_like(order[..., :1]), False)
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), floor)
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, floor)
+    return logits
+
+
+def dream_scores(alg: str, probs: torch.Tensor, tokens: torch.LongTensor) -> torch.Tensor:
+    """Dream's confidence of each position (higher = surer), from its filtered distribution `probs` (..., V):
+    maskgit_plus the probability of the chosen token, topk_margin top-1 minus top-2, entropy sum p log(p + 1e-10)."""
+    if alg == "topk_margin":
+        top = probs.topk(2, dim=-1).values
+        return top[..., 0] - top[..., 1]
+    if alg == "entropy":
+        return (probs * torch.log(probs + 1e-10)).sum(-1)
+    return probs.gather(-1, tokens[..., None])[..., 0]
+
+
+def on_canvas(row_scores, row_positions, row_valid, length: int):
+    """One row's candidate scores laid on its whole canvas (-inf elsewhere), as Dream ranks them: torch.topk over the
+    same extent breaks equal scores the same way. Returns the canvas and, per canvas position, its candidate index."""
+    canvas = torch.full((length,), -torch.inf, dtype=row_scores.dtype, device=row_scores.device)
+    canvas[row_positions[row_valid]] = row_scores[row_valid]
+    lookup = torch.full((length,), -1, dtype=torch.long, device=row_scores.device)
+    lookup[row_positions[row_valid]] = torch.nonzero(row_valid).squeeze(1)
+    return canvas, lookup
+
+
+@dataclass
+class DreamSettings(StrategySettings):
+    """alg: "maskgit_plus" (probability of the token), "topk_margin", "entropy" (Dream's recommended), or "origin"
+    (Dream's default: each masked position revealed with probability 1 - s/t, at random). steps: network calls
+    (default: one per generated position). eps: where Dream's time grid ends. alg_temp: Dream's randomised choice
+    of positions, from softmax(score / alg_temp) (None or 0: the best ones). confidence_threshold: Fast-dLLM's
+    capped threshold rule for Dream instead of Dream's counts (maskgit_plus scores)."""
+
+    alg: str = "maskgit_plus"
+    steps: int | None = None
+    eps: float = 1e-3
+    alg_temp: float | None = None
+    confidence_threshold: float | None = None
+
+    def validate(self):
+        if self.alg not in DREAM_ALGS:
+            raise ValueError(f"alg must be one of {DREAM_ALGS}, got {self.alg!r}.")
+        check_count("steps", self.steps)
+        if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool) or not 0 <= self.eps < 1:
+            raise ValueError(f"eps must be a number in [0, 1), got {self.eps!r}.")
+        if self.alg_temp is not None and (not isinstance(self.alg_temp, (int, float)) or isinstance(self.alg_temp, bool)
+                                          or self.alg_temp < 0):
+            raise ValueError(f"alg_temp must be a number >= 0 (or None), got {self.alg_temp!r}.")
+        value = self.confidence_threshold
+        if value is not None:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
+                raise ValueError(f"confidence_threshold must be a number in (0, 1) (or None), got {value!r}.")
+            if self.alg != "maskgit_plus":
+                raise ValueError(f"confidence_threshold is Fast-dLLM's rule on maskgit_plus scores: alg must be "
+                                 f"'maskgit_plus', got {self.alg!r}.")
+
+
+@register_strategy("dream")
+class DreamSampler(DecodingStrategy):
+    """Dream's own decoding (Dream-org/Dream-v0 `generation_utils.py`, `diffusion_generate` / `_sample`), as Dream's
+    code does it. An APPROXIMATION of the MDM's reverse process.
+
+    Each row runs `steps` calls on Dream's time grid `linspace(1, eps, steps + 1)` (float32), call i from t to s:
+        1. every masked position of the row (of its active block, with blocks) is scored from Dream's filtered
+           distribution (`dream_filtered_logits`: temperature, top-p, top-k, in the logits' dtype) by `alg`;
+           its token is the argmax (temperature 0) or a draw from hf_mdm's categorical sampler (in sampling_dtype);
+        2. "origin": each masked position is revealed with probability 1 - s/t (one torch.rand over the row's masked
+           positions, as Dream draws them; every one on the last call); the others: the row's k = int(n (1 - s/t))
+           best-scored positions (n its masked count; all of them on the last call) are revealed, chosen by
+           torch.topk over the whole row, or with `alg_temp` > 0 by torch.multinomial on softmax(score / alg_temp),
+           without replacement, as Dream chooses them.
+    With `confidence_threshold` (Fast-dLLM's rule for Dream): each call takes the row's top quota + carry positions
+    by maskgit_plus score (quota = n / steps), keeps the best one always and the others whose score reaches the
+    threshold, and carries the dropped ones over; when the last call drops some, one more call follows.
+
+    Where it differs from Dream's code, on purpose: rows are independent (Dream counts n as the batch's mean), and
+    tokens at temperature > 0 come from hf_mdm's categorical sampler (float64 by default), not from
+    torch.distributions.Categorical in the logits' dtype, so seeded samples at temperature > 0 differ from Dream's
+    (greedy decoding, the order of positions and origin's reveals are Dream's exactly).
+    """
+
+    Settings = DreamSettings
+    supports_blocks = True
+
+    @classmethod
+    def describe(cls, settings):
+        how = f"thr {settings.confidence_threshold:g}" if settings.confidence_threshold is not None else (
+            f"{settings.steps} calls" if settings.steps else "L calls")
+        return f"Dream {settings.alg} {how}"
+
+    def total_steps(self, state: DiffusionState) -> int:
+        return self.settings.steps or max(int(state.generated.sum(dim=1).max()), 1)
+
+    def step_limit(self, state: DiffusionState) -> int:
+        if self.settings.confidence_threshold is not None:
+            return int(state.masked.sum(dim=1).max()) + state.num_blocks  # at least one a call, one extra a block
+        steps = self.total_steps(state)
+        if state.block_length is None:
+            return steps
+        per_block, extra = divmod(steps, state.num_blocks)
+        return sum(max(per_block + (block < extra), 1) for block in range(state.num_blocks))
+
+    def step(self, state: DiffusionState, denoise: Denoiser) -> DiffusionState:
+        settings, categorical = self.settings, self.categorical
+        rows = state.masked.any(dim=1).nonzero().squeeze(1)
+        in_block = candidates(state)[rows]
+        positions, valid = candidate_positions(in_block)
+        logits = denoise(rows, state.tokens[rows], positions, state.time[rows])
+        probs = torch.softmax(dream_filtered_logits(logits, *self.filters()), dim=-1)
+        greedy_probs, tokens = probs.max(dim=-1)
+        if not categorical.greedy:
+            tokens = categorical.choose(categorical.probabilities(logits))
+        scores = dream_scores(settings.alg, probs, tokens).masked_fill(~valid, -torch.inf)
+        if settings.confidence_threshold is not None:
+            chosen, scratch = self.threshold_choice(state, rows, positions, scores, valid)
+            return commit(state, rows, positions, chosen, tokens, scratch=scratch)
+        steps = self.total_steps(state)
+        budget = block_budget(state, steps)[rows]
+        call = state.block_step[rows]
+        grid = torch.linspace(1, settings.eps, int(budget.max()) + 1, device=state.tokens.device)
+        last = call + 1 >= budget
+        chosen = torch.zeros_like(valid)
+        for r in range(len(rows)):  # rows are independent; Dream's batch is the rows decoded alike
+            row_grid = grid if int(budget[r]) == len(grid) - 1 else torch.linspace(1, settings.eps, int(budget[r]) + 1,
+                                                                                      device=grid.device)
+            t, s = row_grid[int(call[r])], row_grid[int(call[r]) + 1]
+            n = int(valid[r].sum())
+            if settings.alg == "origin":
+                reveal = 1.0 if bool(last[r]) else 1 - s / t
+                draws = torch.rand(n, device=state.tokens.device, generator=categorical.generator)
+                chosen[r, :n] = draws < reveal
+                continue
+            k = n if bool(last[r]) else int(torch.tensor(float(n)) * (1 - s / t))
+            if k == 0:
+                continue
+            canvas, lookup = on_canvas(scores[r], positions[r], valid[r], state.tokens.shape[1])
+            if settings.alg_temp:
+                weights = torch.softmax(canvas / settings.alg_temp, dim=-1)
+                picked = torch.multinomial(weights, k, replacement=False, generator=categorical.generator)
+            else:
+                picked = torch.topk(canvas, k).indices
+            chosen[r, lookup[picked]] = True
+        return commit(state, rows, positions, chosen, tokens)
+
+    def filters(self) -> tuple[float, float, int]:
+        """The categorical sampler's temperature, top-p and top-k (generate()'s), for Dream's filtered scores."""
+        categorical = self.categorical
+        return categorical.temperature, categorical.top_p, categorical.top_k
+
+    def threshold_choice(self, state, rows, positions, scores, valid):
+        """Fast-dLLM's capped threshold rule: per row, the top quota + carry by score, the best always kept."""
+        scratch = dict(state.scratch or {})
+        carry = scratch.get("carry", torch.zeros(state.tokens.shape[0], dtype=torch.long, device=scores.device))
+        quota = scratch.get("quota")
+        if quota is None:
+            steps = self.total_steps(state)
+            quota = torch.div(state.generated.sum(dim=1), steps, rounding_mode="floor").clamp(min=1)
+        carry, quota = carry.clone(), quota.clone()
+        chosen = torch.zeros_like(valid)
+        for r, row in enumerate(rows.tolist()):
+            n = int(valid[r].sum())
+            budget = min(int(quota[row]) + int(carry[row]), n)
+            canvas, lookup = on_canvas(scores[r], positions[r], valid[r], state.tokens.shape[1])
+            values, order = torch.topk(canvas, budget)
+            keep = values >= self.settings.confidence_threshold
+            keep[0] = True
+            chosen[r, lookup[order[keep]]] = True
+            carry[row] = int((~keep).sum())
+            if n - int(keep.sum()) > 0 and int(state.block_step[row]) + 1 >= self.total_steps(state):
+                quota[row] = 0  # the calls after the schedule take only what was carried over
+        scratch.update(carry=carry, quota=quota)
+        return chosen, scratch
 
 
 NOISE_REMOVAL_MODES = ("mdlm", "last_step_argmax")

@@ -236,10 +236,11 @@ FAMILIES = {
     "llada": Family("llada", "LLaDA", llada_config, llada_weight_name, "GSAI-ML/LLaDA-8B-Instruct", ("<|eot_id|>",),
                     "Nie et al., *Large Language Diffusion Models*, arXiv:2502.09992",
                     dict(sampler="confidence", order="confidence", block_length=32, temperature=0.0)),
-    # Dream's README: entropy order, temperature 0.2, top_p 0.95, steps = answer length.
+    # Dream's README: its own decoding loop (sampler="dream"), entropy order, temperature 0.2, top_p 0.95, alg_temp 0,
+    # steps = answer length, eps 1e-3.
     "dream": Family("dream", "Dream", dream_config, dream_weight_name, "Dream-org/Dream-v0-Instruct-7B", ("<|im_end|>",),
                     "Ye et al., *Dream 7B: Diffusion Large Language Models*, arXiv:2508.15487",
-                    dict(sampler="confidence", order="entropy", temperature=0.2, top_p=0.95)),
+                    dict(sampler="dream", alg="entropy", eps=1e-3, alg_temp=0.0, temperature=0.2, top_p=0.95)),
 }
 
 
