@@ -343,8 +343,9 @@ class MDMGenerationConfig(GenerationConfig):
         value = self.cache_refresh_steps
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"cache_refresh_steps must be an integer >= 1 (or None), got {value!r}.")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}.")
+        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) or \
+                not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}.")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 keeps every token), got {self.top_k!r}.")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
@@ -441,6 +442,18 @@ class MDMGenerationOutput(ModelOutput):
     history: list[torch.LongTensor] | None = None
 
 
+def check_finite(logits: torch.Tensor, rows: torch.LongTensor) -> None:
+    """Raises ValueError naming the batch rows whose logits (R, ..., V) hold a NaN or an infinite maximum (+inf
+    somewhere, or -inf everywhere): sampling from them would silently give token 0 or a row's NaN would reach the
+    others through shared random draws. One reduction over the logits, one host read."""
+    best = logits.amax(dim=-1).reshape(len(rows), -1)
+    finite = torch.isfinite(best).all(dim=1)
+    if not bool(finite.all()):
+        bad = rows[~finite].tolist()
+        raise ValueError(f"the network returned non-finite logits (NaN, +inf, or -inf for every token) for batch rows "
+                         f"{bad}: generation stops. Check the model's weights (a diverged training run?) and inputs.")
+
+
 class Denoiser:
     """The model as the strategies see it, `denoise(rows, tokens, positions, times) -> logits` (`bind`), and what
     they never see: the padding mask, the time input of a time-conditioned network, the count of network calls,
@@ -485,8 +498,10 @@ class Denoiser:
         self.nfe += 1
         timesteps = self.schedule.total_noise(times).float() if self.model.config.time_conditioning else None
         mask = self.attention_mask[rows] if self.attention_mask is not None else None
-        return self.model(tokens, attention_mask=mask, timesteps=timesteps, output_positions=positions,
-                          cache=cache).logits
+        logits = self.model(tokens, attention_mask=mask, timesteps=timesteps, output_positions=positions,
+                            cache=cache).logits
+        check_finite(logits, rows)
+        return logits
 
     def cached(self, state, rows, tokens, positions, times) -> torch.Tensor:
         due = self.calls_since_refresh[rows] + 1 == (self.refresh_steps or 0)

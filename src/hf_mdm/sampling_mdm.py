@@ -198,6 +198,13 @@ class CategoricalSampler:
             probs = torch.zeros_like(scores).scatter_(-1, scores.argmax(-1, keepdim=True), 1.0)
         else:
             probs = torch.softmax(self.warpers(None, scores), dim=-1)
+            finite = torch.isfinite(probs).all(dim=-1)
+            if not bool(finite.all()):
+                raise ValueError(
+                    f"{int((~finite).sum())} of {len(finite)} distributions are not finite in sampling_dtype={self.dtype} "
+                    f"at temperature={self.temperature} (logits too large for the dtype once divided by the "
+                    "temperature, or no token left): use float64 sampling or a larger temperature."
+                )
         return probs.view(logits.shape)
 
     def draw(self, probs: torch.Tensor) -> torch.LongTensor:

@@ -117,7 +117,9 @@ class TrainConfig:
 
 # Settings that may differ when a run is resumed: how long it trains and how often it logs, validates and saves.
 MAY_CHANGE_ON_RESUME = {"max_steps", "eval_every", "eval_blocks", "log_every", "save_every", "save_total_limit",
-                        "resume", "report_to", "num_proc"}
+                        "resume", "report_to", "num_proc",
+                        # what a run that diverged resumes with: a smaller learning rate, gradient clipping
+                        "lr", "min_lr", "grad_clip"}
 
 
 class JSONLinesTracker(GeneralTracker):
@@ -305,6 +307,31 @@ class InputError(ValueError):
     """Bad input (data, tokenizer, model config, settings, output directory), found before training starts."""
 
 
+class TrainingDiverged(ValueError):
+    """A non-finite loss, gradient norm or weight: training stops before it reaches an update or a checkpoint."""
+
+
+def check_step_is_finite(step: int, loss: torch.Tensor, grad_norm: torch.Tensor, output_dir: Path) -> None:
+    """Raises TrainingDiverged, naming the step, unless this step's loss and global gradient norm are finite (one
+    host read per step). The update is not made, so the last checkpoint (if any) stays the run's last good state."""
+    if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+        return
+    last = latest_checkpoint(output_dir)
+    raise TrainingDiverged(
+        f"step {step}: the loss is {float(loss):.4g} and the gradient norm {float(grad_norm):.4g}: training stops "
+        f"before updating the weights. {f'The last checkpoint, {last.name}, is intact: resume from it' if last else 'No checkpoint was written: restart'} "
+        "with a smaller --lr or with --grad-clip."
+    )
+
+
+def check_weights_are_finite(model, step: int) -> None:
+    """Raises TrainingDiverged when a weight is NaN or infinite: nothing non-finite is ever written to disk."""
+    bad = [name for name, parameter in model.named_parameters() if not bool(torch.isfinite(parameter).all())]
+    if bad:
+        raise TrainingDiverged(f"step {step}: {len(bad)} weight tensors are not finite (e.g. {bad[0]}): nothing is "
+                               "saved. Resume from the last checkpoint with a smaller --lr or with --grad-clip.")
+
+
 @contextlib.contextmanager
 def input_checks(output_dir: Path):
     """Turns a ValueError raised inside the block into an InputError (errors of the loop itself stay as they are).
@@ -433,6 +460,7 @@ def train(config: TrainConfig) -> dict:
         indices = sampler.indices(step)
         noise = objective.draw_noise(torch.Generator().manual_seed(config.seed * 1_000_003 + step),
                                      config.batch_size, config.block_size)
+        step_loss = torch.zeros((), device=accelerator.device)
         for micro_step in range(config.grad_accum):
             # Global rows of this micro-step on this process: micro-step-major, then process, then row.
             start = (micro_step * accelerator.num_processes + accelerator.process_index) * micro_batch_size
@@ -444,9 +472,12 @@ def train(config: TrainConfig) -> dict:
             with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-step
                 loss = objective.sequence_losses(model, input_ids, micro_noise, **extras).mean()
                 accelerator.backward(loss)  # divides by grad_accum
-            loss_sum += loss.detach() / config.grad_accum
-        if config.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+            step_loss += loss.detach() / config.grad_accum
+        loss_sum += step_loss
+        # The global gradient norm (clipping at inf leaves the gradients as they are); NaN if any process had one.
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(),
+                                                config.grad_clip if config.grad_clip > 0 else float("inf"))
+        check_step_is_finite(step + 1, step_loss, grad_norm, output_dir)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -471,10 +502,12 @@ def train(config: TrainConfig) -> dict:
 
         # Once in a while: a checkpoint that a killed run resumes from.
         if config.save_every and step % config.save_every == 0 and step < config.max_steps:
+            check_weights_are_finite(model, step)
             save_checkpoint(accelerator, output_dir, step, config.save_total_limit)
     progress.close()
 
     # ---------------------------------------------------------------- the end: validate, checkpoint, save the model
+    check_weights_are_finite(model, step)
     metrics = validate()
     accelerator.log(metrics, step=step)
     accelerator.print(f"step {step}: validation {metrics['val/nats_per_token']:.4f} nats/token, "
