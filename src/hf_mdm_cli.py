@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> None:
         for name, text in COMMANDS.items():
             commands.add_parser(name, help=text)
         parser.parse_args(argv)  # prints the help or the version (or the missing-command error) and exits
-    if hub_unreachable(argv):
+    if "--dry-run" in argv:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # a dry run touches no network, not even to look up a Hub id
+    elif hub_unreachable(argv):
         # huggingface_hub reads this once, when transformers first imports it: set before hf_mdm is imported, a Hub
         # id then fails at once with "offline" instead of after a minute of retries.
         os.environ["HF_HUB_OFFLINE"] = "1"

@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard
 
 from hf_mdm import hub
 from hf_mdm.constants import travelling_files
-from hf_mdm.hub import publish, write_model_card
+from hf_mdm.hub import checkpoint_files, publish, write_model_card
 from hf_mdm.remote_code import PACKAGE
 
 from conftest import tiny_model
@@ -36,8 +36,8 @@ EVAL_ROW = {"dataset_name": "WikiText-103", "dataset_type": "Salesforce/wikitext
 class RecordingApi:
     """Stands in for huggingface_hub.HfApi: records the calls publish makes and touches no network."""
 
-    def __init__(self):
-        self.calls = []
+    def __init__(self, existing=()):
+        self.calls, self.existing = [], set(existing)
 
     def create_repo(self, repo_id, **kwargs):
         self.calls.append(("create_repo", repo_id, kwargs))
@@ -48,6 +48,10 @@ class RecordingApi:
 
     def create_commit(self, repo_id, operations, **kwargs):
         self.calls.append(("create_commit", repo_id, {"operations": list(operations), **kwargs}))
+
+    def repo_exists(self, repo_id, **kwargs):
+        self.calls.append(("repo_exists", repo_id, kwargs))
+        return repo_id in self.existing
 
 
 @pytest.fixture(autouse=True)
@@ -109,7 +113,7 @@ def test_mdm_publish_uploads_exactly_the_checkpoint(mdm_folder):
     (mdm_folder / "checkpoints" / "step_00000010" / "model.safetensors").write_bytes(b"\0")
 
     api = RecordingApi()
-    files = publish(mdm_folder, "someone/tiny-mdm", api=api)
+    files = publish(mdm_folder, "someone/tiny-mdm", api=api, private=False)
 
     assert set(files) == MDM_FILES
     assert [call[0] for call in api.calls] == ["create_repo", "create_commit"]
@@ -143,7 +147,7 @@ def test_publish_writes_todays_remote_code_into_a_folder_without_it_or_with_an_o
             word_tokenizer().save_pretrained(folder)
             write_card(folder)
         api = RecordingApi()
-        files = publish(folder, "someone/model", api=api)
+        files = publish(folder, "someone/model", api=api, private=False)
         sources = uploaded(api)
         code = set(travelling_files(model_type))
         assert code <= set(files) and all(sources[name] == str(PACKAGE / name) for name in code)
@@ -178,7 +182,7 @@ def test_mdm_card_metadata_and_body(mdm_folder):
 def test_ar_publish_and_card(ar_folder):
     write_card(ar_folder, title="Tiny GPT-2", training={"validation_nats_per_token": 2.0}, eval_results=[])
     api = RecordingApi()
-    assert set(publish(ar_folder, "someone/tiny-gpt2", api=api, revision="v1")) == AR_FILES
+    assert set(publish(ar_folder, "someone/tiny-gpt2", api=api, revision="v1", private=False)) == AR_FILES
     assert [call[0] for call in api.calls] == ["create_repo", "create_branch", "create_commit"]
     assert api.calls[2][2]["revision"] == "v1"
 
@@ -202,7 +206,7 @@ def test_card_usage_code_runs(kind, mdm_folder, ar_folder):
 def test_missing_readme_fails_before_any_call(mdm_folder):
     api = RecordingApi()
     with pytest.raises(ValueError, match=r"README\.md \(write it with hf_mdm\.hub\.write_model_card\)"):
-        publish(mdm_folder, "someone/tiny-mdm", api=api)
+        publish(mdm_folder, "someone/tiny-mdm", api=api, private=False)
     assert api.calls == []
 
 
@@ -217,7 +221,7 @@ def test_incomplete_mdm_fails_before_any_call(mdm_folder, remove, message):
         (mdm_folder / name).unlink()
     api = RecordingApi()
     with pytest.raises(ValueError, match=message):
-        publish(mdm_folder, "someone/tiny-mdm", api=api)
+        publish(mdm_folder, "someone/tiny-mdm", api=api, private=False)
     assert api.calls == []
 
 
@@ -227,12 +231,12 @@ def test_card_without_metadata_fails_and_a_missing_auto_map_is_written(mdm_folde
     del config["auto_map"]
     (mdm_folder / "config.json").write_text(json.dumps(config))
     api = RecordingApi()
-    publish(mdm_folder, "someone/tiny-mdm", api=api)
+    publish(mdm_folder, "someone/tiny-mdm", api=api, private=False)
     assert json.loads(uploaded(api)["config.json"])["auto_map"]["AutoModel"] == "modeling_mdm.MDMForMaskedDiffusion"
     (mdm_folder / "README.md").write_text("# A card without front matter\n")
     api = RecordingApi()
     with pytest.raises(ValueError, match=r"library_name, pipeline_tag, license in README"):
-        publish(mdm_folder, "someone/tiny-mdm", api=api)
+        publish(mdm_folder, "someone/tiny-mdm", api=api, private=False)
     assert api.calls == []
 
 
@@ -241,7 +245,7 @@ def test_bad_repo_id_fails_before_any_call(mdm_folder, repo_id):
     write_card(mdm_folder)
     api = RecordingApi()
     with pytest.raises(ValueError, match="repo_id"):
-        publish(mdm_folder, repo_id, api=api)
+        publish(mdm_folder, repo_id, api=api, private=False)
     assert api.calls == []
 
 
@@ -249,7 +253,7 @@ def test_run_folder_points_to_its_model(tmp_path, mdm_folder):
     (tmp_path / "run").mkdir()
     mdm_folder.rename(tmp_path / "run" / "model")
     with pytest.raises(ValueError, match=r"has no config\.json \(training writes the final checkpoint to .*model\)"):
-        publish(tmp_path / "run", "someone/tiny-mdm", api=RecordingApi())
+        publish(tmp_path / "run", "someone/tiny-mdm", api=RecordingApi(), private=False)
 
 
 def test_card_write_is_atomic(mdm_folder, monkeypatch):
@@ -313,6 +317,71 @@ def test_publish_command(mdm_folder, monkeypatch, capsys):
     args.func(args)
     assert len(api.calls) == 2  # the dry run made no call
     assert "would upload" in capsys.readouterr().out
+
+
+def test_publish_never_makes_a_repo_public_unasked(mdm_folder, monkeypatch, capsys):
+    from hf_mdm.cli import add_publish_parser
+
+    write_card(mdm_folder)
+    api = RecordingApi()
+    with pytest.raises(ValueError, match=r"someone/tiny-mdm does not exist on the Hub: say whether .*--private or --public"):
+        publish(mdm_folder, "someone/tiny-mdm", api=api)
+    assert [call[0] for call in api.calls] == ["repo_exists"]  # nothing created, nothing uploaded
+
+    api = RecordingApi(existing={"someone/tiny-mdm"})  # an existing repo keeps its visibility: no flag needed
+    publish(mdm_folder, "someone/tiny-mdm", api=api)
+    assert [call[0] for call in api.calls] == ["repo_exists", "create_commit"]
+
+    parser = argparse.ArgumentParser(prog="hf-mdm")
+    add_publish_parser(parser.add_subparsers(dest="command", required=True))
+    for flags, private in (([], None), (["--public"], False), (["--private"], True)):
+        assert parser.parse_args(["publish", str(mdm_folder), "someone/tiny-mdm", *flags]).private is private
+    with pytest.raises(SystemExit):
+        parser.parse_args(["publish", str(mdm_folder), "someone/tiny-mdm", "--public", "--private"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    api = RecordingApi()
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: api)
+    args = parser.parse_args(["publish", str(mdm_folder), "someone/tiny-mdm", "--public"])
+    args.func(args)
+    assert api.calls[0] == ("create_repo", "someone/tiny-mdm", {"private": False, "exist_ok": True, "repo_type": "model"})
+
+
+def test_publish_refuses_links_out_of_the_folder(mdm_folder, tmp_path):
+    write_card(mdm_folder)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("a token")
+    (mdm_folder / "notes.txt").symlink_to(secret)
+    api = RecordingApi()
+    with pytest.raises(ValueError, match=r"notes\.txt is a symbolic link to .*secret\.txt, outside"):
+        publish(mdm_folder, "someone/tiny-mdm", api=api, private=False)
+    assert api.calls == []
+    (mdm_folder / "notes.txt").unlink()
+    (mdm_folder / "elsewhere").symlink_to(tmp_path, target_is_directory=True)  # a folder outside: refused too
+    with pytest.raises(ValueError, match=r"elsewhere is a symbolic link"):
+        checkpoint_files(mdm_folder)
+    (mdm_folder / "elsewhere").unlink()
+    (mdm_folder / "card.md").symlink_to(mdm_folder / "README.md")  # a link inside the folder is its file
+    assert "card.md" in checkpoint_files(mdm_folder)
+
+
+def test_a_dry_run_touches_no_network(mdm_folder, monkeypatch, capsys):
+    import socket
+
+    import hf_mdm.cli
+    import hf_mdm_cli
+
+    write_card(mdm_folder)
+    touched = []
+    monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: touched.append(args))
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: touched.append(args))
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: touched.append("HfApi"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf_mdm.cli, "main", lambda argv, parser: hf_mdm.cli.run_publish(
+        argparse.Namespace(path=argv[1], repo_id=argv[2], dry_run=True, revision=None)))
+    hf_mdm_cli.main(["publish", str(mdm_folder), "someone/tiny-mdm", "--dry-run"])
+    assert touched == [] and os.environ["HF_HUB_OFFLINE"] == "1"
+    assert capsys.readouterr().out.endswith(f"would upload {len(MDM_FILES)} files to "
+                                            "https://huggingface.co/someone/tiny-mdm\n")
 
 
 def test_template_ships_inside_the_package():

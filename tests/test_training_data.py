@@ -125,8 +125,8 @@ def test_output_dir_holding_a_different_run(corpus, tmp_path):
         train(tiny_run(corpus, tmp_path / "other"))
     train(tiny_run(corpus, tmp_path / "run", max_steps=2))
     AcceleratorState._reset_state(True)
-    with pytest.raises(ValueError, match="holds a different run \\(lr: 0.003 there, 0.001 now\\)"):
-        train(tiny_run(corpus, tmp_path / "run", lr=1e-3, max_steps=2))
+    with pytest.raises(ValueError, match="holds a different run \\(weight_decay: 0.0 there, 0.05 now\\)"):
+        train(tiny_run(corpus, tmp_path / "run", weight_decay=0.05, max_steps=2))
     with pytest.raises(ValueError, match="already holds this run's checkpoints. Pass --resume"):
         train(tiny_run(corpus, tmp_path / "run", max_steps=2))
 

@@ -241,7 +241,11 @@ def add_publish_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("publish", help=COMMANDS["publish"], description=publish.__doc__.split("\n")[0])
     parser.add_argument("path", help="a save_pretrained folder with its tokenizer and README.md (write_model_card)")
     parser.add_argument("repo_id", help="the Hub model repo, owner/name; created if missing")
-    parser.add_argument("--private", action="store_true", help="make the repo private if it is created")
+    visibility = parser.add_mutually_exclusive_group()
+    visibility.add_argument("--private", dest="private", action="store_const", const=True, default=None,
+                            help="create the repo private if it is missing")
+    visibility.add_argument("--public", dest="private", action="store_const", const=False,
+                            help="create the repo public if it is missing; one of the two is needed to create one")
     parser.add_argument("--token", default=None, help="a Hub token with write access; default: HF_TOKEN or the login")
     parser.add_argument("--revision", default=None, help="the branch to commit to, created if missing; default: main")
     parser.add_argument("--commit-message", default=None)

@@ -762,6 +762,7 @@ class MDMGenerationMixin:
                              "prompt of at least one token (e.g. BOS).")
 
         batch_size = input_ids.shape[0]
+        check_memory(self, batch_size * config.num_return_sequences, prompt_length + new_tokens)
         canvas = torch.cat([input_ids, torch.full((batch_size, new_tokens), mask_id, dtype=torch.long, device=device)], dim=1)
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, new_tokens)], dim=1)
@@ -771,6 +772,41 @@ class MDMGenerationMixin:
                 attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
         region_start = prompt_length if new_tokens else 0  # where semi-autoregressive blocks start
         return canvas, attention_mask, (None if has_masks else prompt_length), region_start
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device` (CUDA: free plus cached by torch; CPU: the kernel's
+    MemAvailable), or None where it cannot be read."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def check_memory(model, rows: int, length: int) -> None:
+    """Refuses, before anything is allocated, a call whose network activations alone cannot fit: a lower bound
+    (the residual stream, its normalised copy, the attention output and the MLP's hidden layer, for every position
+    of every row, in the model's dtype), so it never refuses what would run."""
+    config = model.config
+    hidden = config.hidden_size
+    intermediate = getattr(config, "intermediate_size", 4 * hidden)
+    needed = rows * length * (3 * hidden + intermediate) * model.dtype.itemsize
+    available = available_memory(model.device)
+    if available is not None and needed > available:
+        fits = max(1, rows * available // needed)
+        raise ValueError(
+            f"generate() needs at least {needed / 2**30:,.1f} GiB for {rows:,} rows x {length:,} positions (the "
+            f"network's activations alone, in {model.dtype}), and {model.device} has {available / 2**30:,.1f} GiB "
+            f"available: generate at most about {fits:,} rows per call (batch size x num_return_sequences)."
+        )
 
 
 def cut_at_eos(sequences: torch.LongTensor, eos_token_id: int | list[int] | None, start: int = 0) -> list[list[int]]:

@@ -96,7 +96,7 @@ def checkpoint_upload(folder: str | os.PathLike) -> dict[str, Path | bytes]:
     folder = Path(folder)
     config = read_config(folder)
     kind = checkpoint_kind(config)
-    relative = (PurePosixPath(path.relative_to(folder).as_posix()) for path in folder.rglob("*") if path.is_file())
+    relative = (PurePosixPath(path.relative_to(folder).as_posix()) for path in _files_inside(folder))
     upload: dict[str, Path | bytes] = {str(path): folder / path for path in relative if not _is_junk(path)}
     if kind == "mdm":
         upload.update({name: path for name, path in remote_code_files(config["model_type"]).items()})
@@ -105,6 +105,22 @@ def checkpoint_upload(folder: str | os.PathLike) -> dict[str, Path | bytes]:
     if missing:
         raise ValueError(f"{folder} is not a complete {KIND_NAMES[kind]} checkpoint; missing: {'; '.join(missing)}.")
     return upload
+
+
+def _files_inside(folder: Path) -> list[Path]:
+    """Every file under `folder`. A symbolic link pointing outside the folder is refused, so publishing never
+    uploads what the folder merely points at (a key file, another checkpoint); a link to a file inside is uploaded
+    as that file, and a link to a folder inside is not walked (its files are uploaded from where they are)."""
+    root, files = folder.resolve(), []
+    for directory, subdirectories, names in os.walk(folder, followlinks=False):
+        for name in subdirectories + names:
+            path = Path(directory) / name
+            if path.is_symlink() and not path.resolve().is_relative_to(root):
+                raise ValueError(f"{path} is a symbolic link to {path.resolve()}, outside {folder}: refusing to upload "
+                                 "what the folder points at. Copy the file into the folder (cp -L) if it belongs "
+                                 "to the checkpoint.")
+        files += [Path(directory) / name for name in names if (Path(directory) / name).is_file()]
+    return files
 
 
 def _with_current_auto_map(folder: Path) -> dict:
@@ -410,7 +426,7 @@ def publish(
     repo_id: str,
     *,
     token: str | None = None,
-    private: bool = False,
+    private: bool | None = None,
     revision: str | None = None,
     commit_message: str | None = None,
     api: HfApi | None = None,
@@ -418,7 +434,8 @@ def publish(
     """Uploads a complete checkpoint folder to the Hub model repo `repo_id` in one commit.
 
     The repo id and the folder (`checkpoint_files`) are checked before the first network call, so a bad folder never
-    leaves a half-made repo. The repo is created if missing (`private` applies only then); `revision` is a branch,
+    leaves a half-made repo. The repo is created if missing, private or public as `private` says; a missing repo with
+    `private=None` is refused, so nothing becomes public without being asked for. `revision` is a branch,
     created from main if missing. `token` is used only when `api` (an `HfApi`, or a stand-in in tests) is not given.
 
     Returns:
@@ -428,8 +445,15 @@ def publish(
     upload = checkpoint_upload(folder)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(source) if isinstance(source, Path) else source)
                   for name, source in sorted(upload.items())]
+    if private not in (None, True, False):
+        raise ValueError(f"private must be True, False or None (only for an existing repo), got {private!r}.")
     api = api or HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if private is None:
+        if not api.repo_exists(repo_id, repo_type="model"):
+            raise ValueError(f"{repo_id} does not exist on the Hub: say whether to create it private or public "
+                             "(--private or --public; publish(private=True or False)).")
+    else:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     if revision not in (None, "main"):
         api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
     api.create_commit(repo_id=repo_id, operations=operations, repo_type="model", revision=revision,

@@ -806,7 +806,7 @@ class DreamSampler(DecodingStrategy):
     Each row runs `steps` calls on Dream's time grid `linspace(1, eps, steps + 1)` (float32), call i from t to s:
         1. every masked position of the row (of its active block, with blocks) is scored from Dream's filtered
            distribution (`dream_filtered_logits`: temperature, top-p, top-k, in the logits' dtype) by `alg`;
-           its token is the argmax (temperature 0) or a draw from hf_mdm's categorical sampler (in sampling_dtype);
+           its token is the argmax (temperature 0) or a draw by the shared categorical sampler (in sampling_dtype);
         2. "origin": each masked position is revealed with probability 1 - s/t (one torch.rand over the row's masked
            positions, as Dream draws them; every one on the last call); the others: the row's k = int(n (1 - s/t))
            best-scored positions (n its masked count; all of them on the last call) are revealed, chosen by
@@ -817,7 +817,7 @@ class DreamSampler(DecodingStrategy):
     threshold, and carries the dropped ones over; when the last call drops some, one more call follows.
 
     Where it differs from Dream's code, on purpose: rows are independent (Dream counts n as the batch's mean), and
-    tokens at temperature > 0 come from hf_mdm's categorical sampler (float64 by default), not from
+    tokens at temperature > 0 are drawn by the shared categorical sampler (float64 by default), not from
     torch.distributions.Categorical in the logits' dtype, so seeded samples at temperature > 0 differ from Dream's
     (greedy decoding, the order of positions and origin's reveals are Dream's exactly).
     """

@@ -46,9 +46,10 @@ from safetensors import safe_open
 from ..configuration_mdm_llama import MDMLlamaConfig
 from ..generation_mdm import MDMGenerationConfig
 from ..modeling_mdm_llama import MDMLlamaForMaskedDiffusion
+from ..files import staged_folder
 from ..remote_code import write_remote_code
 from .mdlm import card_license, resolve_license, resolve_source
-from .safe_load import ConversionError
+from .safe_load import ConversionError, read_weight_map
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -298,9 +299,7 @@ def _read_json(path: Path) -> dict:
 def _shard_files(folder: Path) -> list[Path]:
     index = folder / INDEX_FILE
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ConversionError(f"{index} has no weight_map.")
+        weight_map = read_weight_map(index)
         files = []
         for name in dict.fromkeys(weight_map.values()):
             path = folder / name
@@ -659,17 +658,6 @@ def _check_destination(dst: Path, overwrite: bool, source_folder: Path | None = 
         raise ConversionError(f"{dst} is the source itself; choose another output folder.")
 
 
-def _move_into_place(staging: Path, dst: Path) -> None:
-    """Renames the finished staging folder to `dst`, replacing what was there only after it is complete."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{staging.name[-8:]}")
-        dst.rename(old)
-        staging.rename(dst)
-        shutil.rmtree(old)
-    else:
-        staging.rename(dst)
-
-
 def convert_llama_family(
     family: str,
     src: str | Path,
@@ -702,9 +690,8 @@ def convert_llama_family(
     notes = list(source.notes)
     license = resolve_license(license, source.license, notes)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
+    # Everything is written into a hidden sibling folder, which becomes dst only once complete and verified.
+    with staged_folder(dst, overwrite, error=ConversionError) as staging:
         # 2. The weights, shard by shard.
         _stream_weights(source, staging)
         # 3. Config, remote code, generation config, tokenizer, card.
@@ -716,13 +703,9 @@ def convert_llama_family(
         tokenizer = _save_tokenizer(source, staging, notes)
         _generation_config(source, tokenizer).save_pretrained(staging)
         _write_card(staging, source, license, notes, tokenizer is not None)
-        # 4. Verify, then move into place.
+        # 4. Verify (then staged_folder moves it into place).
         if verify:
             verify_converted(source, staging)
-        _move_into_place(staging, dst)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return LlamaFamilyConversion(path=dst, source=source, notes=notes)
 
 

@@ -39,6 +39,7 @@ import torch
 from ..configuration_mdm import MDMConfig
 from ..generation_mdm import MDMGenerationConfig
 from ..modeling_mdm import MDMForMaskedDiffusion
+from ..files import staged_folder
 from .pickled_tokenizer import PickledTokenizerIds, read_pickled_tokenizer
 from .safe_load import (
     ConversionError,
@@ -254,7 +255,7 @@ def read_lightning_checkpoint(path: Path, use_ema: bool = True, name: str | None
         source.notes.append(f"ignored {len(others)} state_dict entries outside the DiT: {', '.join(others[:5])}")
 
     # The architecture: the run's config where it can be read, the weight shapes for the rest.
-    hyper = plain_data(checkpoint.get("hyper_parameters"))
+    hyper = plain_data(checkpoint.get("hyper_parameters"), f"{path.name}: hyper_parameters")
     run_config = hyper.get("config") if isinstance(hyper, dict) else None
     run_config = run_config if isinstance(run_config, dict) else {}
     model = run_config.get("model") if isinstance(run_config.get("model"), dict) else {}
@@ -437,30 +438,37 @@ def mdm_config_from_mdlm(fields: dict, mask_token_id: int | None = None, attend_
         raise ConversionError(f"the MDLM config does not make a valid hf_mdm config: {error}") from error
 
 
-def load_mdlm_weights(model: MDMForMaskedDiffusion, weights: dict, prefix: str = "backbone.") -> None:
-    """Copies MDLM DiT weights (names without `prefix`) into `model`, checking every name and shape first."""
-    target = model.state_dict()
-    mapping = parameter_map(model.config.num_hidden_layers)
-    converted = {}
+def check_mdlm_weights(config: MDMConfig, weights: dict, prefix: str = "backbone.") -> None:
+    """Checks every name and shape of MDLM DiT weights (names without `prefix`) against the model `config` makes,
+    built on the meta device: a wrong config is refused before the model costs any memory."""
+    with torch.device("meta"):
+        target = MDMForMaskedDiffusion(config).state_dict()
+    mapping = parameter_map(config.num_hidden_layers)
     for source_name, target_name in mapping:
         expected = tuple(target[target_name].shape)
         if source_name not in weights:
             raise ConversionError(f"missing weight {prefix}{source_name} (hf_mdm {target_name}, shape {expected}).")
-        tensor = weights[source_name]
-        if tuple(tensor.shape) != expected:
+        if tuple(weights[source_name].shape) != expected:
             raise ConversionError(
-                f"shape mismatch for {prefix}{source_name}: the checkpoint has {tuple(tensor.shape)}, hf_mdm's "
-                f"{target_name} needs {expected} (from the config: hidden={model.config.hidden_size}, "
-                f"cond_dim={model.config.cond_dim}, vocab_size={model.config.vocab_size})."
+                f"shape mismatch for {prefix}{source_name}: the checkpoint has {tuple(weights[source_name].shape)}, "
+                f"hf_mdm's {target_name} needs {expected} (from the config: hidden={config.hidden_size}, "
+                f"cond_dim={config.cond_dim}, vocab_size={config.vocab_size})."
             )
-        converted[target_name] = tensor.to(target[target_name].dtype)
     unexpected = sorted(set(weights) - {name for name, _ in mapping} - {ROTARY_BUFFER})
     if unexpected:
         key = unexpected[0]
         raise ConversionError(
             f"unexpected weight {prefix}{key} with shape {tuple(weights[key].shape)} ({len(unexpected)} unexpected in "
-            f"all): not part of MDLM's DiT with {model.config.num_hidden_layers} blocks."
+            f"all): not part of MDLM's DiT with {config.num_hidden_layers} blocks."
         )
+
+
+def load_mdlm_weights(model: MDMForMaskedDiffusion, weights: dict, prefix: str = "backbone.") -> None:
+    """Copies MDLM DiT weights (names without `prefix`) into `model`, checking every name and shape first."""
+    check_mdlm_weights(model.config, weights, prefix)
+    target = model.state_dict()
+    converted = {target_name: weights[source_name].to(target[target_name].dtype)
+                 for source_name, target_name in parameter_map(model.config.num_hidden_layers)}
     if ROTARY_BUFFER in weights:  # MDLM's persistent buffer: it must be the one hf_mdm computes
         inv_freq, ours = weights[ROTARY_BUFFER].float(), model.model.rotary_emb.compute_parameters()[0]
         if inv_freq.shape != ours.shape:
@@ -585,8 +593,10 @@ def convert_mdlm(
            how to override it (`mask_token_id`). bos / eos / pad come from the same tokenizer.
         3. Copy the weights, checking every name and shape (errors name the key and both shapes).
         4. Save with `save_pretrained` (remote code included), the generation config (first-hitting), the tokenizer
-           (from `tokenizer` or the source folder) and a model card naming the source.
-        5. With `verify`, reload the folder and check that it gives the same logits as the converted model.
+           (from `tokenizer` or the source folder) and a model card naming the source, into a hidden sibling of
+           `dst` (holding `dst`'s lock: one conversion at a time).
+        5. With `verify`, reload that folder and check that it gives the same logits as the converted model; only
+           then does it become `dst` (an atomic swap with what was there, with `overwrite`).
 
     Args:
         src: Hub-layout folder, Hub repo id ("kuleshov-group/mdlm-owt") or Lightning `.ckpt` file.
@@ -606,7 +616,7 @@ def convert_mdlm(
     if dst.exists() and not dst.is_dir():
         raise ConversionError(f"{dst} is a file; the output is a folder.")
     if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise ConversionError(f"{dst} exists and is not empty; pass overwrite=True (--overwrite) to write into it.")
+        raise ConversionError(f"{dst} exists and is not empty; pass overwrite=True (--overwrite) to replace it.")
     if license is not None and (not isinstance(license, str) or not license.strip()):
         raise ConversionError(f"license must be a non-empty Hub license id (e.g. apache-2.0), got {license!r}.")
 
@@ -655,7 +665,8 @@ def convert_mdlm(
     config = mdm_config_from_mdlm(source.fields, mask_token_id=mask_token_id, attend_to_padding=attend_to_padding,
                                   length_extrapolation=length_extrapolation, **special)
 
-    # 3. The weights.
+    # 3. The weights: names and shapes checked on the meta device, then the model is built and filled.
+    check_mdlm_weights(config, source.weights, source.prefix)
     model = MDMForMaskedDiffusion(config)
     load_mdlm_weights(model, source.weights, source.prefix)
     model.eval()
@@ -663,16 +674,14 @@ def convert_mdlm(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )
 
-    # 4. Save.
-    dst.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(dst)
-    if loaded_tokenizer is not None:
-        loaded_tokenizer.save_pretrained(dst)
-    write_card(dst, source, config, notes, tokenizer_saved=loaded_tokenizer is not None, license=license)
-
-    # 5. Verify the saved folder.
-    if verify:
-        verify_saved_model(model, dst)
+    # 4. Save into a hidden sibling folder, 5. verify it; it becomes dst only then (staged_folder).
+    with staged_folder(dst, overwrite, error=ConversionError) as staging:
+        model.save_pretrained(staging)
+        if loaded_tokenizer is not None:
+            loaded_tokenizer.save_pretrained(staging)
+        write_card(staging, source, config, notes, tokenizer_saved=loaded_tokenizer is not None, license=license)
+        if verify:
+            verify_saved_model(model, staging)
     return ConversionResult(model=model, path=dst, source=source, notes=notes)
 
 

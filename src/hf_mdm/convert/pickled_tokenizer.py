@@ -71,7 +71,7 @@ def _is_str_to_int(table) -> bool:
     )
 
 
-def _fast_tokenizer_json(state: dict) -> dict | None:
+def _fast_tokenizer_json(state: dict, problems: list[str]) -> dict | None:
     """The tokenizer.json of a fast tokenizer: `tokenizers.Tokenizer` pickles it as its state (bytes or str)."""
     backend = state.get("_tokenizer")
     text = backend.state if isinstance(backend, PickledObject) else None
@@ -82,11 +82,15 @@ def _fast_tokenizer_json(state: dict) -> dict | None:
     try:
         parsed = json.loads(text)
     except ValueError:
+        problems.append("its pickled tokenizer.json is not valid JSON")
+        return None
+    except RecursionError:
+        problems.append("its pickled tokenizer.json nests deeper than Python's recursion limit")
         return None
     return parsed if isinstance(parsed, dict) else None
 
 
-def _lookup_tables(state: dict) -> tuple[list[tuple[str, dict]], int | None]:
+def _lookup_tables(state: dict, problems: list[str]) -> tuple[list[tuple[str, dict]], int | None]:
     """(name, str -> id table) for every place the state records ids, and the base vocabulary size if known."""
     tables, vocab_size = [], None
     decoder = state.get("_added_tokens_decoder")
@@ -99,7 +103,7 @@ def _lookup_tables(state: dict) -> tuple[list[tuple[str, dict]], int | None]:
             tables.append((name, table))
             if name not in ADDED_TOKEN_TABLES:
                 vocabularies.append(len(table))
-    spec = _fast_tokenizer_json(state)
+    spec = _fast_tokenizer_json(state, problems)
     if spec is not None:
         added = {entry.get("content"): entry.get("id") for entry in spec.get("added_tokens") or []
                  if isinstance(entry, dict) and isinstance(entry.get("id"), int)}
@@ -124,7 +128,7 @@ def read_pickled_tokenizer(tokenizer) -> PickledTokenizerIds:
         result.problems.append(f"the pickled {name} has no readable state")
         return result
     special_map = state.get("_special_tokens_map") if isinstance(state.get("_special_tokens_map"), dict) else {}
-    tables, result.vocab_size = _lookup_tables(state)
+    tables, result.vocab_size = _lookup_tables(state, result.problems)
 
     for kind in SPECIAL_TOKENS:
         key = f"{kind}_token"

@@ -27,6 +27,7 @@ from accelerate.tracking import GeneralTracker
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
+from ..files import FolderLock
 from ..pretrained import resolve_checkpoint
 
 from .checkpointing import (check_output_dir, latest_checkpoint, load_checkpoint, remove_temp_checkpoints,
@@ -349,9 +350,23 @@ def input_checks(output_dir: Path):
 
 
 def train(config: TrainConfig) -> dict:
-    """Runs (or resumes) training as `config` says; returns the final validation metrics."""
-    # ---------------------------------------------------------------- set-up: processes, output directory
+    """Runs (or resumes) training as `config` says; returns the final validation metrics. One run at a time owns its
+    output directory: the main process holds its lock (`files.FolderLock`) from the first check to the last write."""
     output_dir = Path(config.output_dir)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    try:
+        lock = FolderLock(output_dir, "training run").__enter__() if main_process else None
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    try:
+        return run_training(config, output_dir)
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
+def run_training(config: TrainConfig, output_dir: Path) -> dict:
+    # ---------------------------------------------------------------- set-up: processes, output directory
     with input_checks(output_dir):  # a ValueError in set-up is bad input: the CLI reports it without a traceback
         run_config = dataclasses.asdict(config)
         if config.model_config is None and config.init_from is None:
