@@ -1,5 +1,6 @@
 """The sampling module on its own: hand-made logits and probabilities, no network."""
 
+import math
 import numpy as np
 import pytest
 import torch
@@ -264,3 +265,11 @@ def test_parallel_steps_budget_unmasks_everything_in_budget():
         state = sampler.step(state, denoise)
         counts.append((before - state.masked.sum(1)).tolist())
     assert counts == [[4, 2], [3, 1], [3, 1]]
+
+
+def test_cosine_means_mdlms_cosine_not_md4s():
+    """"cosine" is alpha_t = cos(pi t / 2) (MDLM's); md4's 1 - sin(pi t / 2) keeps 0.29 of the tokens at t = 0.5."""
+    t = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
+    alpha = get_noise_schedule("cosine").alpha(t)
+    torch.testing.assert_close(alpha, torch.cos(torch.pi * t / 2), rtol=0, atol=1e-15)
+    assert abs(float(alpha[2]) - 0.7071) < 1e-4 and abs(1 - math.sin(math.pi / 4) - 0.2929) < 1e-4

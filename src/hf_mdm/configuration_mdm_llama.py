@@ -45,7 +45,7 @@ class MDMLlamaConfig(PreTrainedConfig):
             not be masked (`generate()` checks it).
         tie_word_embeddings (`bool`): share the token embedding with the output projection.
         noise_schedule (`str`), noise_eps (`float`): the schedule used in training and sampling (default
-            "linear", LLaDA's and Dream's).
+            "linear", LLaDA's and Dream's); "cosine" is alpha_t = cos(pi t / 2), not md4's 1 - sin(pi t / 2).
         initializer_range (`float`): std of the normal initialisation of linear and embedding weights.
         source_family (`str`, *optional*): where the weights came from ("llada", "dream"); informational.
     """

@@ -107,6 +107,9 @@ class LogLinearSchedule(NoiseSchedule):
 
 
 class CosineSchedule(NoiseSchedule):
+    """alpha_t = cos(pi t / 2): MDLM's cosine schedule (without its eps). md4's "cosine" is another schedule,
+    alpha_t = 1 - sin(pi t / 2), which keeps far fewer tokens mid-way (0.29 against 0.71 at t = 0.5)."""
+
     name = "cosine"
 
     def alpha(self, t):
