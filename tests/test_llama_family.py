@@ -20,7 +20,7 @@ from hf_mdm.hub import checkpoint_files
 
 from hf_mdm.constants import travelling_files
 
-from conftest import assert_float32_close, run_without_hf_mdm
+from conftest import FLOAT32_EPS, assert_float32_close, run_without_hf_mdm
 from llada_dream_reference import (
     DREAM_EOS, DREAM_IM_END, DREAM_MASK, DREAM_VOCAB, LLADA_BOS, LLADA_EOS, LLADA_EOT, LLADA_MASK, LLADA_VOCAB,
     dream_reference_logits, llada_reference_logits, make_dream_checkpoint, make_llada_checkpoint, shift_right,
@@ -129,8 +129,13 @@ def test_converted_logits_match_the_reference(converted, case):
         partial = model(padded, attention_mask=mask, output_positions=positions).logits
         expected = torch.stack([ours_padded[b, positions[b]] for b in range(3)])
         assert_float32_close(partial, expected)  # a projection of 3 rows, not 20: another blocking of the same sums
-    print(f"\n{case}: max |logit difference| unpadded {unpadded:.2e}, padded {padding:.2e} (float32)")
-    assert unpadded < 1e-5 and padding < 1e-5
+    # A padded row runs other shapes (masked attention over 20 keys, not n): its sums are reordered, which moves
+    # float32 logits by a few units in the last place of their scale per layer (measured: up to ~8). A wrong mask,
+    # position or weight moves them by 1e-2 or more: thousands of ulps.
+    ulp = FLOAT32_EPS * ours[..., columns].abs().max().item()
+    print(f"\n{case}: max |logit difference| unpadded {unpadded:.2e}, padded {padding:.2e} = {padding / ulp:.1f} ulps "
+          "of the logits' scale (float32)")
+    assert unpadded <= 16 * ulp and padding <= 64 * ulp
 
 
 def test_the_reference_comparison_can_fail(converted):
