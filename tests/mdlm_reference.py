@@ -91,7 +91,7 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.Identity(), nn.Linear(4 * hidden, hidden))
         self.adaLN_modulation = nn.Linear(cond_dim, 6 * hidden)
 
-    def forward(self, x, c, cos, sin):
+    def forward(self, x, c, cos, sin, attend=None):
         batch, seq_len, hidden = x.shape
         head_dim = hidden // self.n_heads
         mod = self.adaLN_modulation(c)  # (batch, 6 hidden)
@@ -103,6 +103,8 @@ class Block(nn.Module):
         q = q * cos[None, :, None, :] + rotate_half(q) * sin[None, :, None, :]
         k = k * cos[None, :, None, :] + rotate_half(k) * sin[None, :, None, :]
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
+        if attend is not None:  # (seq, seq) bool, True = may attend (BD3-LM's block-causal mask)
+            scores = scores.masked_fill(~attend, float("-inf"))
         attn = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v).reshape(batch, seq_len, hidden)
         x = x + gate_msa * self.attn_out(attn)
 
@@ -138,14 +140,15 @@ class MDLMReferenceDiT(nn.Module):
         self.blocks = nn.ModuleList([Block(hidden_dim, n_heads, cond_dim) for _ in range(n_blocks)])
         self.output_layer = FinalLayer(hidden_dim, vocab_size, cond_dim)
 
-    def forward(self, indices, sigma):
+    def forward(self, indices, sigma, attend=None):
+        """`attend` (L, L) bool, optional: which positions each position attends to (default: all)."""
         if not self.fields["time_conditioning"]:
             sigma = torch.zeros_like(sigma)
         x = self.vocab_embed.embedding[indices]
         c = torch.nn.functional.silu(self.sigma_map(sigma))
         cos, sin = self.rotary_emb(indices.shape[1])
         for block in self.blocks:
-            x = block(x, c, cos, sin)
+            x = block(x, c, cos, sin, attend)
         return self.output_layer(x, c)
 
 

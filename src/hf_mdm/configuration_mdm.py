@@ -54,6 +54,11 @@ class MDMConfig(PreTrainedConfig):
             DiT, which has no attention mask: the network ignores `attention_mask`, every position attends to
             every position, padding included, at rotary positions 0..L-1 (a converted MDLM model trained on padded
             data, such as LM1B, saw its padding that way). `attention_mask` still says what the loss scores.
+        diffusion_block_size (`int`, *optional*): None (the default): a bidirectional denoiser, every position
+            attends to every position. An int B: block diffusion (BD3-LM, SDAR, Fast-dLLM v2): the sequence is cut
+            into blocks of B positions counted from each row's first real token, attention is bidirectional inside
+            a block and causal across blocks, so a finished block never changes and its keys and values are cached
+            exactly. `generate()` then decodes block by block.
         length_extrapolation (`bool`): False (the default): `generate()` refuses a canvas longer than
             `max_position_embeddings`. True: it generates one, with a warning, the rotary positions extrapolating past
             the training length, as MDLM's rotary DiT runs them. (`forward` runs any length, as transformers' models
@@ -87,6 +92,7 @@ class MDMConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
     attend_to_padding: bool = False
     length_extrapolation: bool = False
+    diffusion_block_size: int | None = None
 
     def __post_init__(self, **kwargs):
         if self.mask_token_id is None and is_int(self.vocab_size):

@@ -27,7 +27,7 @@ def check_positive_ints(config, names) -> None:
 
 
 def check_shared_fields(config) -> None:
-    """The fields every hf_mdm config has: vocabulary and special ids, rotary settings, noise schedule.
+    """The fields every hf_mdm config has: vocabulary and special ids, rotary settings, noise schedule, block size.
 
     Raises ValueError naming the field and what is allowed (plain ValueError, not a strict-dataclass error).
     """
@@ -55,6 +55,10 @@ def check_shared_fields(config) -> None:
         raise ValueError(f"{name}.noise_schedule must be one of {NOISE_SCHEDULES}, got {config.noise_schedule!r}.")
     if not is_number(config.noise_eps) or not 0.0 <= config.noise_eps < 1.0:
         raise ValueError(f"{name}.noise_eps must be a number in [0, 1), got {config.noise_eps!r}.")
+    block_size = getattr(config, "diffusion_block_size", None)
+    if block_size is not None and (not is_int(block_size) or not 1 <= block_size <= config.max_position_embeddings):
+        raise ValueError(f"{name}.diffusion_block_size must be None (bidirectional) or an integer in [1, "
+                         f"max_position_embeddings={config.max_position_embeddings}], got {block_size!r}.")
 
 
 def auto_map(config_class: type, model_module: str, model_class: str) -> dict:

@@ -11,9 +11,10 @@ from .configuration_mdm_common import auto_map, check_positive_ints, check_share
 
 class MDMLlamaConfig(PreTrainedConfig):
     r"""
-    Configuration of [`MDMLlamaModel`] and [`MDMLlamaForMaskedDiffusion`]: a bidirectional Llama-family transformer
-    (RMSNorm, SwiGLU MLP, rotary attention with grouped-query heads, no causal mask, no time input), the
-    architecture of LLaDA and Dream.
+    Configuration of [`MDMLlamaModel`] and [`MDMLlamaForMaskedDiffusion`]: a bidirectional (or block-causal)
+    Llama-family transformer (RMSNorm, SwiGLU MLP, rotary attention with grouped-query heads, no time input), the
+    architecture of LLaDA and Dream, and with `diffusion_block_size` of SDAR / TraDo (Qwen3 blocks, `qk_norm`) and
+    Fast-dLLM v2 (Qwen2.5 blocks, shifted logits).
 
     The defaults are LLaDA-8B's shapes (32 layers of width 4096, 32 heads, MLP 12288, vocabulary 126464, rotary
     base 500000, RMSNorm eps 1e-5); `hf-mdm convert llada` and `hf-mdm convert dream` set every field from the
@@ -35,6 +36,7 @@ class MDMLlamaConfig(PreTrainedConfig):
         rms_norm_eps (`float`): epsilon of every RMSNorm (LLaDA 1e-5, Dream 1e-6).
         attention_bias (`bool`): bias on the query, key and value projections (Qwen2/Dream: True; LLaDA: False).
             The output projection and the MLP never have one.
+        qk_norm (`bool`): an RMSNorm over each head's query and key before the rotary embedding (Qwen3, SDAR).
         attention_dropout (`float`): dropout on attention weights (training only).
         max_position_embeddings (`int`): longest sequence the model accepts.
         rope_parameters (`dict`, *optional*): transformers 5's rotary settings; default `{"rope_type": "default",
@@ -46,6 +48,11 @@ class MDMLlamaConfig(PreTrainedConfig):
         tie_word_embeddings (`bool`): share the token embedding with the output projection.
         noise_schedule (`str`), noise_eps (`float`): the schedule used in training and sampling (default
             "linear", LLaDA's and Dream's); "cosine" is alpha_t = cos(pi t / 2), not md4's 1 - sin(pi t / 2).
+        diffusion_block_size (`int`, *optional*): None (the default): a bidirectional denoiser, every position
+            attends to every position. An int B: block diffusion (BD3-LM, SDAR, Fast-dLLM v2): the sequence is cut
+            into blocks of B positions counted from each row's first real token, attention is bidirectional inside
+            a block and causal across blocks, so a finished block never changes and its keys and values are cached
+            exactly. `generate()` then decodes block by block.
         initializer_range (`float`): std of the normal initialisation of linear and embedding weights.
         source_family (`str`, *optional*): where the weights came from ("llada", "dream"); informational.
     """
@@ -68,6 +75,7 @@ class MDMLlamaConfig(PreTrainedConfig):
     head_dim: int | None = None
     rms_norm_eps: float = 1e-5
     attention_bias: bool = False
+    qk_norm: bool = False
     attention_dropout: float | int = 0.0
     max_position_embeddings: int = 4096
     rope_parameters: dict | None = None
@@ -76,6 +84,7 @@ class MDMLlamaConfig(PreTrainedConfig):
     noise_schedule: str = "linear"
     noise_eps: float = 1e-3
     initializer_range: float = 0.02
+    diffusion_block_size: int | None = None
     source_family: str | None = None
 
     def __post_init__(self, **kwargs):
@@ -107,7 +116,7 @@ class MDMLlamaConfig(PreTrainedConfig):
             raise ValueError(f"MDMLlamaConfig.rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}.")
         if not is_number(self.attention_dropout) or not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"MDMLlamaConfig.attention_dropout must be a number in [0, 1), got {self.attention_dropout!r}.")
-        for field in ("attention_bias", "shift_logits", "tie_word_embeddings"):
+        for field in ("attention_bias", "qk_norm", "shift_logits", "tie_word_embeddings"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"MDMLlamaConfig.{field} must be True or False, got {getattr(self, field)!r}.")
         check_shared_fields(self)

@@ -35,6 +35,7 @@ from .modeling_mdm_common import (
     check_kwargs,
     eager_attention_forward,
     gather_positions,
+    noisy_half,
     validate_inputs,
 )
 
@@ -216,6 +217,7 @@ class MDMModel(MDMPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache=None,
+        clean_input_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MDMModelOutput:
         r"""
@@ -233,21 +235,29 @@ class MDMModel(MDMPreTrainedModel):
                 counted over the real tokens).
             cache (`MDMCanvasCache`, *optional*): keys and values over whole canvases; the inputs are then a segment
                 of the canvas (see `MDMHeadMixin.forward`).
+            clean_input_ids (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*): block-diffusion training
+                (BD3-LM): the clean sequence x_0 of the partly masked `input_ids` x_t. The network runs both in one
+                pass, x_0 at the same positions, so that each block of x_t sees its own noisy block and the clean
+                earlier blocks; the output covers x_t only. Needs `config.diffusion_block_size`.
             kwargs: `output_attentions`, `output_hidden_states`, `return_dict`, as in every transformers model.
         """
         check_kwargs(self, kwargs)
-        timesteps = validate_inputs(self.config, input_ids, inputs_embeds, attention_mask, timesteps, cache)
+        timesteps = validate_inputs(self.config, input_ids, inputs_embeds, attention_mask, timesteps, cache,
+                        clean_input_ids)
         if self.config.attend_to_padding:
             attention_mask = None  # MDLM's DiT: no attention mask, positions 0..L-1
 
         hidden_states, position_embeddings, mask, implementation = backbone_inputs(
-            self, input_ids, inputs_embeds, attention_mask, position_ids, cache, kwargs.get("output_attentions", False))
+            self, input_ids, inputs_embeds, attention_mask, position_ids, cache, kwargs.get("output_attentions", False),
+            clean_input_ids)
         if not self.config.time_conditioning:
             timesteps = torch.zeros(hidden_states.shape[0], device=hidden_states.device)
         conditioning = F.silu(self.timestep_embedder(timesteps))
 
         for layer in self.layers:
             hidden_states = layer(hidden_states, conditioning, position_embeddings, mask, cache, implementation)
+        if clean_input_ids is not None:
+            hidden_states = noisy_half(self.config, hidden_states, attention_mask, position_ids)
         return MDMModelOutput(last_hidden_state=hidden_states, conditioning=conditioning)
 
 

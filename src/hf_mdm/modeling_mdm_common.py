@@ -30,7 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.masking_utils import create_bidirectional_mask
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    and_masks,
+    bidirectional_mask_function,
+    create_bidirectional_mask,
+)
 from transformers.modeling_outputs import MaskedLMOutput
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.processing_utils import Unpack
@@ -158,14 +163,38 @@ def attention_implementation(model: nn.Module, output_attentions: bool) -> str:
     return implementation
 
 
-def attention_mask_function(config) -> Callable | None:
+def attention_mask_function(config, block_ids: torch.Tensor | None = None,
+                            clean_start: int | None = None) -> Callable | None:
     """The attention pattern beyond padding, as a `masking_utils` mask function `(batch, head, q, kv) -> bool`
-    intersected with full bidirectional attention: None for a bidirectional denoiser."""
-    return None
+    intersected with full bidirectional attention: None for a bidirectional denoiser.
+
+    For block diffusion (`config.diffusion_block_size`), `block_ids` (batch, kv_len) holds each key position's block,
+    counted from its row's first real token (so a padded row sees the blocks it sees alone): a query attends to its
+    own block and every earlier one. With `clean_start` the input is BD3-LM's training pair [x_t ; x_0] (x_0 from
+    `clean_start` on, at the same positions): a noisy query sees its own noisy block and the clean copies of earlier
+    blocks, a clean query the clean copies of its block and earlier ones, so one pass gives every block's loss
+    with the context generation will give it."""
+    if getattr(config, "diffusion_block_size", None) is None:
+        return None
+    if clean_start is None:
+        def block_causal(batch_idx, head_idx, q_idx, kv_idx):
+            return block_ids[batch_idx, q_idx] >= block_ids[batch_idx, kv_idx]
+
+        return block_causal
+
+    def noisy_and_clean_blocks(batch_idx, head_idx, q_idx, kv_idx):
+        q_block, kv_block = block_ids[batch_idx, q_idx], block_ids[batch_idx, kv_idx]
+        q_clean, kv_clean = q_idx >= clean_start, kv_idx >= clean_start
+        own_block_own_copy = (q_block == kv_block) & (q_clean == kv_clean)
+        noisy_reads_earlier_clean = (q_block > kv_block) & ~q_clean & kv_clean
+        clean_block_causal = (q_block >= kv_block) & q_clean & kv_clean
+        return own_block_own_copy | noisy_reads_earlier_clean | clean_block_causal
+
+    return noisy_and_clean_blocks
 
 
 def build_attention_mask(config, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache,
-                         implementation: str):
+                         implementation: str, mask_function: Callable | None = None):
     """The attention mask in the form the attention implementation takes, from the (batch, kv_len) padding mask,
     through `masking_utils.create_bidirectional_mask` (with the family's mask function, if any).
 
@@ -174,9 +203,22 @@ def build_attention_mask(config, inputs_embeds: torch.Tensor, attention_mask: to
     `attention_mask=None` when nothing is padded (`generate()` does): SDPA then gets no mask and its fastest kernel.
     With a cache, queries are a segment of the canvas and the padding mask covers the whole canvas.
     """
-    mask_function = attention_mask_function(config)
     if attention_mask is None and mask_function is None and implementation in ("sdpa", "eager"):
         return None  # every query attends to every key: no mask at all (what masking_utils would return, sooner)
+    if mask_function is not None and implementation in ("sdpa", "eager"):
+        # hf_mdm's mask functions only index tensors, so masking_utils' broadcast expansion evaluates them in one call;
+        # create_bidirectional_mask vmaps any custom function (it cannot know), ~10 ms per call on a CPU: half of a
+        # cached block-diffusion step.
+        q_length = inputs_embeds.shape[1]
+        q_offset, (kv_length, kv_offset) = (0, (q_length, 0)) if cache is None else (
+            cache.get_query_offset(), cache.get_mask_sizes(q_length, 0))
+        padding = attention_mask.to(device=inputs_embeds.device, dtype=torch.bool) if attention_mask is not None else None
+        return ALL_MASK_ATTENTION_FUNCTIONS[implementation](
+            batch_size=inputs_embeds.shape[0], q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+            kv_offset=kv_offset, mask_function=and_masks(bidirectional_mask_function, mask_function),
+            attention_mask=padding, allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
+            dtype=inputs_embeds.dtype, config=config,
+            use_vmap=False, device=inputs_embeds.device)
     if implementation != config._attn_implementation:
         config = copy.copy(config)
         config._attn_implementation = implementation
@@ -203,17 +245,34 @@ def input_position_ids(attention_mask, batch_size: int, seq_len: int, device, ca
 
 
 def backbone_inputs(model: nn.Module, input_ids, inputs_embeds, attention_mask, position_ids, cache,
-                    output_attentions: bool = False):
+                    output_attentions: bool = False, clean_input_ids=None):
     """What every backbone computes before its blocks: the embeddings (batch, seq_len, hidden), rotary cos/sin at the
     positions (counted over the real tokens, or those of a cached segment), the attention implementation (eager
-    when attention weights are asked for) and the mask in its form."""
+    when attention weights are asked for) and the mask in its form.
+
+    With `clean_input_ids` (block-diffusion training), the clean sequence follows the noisy one at the same
+    positions, under BD3-LM's vectorised mask: the returned embeddings have 2 * seq_len positions."""
     hidden_states = model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
     batch_size, seq_len = hidden_states.shape[:2]
     if position_ids is None:
         position_ids = input_position_ids(attention_mask, batch_size, seq_len, hidden_states.device, cache)
+    block_size = getattr(model.config, "diffusion_block_size", None)
+    clean_start = None
+    if clean_input_ids is not None:
+        clean_start = seq_len
+        hidden_states = torch.cat([hidden_states, model.embed_tokens(clean_input_ids)], dim=1)
+        position_ids = torch.cat([position_ids, position_ids], dim=1)
+        attention_mask = torch.cat([attention_mask, attention_mask], dim=1) if attention_mask is not None else None
     position_embeddings = model.rotary_emb(hidden_states, position_ids)
     implementation = attention_implementation(model, output_attentions)
-    mask = build_attention_mask(model.config, hidden_states, attention_mask, cache, implementation)
+    block_ids = None
+    if block_size is not None:
+        # Every key's block: over the whole canvas with a cache (the input is a segment of it).
+        key_positions = position_ids if cache is None else position_ids_from_mask(
+            attention_mask, batch_size, cache.get_mask_sizes(seq_len, 0)[0], hidden_states.device)
+        block_ids = torch.div(key_positions, block_size, rounding_mode="floor")
+    mask_function = attention_mask_function(model.config, block_ids, clean_start)
+    mask = build_attention_mask(model.config, hidden_states, attention_mask, cache, implementation, mask_function)
     return hidden_states, position_embeddings, mask, implementation
 
 
@@ -268,6 +327,22 @@ def values_checked():
         _VALUES_CHECKED.reset(token)
 
 
+def noisy_half(config, hidden_states: torch.Tensor, attention_mask, position_ids) -> torch.Tensor:
+    """The x_t half of a block-diffusion training pass over [x_t ; x_0], as the heads read it.
+
+    A shifted network (`shift_logits`) predicts position p from the hidden state at p - 1. For the first position of
+    a block that state lies in the previous block, which the sampler has committed by then: it is the clean copy's
+    state, so the last position of every block takes its hidden state from the x_0 half."""
+    seq_len = hidden_states.shape[1] // 2
+    noisy, clean = hidden_states[:, :seq_len], hidden_states[:, seq_len:]
+    if not getattr(config, "shift_logits", False):
+        return noisy
+    if position_ids is None:
+        position_ids = input_position_ids(attention_mask, noisy.shape[0], seq_len, noisy.device)
+    ends_a_block = (position_ids + 1) % config.diffusion_block_size == 0
+    return torch.where(ends_a_block.unsqueeze(-1), clean, noisy)
+
+
 def _first_bad_value(name: str, values: torch.Tensor, low: int, high: int):
     """Range check on values, made only where it costs no device synchronisation: on the CPU, outside compilation,
     outside generate() (`values_checked`)."""
@@ -278,7 +353,7 @@ def _first_bad_value(name: str, values: torch.Tensor, low: int, high: int):
         raise ValueError(f"{name} must lie in [{low}, {high}), got values in [{smallest}, {largest}].")
 
 
-def validate_inputs(config, input_ids, inputs_embeds, attention_mask, timesteps, cache=None):
+def validate_inputs(config, input_ids, inputs_embeds, attention_mask, timesteps, cache=None, clean_input_ids=None):
     """Clear errors for malformed backbone inputs before any tensor work; returns the timesteps as a (batch,)
     tensor (None for a time-agnostic network).
 
@@ -308,6 +383,18 @@ def validate_inputs(config, input_ids, inputs_embeds, attention_mask, timesteps,
     check_length(config, total)
     if input_ids is not None:
         _first_bad_value(f"input_ids (vocab_size={config.vocab_size})", input_ids, 0, config.vocab_size)
+    if clean_input_ids is not None:
+        if getattr(config, "diffusion_block_size", None) is None:
+            raise ValueError("clean_input_ids is block-diffusion training (BD3-LM's pair of noisy and clean copies); "
+                             "this model is bidirectional (config.diffusion_block_size is None).")
+        if cache is not None:
+            raise ValueError("clean_input_ids is for training: it cannot be combined with a cache.")
+        if not isinstance(clean_input_ids, torch.Tensor) or tuple(clean_input_ids.shape) != (batch_size, seq_len) \
+                or clean_input_ids.dtype not in (torch.int64, torch.int32):
+            got = tuple(clean_input_ids.shape) if isinstance(clean_input_ids, torch.Tensor) else type(clean_input_ids).__name__
+            raise ValueError(f"clean_input_ids must be integer ids of the shape of the input, ({batch_size}, {seq_len}), "
+                             f"got {got}.")
+        _first_bad_value(f"clean_input_ids (vocab_size={config.vocab_size})", clean_input_ids, 0, config.vocab_size)
     mask_shape = (batch_size, total)
     if attention_mask is not None and tuple(attention_mask.shape) != mask_shape:
         raise ValueError(
@@ -440,6 +527,7 @@ class MDMHeadMixin:
         position_ids: torch.LongTensor | None = None,
         cache=None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        clean_input_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MaskedLMOutput:
         r"""
@@ -465,6 +553,8 @@ class MDMHeadMixin:
                 `cache.get_query_offset()`, `attention_mask` covers the whole canvas, and positions in the output
                 are relative to the segment.
             num_items_in_batch (`int` or `torch.Tensor`, *optional*): divisor of the summed loss.
+            clean_input_ids (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*): block-diffusion training:
+                the clean sequence of `input_ids`, run beside it in the same pass (see the backbone's `forward`).
             kwargs: `output_attentions`, `output_hidden_states`, `return_dict`, as in every transformers model
                 (defaults from the config). Attention weights come from eager attention: with another
                 implementation the call falls back to eager, with a warning.
@@ -486,7 +576,8 @@ class MDMHeadMixin:
                 raise ValueError(f"labels must have the shape (batch, seq_len) = {tuple(reference.shape[:2])}, got {got}.")
 
         outputs = self.model(input_ids, attention_mask, timesteps, inputs_embeds=inputs_embeds,
-                             position_ids=position_ids, cache=cache, return_dict=True, **kwargs)
+                             position_ids=position_ids, cache=cache, clean_input_ids=clean_input_ids,
+                             return_dict=True, **kwargs)
         if cache is not None and hasattr(cache, "record_hidden"):
             cache.record_hidden(outputs.last_hidden_state)
         logits = self.compute_logits(outputs, output_positions, cache)

@@ -30,6 +30,7 @@ from .modeling_mdm_common import (
     check_kwargs,
     eager_attention_forward,
     gather_positions,
+    noisy_half,
     validate_inputs,
 )
 
@@ -65,12 +66,18 @@ class MDMLlamaAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        if config.qk_norm:  # Qwen3: each head's query and key normalised before the rotary embedding
+            self.q_norm = MDMRMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = MDMRMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, attn_implementation=None):
         """(batch, seq_len, hidden) -> (batch, seq_len, hidden) and the attention weights (eager only, else None)."""
         batch_size, seq_len, _ = hidden_states.shape
-        query = self.q_proj(hidden_states).view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
+        query = self.q_proj(hidden_states).view(batch_size, seq_len, -1, self.head_dim)
+        key = self.k_proj(hidden_states).view(batch_size, seq_len, -1, self.head_dim)
+        if self.config.qk_norm:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if cache is not None:
@@ -151,6 +158,7 @@ class MDMLlamaModel(MDMLlamaPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache=None,
+        clean_input_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MDMModelOutput:
         r"""
@@ -161,16 +169,24 @@ class MDMLlamaModel(MDMLlamaPreTrainedModel):
             timesteps (`torch.Tensor`, *optional*): ignored (the network reads no noise level); accepted so that
                 every hf_mdm backbone takes the same arguments.
             inputs_embeds, position_ids, cache, kwargs: as for `MDMModel`.
+            clean_input_ids (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*): block-diffusion training
+                (BD3-LM): the clean sequence x_0 of the partly masked `input_ids` x_t. The network runs both in one
+                pass, x_0 at the same positions, so that each block of x_t sees its own noisy block and the clean
+                earlier blocks; the output covers x_t only. Needs `config.diffusion_block_size`.
 
         The last entry of `hidden_states` is `last_hidden_state`, after the final norm, as in transformers' Llama.
         """
         check_kwargs(self, kwargs)
-        validate_inputs(self.config, input_ids, inputs_embeds, attention_mask, timesteps, cache)
+        validate_inputs(self.config, input_ids, inputs_embeds, attention_mask, timesteps, cache,
+                        clean_input_ids)
         hidden_states, position_embeddings, mask, implementation = backbone_inputs(
-            self, input_ids, inputs_embeds, attention_mask, position_ids, cache, kwargs.get("output_attentions", False))
+            self, input_ids, inputs_embeds, attention_mask, position_ids, cache, kwargs.get("output_attentions", False),
+            clean_input_ids)
 
         for layer in self.layers:
             hidden_states = layer(hidden_states, position_embeddings, mask, cache, implementation)
+        if clean_input_ids is not None:
+            hidden_states = noisy_half(self.config, hidden_states, attention_mask, position_ids)
         return MDMModelOutput(last_hidden_state=self.norm(hidden_states))
 
 
