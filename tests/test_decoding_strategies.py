@@ -295,7 +295,6 @@ def test_strategy_settings_save_restore_and_refuse_bad_values(tmp_path):
         (dict(confidence_threshold=0.5), r"confidence_threshold=0.5 is not a setting of sampler='first_hitting'"),
         (dict(unmasking="margin", confidence_threshold=0.5, steps=4), "do not also set"),
         (dict(block_length=0), "block_length must be an integer"),
-        (dict(block_length=8, sampler="ancestral_cache"), "ancestral_cache"),
         (dict(remasking="always"), "remasking must be None or 'remdm'"),
         (dict(remasking="remdm"), "sampler='ancestral'"),
         (dict(sampler="ancestral", remasking="remdm", remasking_schedule="loop"), "remasking_schedule must be one of"),

@@ -191,11 +191,14 @@ def test_every_built_in_strategy_round_trips_through_generation_config_json(name
     assert loaded == config
 
 
-def test_switching_strategy_keeps_shared_settings_and_drops_the_others():
+def test_switching_strategy_keeps_shared_settings_and_drops_the_others(registered):
     config = MDMGenerationConfig(sampler="confidence", order="entropy", steps=24, block_length=8)
     config.update(sampler="ancestral")
     assert config.sampler_config.steps == 24 and config.block_length == 8 and not hasattr(config.sampler_config, "order")
-    config.update(sampler="ancestral_cache")  # it does not decode in blocks: the block settings go
+    config.update(sampler="ancestral_cache")  # it decodes in blocks too (reusing outputs within a block)
+    assert config.block_length == 8
+    config.update(sampler="test_leftmost")  # a strategy without blocks: the block settings go
     assert config.block_length is None and config.use_cache is False
+    config.update(sampler="ancestral")
     with pytest.raises(ValueError, match="sampler must be one of"):
         config.update(sampler="dpm")

@@ -10,7 +10,7 @@ same-folder modules, never `hf_mdm`.
 """
 
 import copy
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from transformers import GenerationConfig
@@ -235,6 +235,17 @@ class MDMGenerationConfig(GenerationConfig):
         cache_refresh_steps (`int`, *optional*): also refresh the cache every this many calls within a block
             (1: every call, the exact computation).
 
+        > Block diffusion (a model with `config.diffusion_block_size`)
+
+        The model's blocks are decoded one after the other (`block_length` defaults to the model's block size and
+        must divide it: Fast-dLLM v2's sub-blocks), every strategy inside the active block. With `use_cache` the
+        prompt and every finished block are run once and their keys and values cached: EXACT, since a finished
+        block never sees a later one. Prompts are laid out so that every row's blocks start together; a prompt
+        that ends inside a block shares it with the first generated tokens, as BD3-LM, SDAR and Fast-dLLM v2 do.
+        stop_at_eos (`bool`, *optional*): stop a row at the end of the block where it generated `eos_token_id`,
+            filling the rest with `pad_token_id` (BD3-LM's and SDAR's variable length). Default: True for a
+            block-diffusion model, False otherwise (a bidirectional model fills its whole canvas jointly).
+
         > Token distribution
 
         temperature (`float`, defaults to 1.0): 0 means greedy (argmax at every unmasked position).
@@ -271,6 +282,7 @@ class MDMGenerationConfig(GenerationConfig):
         self.use_cache: bool = kwargs.pop("use_cache", False)
         self.cache_mode: str = kwargs.pop("cache_mode", "prefix")
         self.cache_refresh_steps: int | None = kwargs.pop("cache_refresh_steps", None)
+        self.stop_at_eos: bool | None = kwargs.pop("stop_at_eos", None)
 
         self.temperature: float = kwargs.pop("temperature", 1.0)
         self.top_k: int = kwargs.pop("top_k", 0)
@@ -334,8 +346,11 @@ class MDMGenerationConfig(GenerationConfig):
             raise ValueError(f"block_length must be an integer >= 1 (or None), got {value!r}.")
         if value is not None and not strategy.supports_blocks:
             with_blocks = tuple(name for name, cls in STRATEGIES.items() if cls.supports_blocks)
-            raise ValueError(f"block_length: sampler={self.sampler!r} does not decode in blocks (ancestral_cache reuses "
-                             f"whole-sequence outputs); strategies that do: {with_blocks}.")
+            raise ValueError(f"block_length: sampler={self.sampler!r} does not decode in blocks; strategies that do: "
+                             f"{with_blocks}.")
+        if self.stop_at_eos not in (None, True, False):
+            raise ValueError(f"stop_at_eos must be True, False or None (True for block diffusion), got "
+                             f"{self.stop_at_eos!r}.")
         if not isinstance(self.use_cache, bool):
             raise ValueError(f"use_cache must be True or False, got {self.use_cache!r}.")
         if self.cache_mode not in CACHE_MODES:
@@ -389,7 +404,7 @@ class MDMGenerationConfig(GenerationConfig):
         `sampler` and the strategy's settings resolve together (`resolve_strategy`): choosing another strategy
         keeps the settings it shares with the previous one. A strategy that does not decode in blocks drops the
         block settings, unless they are given too: a folder whose default is confidence decoding in blocks can be
-        sampled with `sampler="ancestral_cache"`.
+        sampled with a strategy of yours that decodes whole canvases.
         """
         strategy = {k: v for k, v in kwargs.items() if k in self.strategy_keys()}
         known = {k: v for k, v in kwargs.items() if k not in strategy and (
@@ -433,12 +448,15 @@ class MDMGenerationOutput(ModelOutput):
         nfe (`int`): number of network calls (forward passes over a batch) made by this call.
         nfe_per_sequence (`torch.LongTensor` of shape `(batch * num_return_sequences,)`): network evaluations
             each sequence took part in (ancestral_cache recomputes only the rows that changed).
+        tokens_per_forward (`torch.FloatTensor` of shape `(batch * num_return_sequences,)`): generated tokens
+            (padding after a stop left out) per network evaluation of each sequence (DiffusionGemma's measure).
         history (`list[torch.LongTensor]`, *optional*): with `output_history`, the draft after each step.
     """
 
     sequences: torch.LongTensor | None = None
     nfe: int | None = None
     nfe_per_sequence: torch.LongTensor | None = None
+    tokens_per_forward: torch.FloatTensor | None = None
     history: list[torch.LongTensor] | None = None
 
 
@@ -479,6 +497,9 @@ class Denoiser:
         elif config.use_cache:
             self.cache = MDMCanvasCache(model.config.num_hidden_layers, batch_size, canvas_length)
             self.cache_mode, self.refresh_steps = config.cache_mode, config.cache_refresh_steps
+            self.block_size = getattr(model.config, "diffusion_block_size", None)
+            # Block diffusion: per row, the canvas columns [0, committed) whose final keys and values the cache holds.
+            self.committed = torch.zeros(batch_size, dtype=torch.long, device=tokens.device)
             self.recorded_block = torch.full((batch_size,), -1, dtype=torch.long, device=tokens.device)
             self.recorded_window = torch.zeros(batch_size, 2, dtype=torch.long, device=tokens.device)
             self.calls_since_refresh = torch.zeros(batch_size, dtype=torch.long, device=tokens.device)
@@ -490,6 +511,8 @@ class Denoiser:
             self.nfe_per_sequence[rows] += 1
             if self.cache is None or positions is None or state.block_length is None:
                 return self.network(rows, tokens, positions, times)
+            if self.block_size is not None:
+                return self.cached_blocks(state, rows, tokens, positions, times)
             return self.cached(state, rows, tokens, positions, times)
 
         return denoise
@@ -511,6 +534,8 @@ class Denoiser:
         if bool(entered.any()):  # a row's window changes only when it enters a block
             self.recorded_window[rows[entered]] = state.windows(rows[entered])
         windows = self.recorded_window[rows]
+        if self.cache_mode != "dual":  # the prefix cache recomputes everything from the active block on
+            windows = torch.stack([windows[:, 0], torch.full_like(windows[:, 1], tokens.shape[1])], dim=1)
         if not any_refresh and bool((windows == windows[:1]).all()):  # the usual call: one window for all rows
             return self.read(rows, tokens, positions, times, *windows[0].tolist())
         groups = [(refresh, None)] if any_refresh else []
@@ -533,16 +558,99 @@ class Denoiser:
             logits[index] = part
         return logits
 
+    def cached_blocks(self, state, rows, tokens, positions, times) -> torch.Tensor:
+        """Block diffusion: each row runs from the first column the cache lacks (the prompt on its first call, the
+        block it finished since, else nothing) to the end of the model block it decodes in. Finished blocks are run
+        once, on their final tokens, and never see a later block: the cache is exact."""
+        starts = state.windows(rows)[:, 0]
+        block_starts = torch.div(starts, self.block_size, rounding_mode="floor") * self.block_size
+        spans = torch.stack([self.committed[rows], (block_starts + self.block_size).clamp(max=tokens.shape[1])], dim=1)
+        self.committed[rows] = block_starts
+        if bool((spans == spans[:1]).all()):  # the usual call: every row at the same place
+            return self.segment(rows, tokens, positions, times, *spans[0].tolist())
+        logits = None
+        for start, end in torch.unique(spans, dim=0).tolist():
+            index = ((spans[:, 0] == start) & (spans[:, 1] == end)).nonzero().squeeze(1)
+            part = self.segment(rows[index], tokens[index], positions[index], times[index], start, end)
+            if logits is None:
+                logits = part.new_empty((len(rows),) + tuple(part.shape[1:]))
+            logits[index] = part
+        return logits
+
     def read(self, rows, tokens, positions, times, start: int, end: int) -> torch.Tensor:
-        """One forward pass on the rows' window [start, end) (to the canvas's end for the prefix cache), reading the
-        rest of each row's canvas from the cache."""
-        end = end if self.cache_mode == "dual" else tokens.shape[1]
+        """One forward pass on the rows' window [start, end), reading the rest of each row's canvas from the cache."""
+        logits = self.segment(rows, tokens, positions, times, start, end)
+        self.calls_since_refresh[rows] += 1
+        return logits
+
+    def segment(self, rows, tokens, positions, times, start: int, end: int) -> torch.Tensor:
+        """The network on columns [start, end) of the rows, writing their keys and values into the cache and reading
+        the rest of each row's canvas from it."""
         view_rows = None if len(rows) == self.cache.num_rows else rows
         # Entries of `positions` past a row's count are padding (their logits are never read).
         segment_positions = (positions - start).clamp(0, end - start - 1)
-        logits = self.network(rows, tokens[:, start:end], segment_positions, times, self.cache.segment(view_rows, start))
-        self.calls_since_refresh[rows] += 1
-        return logits
+        return self.network(rows, tokens[:, start:end], segment_positions, times, self.cache.segment(view_rows, start))
+
+
+def block_diffusion_block_length(config: MDMGenerationConfig, strategy, block_size: int) -> int:
+    """The decoding block of a block-diffusion model (`diffusion_block_size`): its own blocks, or sub-blocks of
+    them (`block_length` dividing the block size, Fast-dLLM v2's); refuses settings that mean nothing there."""
+    if not strategy.supports_blocks:
+        raise ValueError(f"sampler={config.sampler!r} does not decode in blocks, and this model is a block-diffusion "
+                         f"model (diffusion_block_size={block_size}), decoded block by block.")
+    length = config.block_length or block_size
+    if block_size % length:
+        raise ValueError(f"block_length={length} must divide the model's diffusion_block_size={block_size} "
+                         "(sub-blocks of its blocks, decoded left to right).")
+    if config.use_cache and (config.cache_mode != "prefix" or config.cache_refresh_steps is not None):
+        raise ValueError("cache_mode='dual' and cache_refresh_steps mean nothing for a block-diffusion model: its "
+                         "cache is exact (a finished block never changes). Leave them unset.")
+    return length
+
+
+def align_blocks(tokens: torch.LongTensor, attention_mask: torch.Tensor | None, block_size: int, mask_token_id: int,
+                 pad_token_id: int):
+    """Lays a canvas out for block diffusion, so that every row decodes the same columns at the same time: each
+    row's padding in front becomes a whole number of blocks (its blocks stay counted from its first real token),
+    chosen so that every row's first block with a [MASK] starts at one column; shorter rows end with padding.
+
+    Returns (tokens, attention_mask or None, region_start, output_index): region_start is that column, and
+    output_index (batch, width of the input layout) gives each input column's column in the new canvas (-1 for
+    padding), to lay results out as the input was."""
+    batch, width = tokens.shape
+    device = tokens.device
+    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(tokens, dtype=torch.bool)
+    first = torch.where(real.any(dim=1), real.int().argmax(dim=1), width)  # real columns run from here to the end
+    length = width - first
+    masked = (tokens == mask_token_id) & real
+    first_mask = torch.where(masked.any(dim=1), masked.int().argmax(dim=1) - first, length)
+    blocks_before = torch.div(first_mask, block_size, rounding_mode="floor")
+    pad = (blocks_before.max() - blocks_before) * block_size
+    new_width = int((pad + length).max())
+    columns = torch.arange(new_width, device=device)[None]
+    inside = (columns >= pad[:, None]) & (columns < (pad + length)[:, None])
+    source = (columns - pad[:, None] + first[:, None]).clamp(0, width - 1)
+    aligned = tokens.gather(1, source).masked_fill(~inside, pad_token_id)
+    old_columns = torch.arange(width, device=device)[None]
+    output_index = torch.where(old_columns >= first[:, None], old_columns - first[:, None] + pad[:, None], -1)
+    region_start = int(blocks_before.max()) * block_size
+    return aligned, (None if bool(inside.all()) else inside.long()), region_start, output_index
+
+
+def stop_after_eos(state: DiffusionState, eos_ids: torch.Tensor, pad_token_id: int):
+    """Rows that generated an end-of-sequence token in a finished block stop at that block's end: their later
+    positions become `pad_token_id`, no longer masked (BD3-LM's and SDAR's variable length). Returns the state and
+    the positions so filled."""
+    finished = (state.block < state.active_block[:, None]) | ~state.masked.any(dim=1, keepdim=True)
+    hits = state.generated & ~state.masked & finished & torch.isin(state.tokens, eos_ids)
+    if not bool(hits.any()):
+        return state, None
+    far = torch.iinfo(torch.long).max
+    stop_block = torch.where(hits, state.block, far).amin(dim=1)
+    cut = state.masked & (state.block > stop_block[:, None])
+    if not bool(cut.any()):
+        return state, None
+    return replace(state, tokens=state.tokens.masked_fill(cut, pad_token_id), masked=state.masked & ~cut), cut
 
 
 class MDMGenerationMixin:
@@ -629,11 +737,27 @@ class MDMGenerationMixin:
                 f"sampler={config.sampler!r} reuses network outputs across time steps, which is only valid for a "
                 "time-agnostic model; this model has time_conditioning=True. Use 'first_hitting' or 'ancestral'."
             )
-        if config.block_length is not None and not strategy.supports_blocks:
+        block_size = getattr(self.config, "diffusion_block_size", None)
+        if block_size is not None:
+            config.block_length = block_diffusion_block_length(config, strategy, block_size)
+        elif config.block_length is not None and not strategy.supports_blocks:
             raise ValueError(f"block_length: sampler={config.sampler!r} with these settings does not decode in blocks.")
+        stop_at_eos = config.stop_at_eos if config.stop_at_eos is not None else block_size is not None
+        eos_ids = config.eos_token_id if config.eos_token_id is not None else self.config.eos_token_id
+        pad_id = next((i for i in (config.pad_token_id, self.config.pad_token_id, eos_ids) if isinstance(i, int)), 0)
 
-        # 2. Lay out the canvas.
+        # 2. Lay out the canvas (block diffusion: every row's blocks start at the same columns).
         tokens, attention_mask, prompt_length, region_start = self._prepare_canvas(input_ids, attention_mask, config)
+        output_index = None
+        if block_size is not None:
+            tokens, attention_mask, region_start, output_index = align_blocks(tokens, attention_mask, block_size,
+                                                                               mask_id, pad_id)
+
+        def as_input_laid_out(canvas):
+            if output_index is None:
+                return canvas
+            return canvas.gather(1, output_index.clamp(min=0)).masked_fill(output_index < 0, pad_id)
+
         masked = tokens == mask_id
         if attention_mask is not None:
             masked &= attention_mask.bool()
@@ -643,12 +767,17 @@ class MDMGenerationMixin:
         # 3. The network behind `denoise`.
         denoiser = Denoiser(self, attention_mask, schedule, config, tokens)
 
-        # 4. Step until nothing is masked.
+        # 4. Step until nothing is masked (or every row stopped at its end-of-sequence token).
         stream_from = 0 if prompt_length is None else prompt_length
         put_draft = getattr(streamer, "put_draft", None) if streamer is not None else None
         if streamer is not None:
-            streamer.put(tokens[:, :stream_from].cpu())
-        state = DiffusionState.start(tokens, masked, config.block_length, region_start)
+            streamer.put(as_input_laid_out(tokens)[:, :stream_from].cpu())
+        state = DiffusionState.start(tokens, masked, config.block_length, region_start, block_size)
+        if stop_at_eos and eos_ids is not None:
+            eos_ids = torch.as_tensor(eos_ids, device=tokens.device).flatten()
+        else:
+            stop_at_eos = False
+        stopped = torch.zeros_like(masked)
         history = [] if config.output_history else None
         max_steps = strategy.step_limit(state)
         with values_checked():  # the ids were checked above; the denoiser asks only for positions strategies chose
@@ -658,21 +787,28 @@ class MDMGenerationMixin:
                                        "this.")
                 state = strategy.step(state, denoiser.bind(state))
                 state = enter_blocks(state, strategy.holds_block(state))
+                if stop_at_eos:
+                    state, cut = stop_after_eos(state, eos_ids, pad_id)
+                    if cut is not None:
+                        stopped |= cut
                 if history is not None:
-                    history.append(state.tokens.clone())
+                    history.append(as_input_laid_out(state.tokens).clone())
                 if put_draft is not None:
-                    put_draft(state.tokens[:, stream_from:].cpu())
+                    put_draft(as_input_laid_out(state.tokens)[:, stream_from:].cpu())
+        sequences = as_input_laid_out(state.tokens)
         if streamer is not None:
             # A plain streamer (TextStreamer, TextIteratorStreamer) appends whatever it is given: it gets the final
             # text once. A diffusion streamer (put_draft: TextDiffusionStreamer) also got every draft above.
-            streamer.put(state.tokens[:, stream_from:].cpu())
+            streamer.put(sequences[:, stream_from:].cpu())
             streamer.end()
 
         # 5. Return.
         if not config.return_dict_in_generate:
-            return state.tokens
-        return MDMGenerationOutput(sequences=state.tokens, nfe=denoiser.nfe, nfe_per_sequence=denoiser.nfe_per_sequence,
-                                   history=history)
+            return sequences
+        generated = (state.generated & ~stopped).sum(dim=1)
+        tokens_per_forward = generated / denoiser.nfe_per_sequence.clamp(min=1)
+        return MDMGenerationOutput(sequences=sequences, nfe=denoiser.nfe, nfe_per_sequence=denoiser.nfe_per_sequence,
+                                   tokens_per_forward=tokens_per_forward, history=history)
 
     def _prepare_canvas(self, input_ids, attention_mask, config):
         """Returns (tokens, attention_mask or None, prompt_length or None, region_start); checks ids and lengths

@@ -17,6 +17,7 @@ This file travels with every saved checkpoint as remote code: it imports only nu
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -227,10 +228,13 @@ class CategoricalSampler:
     def __call__(self, logits: torch.Tensor) -> torch.LongTensor:
         return self.choose(self.probabilities(logits))
 
-    def confidence_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+    def confidence_probabilities(self, logits: torch.Tensor, tempered: bool = False) -> torch.Tensor:
         """The model's own distribution, which confidences are read from: the softmax of the logits at temperature
-        1, without top-k / top-p, in the sampling dtype (LLaDA's low_confidence, Fast-dLLM)."""
+        1, without top-k / top-p, in the sampling dtype (LLaDA's low_confidence, Fast-dLLM); with `tempered`, at
+        the sampling temperature (1 when greedy), still unfiltered (SDAR's evaluation decoder)."""
         scores = logits.to(self.dtype, copy=True)
+        if tempered and not self.greedy and self.temperature != 1.0:
+            scores = scores / self.temperature
         if self.mask_token_id is not None:
             scores[..., self.mask_token_id] = float("-inf")
         return torch.softmax(scores, dim=-1)
@@ -266,6 +270,8 @@ class DiffusionState:
         block (`torch.LongTensor` of shape `(batch, seq_len)`): each position's block for semi-autoregressive
             decoding (all 0 without blocks).
         block_length (`int`, *optional*): the block size; None without blocks.
+        model_block_length (`int`, *optional*): a block-diffusion model's own block (`diffusion_block_size`), of
+            which decoding blocks are equal or sub-blocks; None for a bidirectional model.
         num_blocks (`int`): the number of blocks (1 without blocks).
         region_start (`int`): where block 0's generated region starts (the prompt length); earlier masked
             positions (infilling) belong to block 0.
@@ -285,6 +291,7 @@ class DiffusionState:
     generated: torch.BoolTensor | None = None
     block: torch.LongTensor | None = None
     block_length: int | None = None
+    model_block_length: int | None = None
     num_blocks: int = 1
     region_start: int = 0
     active_block: torch.LongTensor | None = None
@@ -294,7 +301,7 @@ class DiffusionState:
 
     @classmethod
     def start(cls, tokens: torch.LongTensor, masked: torch.BoolTensor, block_length: int | None = None,
-              region_start: int = 0) -> "DiffusionState":
+              region_start: int = 0, model_block_length: int | None = None) -> "DiffusionState":
         """The state before the first step: every row in the first block that has a masked position."""
         batch, seq_len = tokens.shape
         device = tokens.device
@@ -305,7 +312,8 @@ class DiffusionState:
         else:
             block = ((position - region_start).clamp(min=0) // block_length).expand(batch, -1).contiguous()
         state = cls(tokens=tokens.clone(), masked=masked.clone(), time=time, generated=masked.clone(), block=block,
-                    block_length=block_length, num_blocks=int(block.max()) + 1, region_start=region_start,
+                    block_length=block_length, model_block_length=model_block_length,
+                    num_blocks=int(block.max()) + 1, region_start=region_start,
                     active_block=torch.full((batch,), -1, dtype=torch.long, device=device),
                     block_step=torch.zeros(batch, dtype=torch.long, device=device),
                     confidence=torch.full((batch, seq_len), float("nan"), dtype=torch.float64, device=device),
@@ -445,6 +453,19 @@ class StrategySettings:
         return {field.name: getattr(self, field.name) for field in fields(self)}
 
 
+class Draws(NamedTuple):
+    """What `DecodingStrategy.draw_in_blocks` gives a step: the state (with its time), the busy rows, their candidate
+    positions (R, c) and which are real, the logits (R, c, V), the sampling distribution and the drawn tokens."""
+
+    state: DiffusionState
+    rows: torch.LongTensor
+    positions: torch.LongTensor
+    valid: torch.BoolTensor
+    logits: torch.Tensor
+    probs: torch.Tensor
+    sampled: torch.LongTensor
+
+
 class DecodingStrategy:
     """One way of running the reverse process, behind one contract:
 
@@ -488,6 +509,28 @@ class DecodingStrategy:
 
     def step(self, state: DiffusionState, denoise: Denoiser) -> DiffusionState:
         raise NotImplementedError
+
+    def draw_in_blocks(self, state: DiffusionState, denoise: Denoiser) -> "Draws":
+        """The first half of a confidence-style step: one call at the masked positions of each busy row's active
+        block, and a token drawn at each from the categorical sampler."""
+        rows = state.masked.any(dim=1).nonzero().squeeze(1)
+        in_block = candidates(state)[rows]
+        positions, valid = candidate_positions(in_block)
+        state = self.expected_time(state, rows, in_block)
+        logits = denoise(rows, state.tokens[rows], positions, state.time[rows])
+        probs = self.categorical.probabilities(logits)
+        return Draws(state, rows, positions, valid, logits, probs, self.categorical.choose(probs))
+
+    def expected_time(self, state: DiffusionState, rows, in_block: torch.BoolTensor) -> DiffusionState:
+        """For a strategy that unmasks by counts rather than times: tells a time-conditioned network the time at
+        which its block's masked fraction is expected (a time-agnostic one reads no time)."""
+        if not self.time_conditioned:
+            return state
+        block = state.generated[rows] & (state.block[rows] == state.active_block[rows, None])
+        fraction = in_block.sum(dim=1).double() / block.sum(dim=1).clamp(min=1).double()
+        time = state.time.clone()
+        time[rows] = self.schedule.inverse(1 - fraction).clamp(0.0, 1.0)
+        return replace(state, time=time)
 
     def step_limit(self, state: DiffusionState) -> int:
         """An upper bound on the steps to the end (generate() stops with an error past it): by default one position
@@ -620,6 +663,16 @@ class FirstHittingSampler(DecodingStrategy):
         return commit(state, rows, positions, valid, sampled, time=new_time)
 
 
+def entropies(probs: torch.Tensor) -> torch.Tensor:
+    """(..., V) probabilities -> (...) Shannon entropies in nats, with 0 log 0 = 0."""
+    return -torch.where(probs > 0, probs * probs.clamp(min=torch.finfo(probs.dtype).tiny).log(), 0.0).sum(-1)
+
+
+def ranks(scores: torch.Tensor) -> torch.Tensor:
+    """(R, c) -> (R, c): 0 for each row's highest score, 1 for the next, ... (ties in position order)."""
+    return scores.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+
+
 def confidence_scores(order: str, probs: torch.Tensor, sampled: torch.LongTensor) -> torch.Tensor:
     """How sure the model is at each position, higher = surer (probs: (..., V) in the sampling dtype):
 
@@ -633,7 +686,7 @@ def confidence_scores(order: str, probs: torch.Tensor, sampled: torch.LongTensor
         top = probs.topk(2, dim=-1).values
         return top[..., 0] - top[..., 1]
     if order == "entropy":
-        return torch.where(probs > 0, probs * probs.clamp(min=torch.finfo(probs.dtype).tiny).log(), 0.0).sum(-1)
+        return -entropies(probs)
     raise ValueError(f"order must be one of {CONFIDENCE_ORDERS}, got {order!r}.")
 
 
@@ -700,18 +753,7 @@ class ConfidenceSampler(DecodingStrategy):
         tokens_per_step = settings.tokens_per_step
         if tokens_per_step is None and settings.steps is None and settings.confidence_threshold is None:
             tokens_per_step = 1
-        rows = state.masked.any(dim=1).nonzero().squeeze(1)
-        in_block = candidates(state)[rows]
-        positions, valid = candidate_positions(in_block)
-        if self.time_conditioned:
-            block = state.generated[rows] & (state.block[rows] == state.active_block[rows, None])
-            fraction = in_block.sum(dim=1).double() / block.sum(dim=1).clamp(min=1).double()
-            time = state.time.clone()
-            time[rows] = self.schedule.inverse(1 - fraction).clamp(0.0, 1.0)
-            state = replace(state, time=time)
-        logits = denoise(rows, state.tokens[rows], positions, state.time[rows])
-        probs = self.categorical.probabilities(logits)
-        sampled = self.categorical.choose(probs)
+        state, rows, positions, valid, logits, probs, sampled = self.draw_in_blocks(state, denoise)
         scores = confidence_scores(settings.order, self.categorical.confidence_probabilities(logits), sampled)
         scores = scores.masked_fill(~valid, float("-inf"))
         if settings.confidence_threshold is not None:
@@ -719,8 +761,7 @@ class ConfidenceSampler(DecodingStrategy):
             chosen.scatter_(1, scores.argmax(dim=1, keepdim=True), True)  # at least one per row and call
         else:
             count = count_per_row(valid.sum(dim=1), state, rows, tokens_per_step, settings.steps)
-            rank = scores.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
-            chosen = valid & (rank < count[:, None])
+            chosen = valid & (ranks(scores) < count[:, None])
         probability = probs.gather(-1, sampled[..., None])[..., 0]
         return commit(state, rows, positions, chosen, sampled, confidence=probability)
 
@@ -923,6 +964,144 @@ NOISE_REMOVAL_MODES = ("mdlm", "last_step_argmax")
 MDLM_NOISE_REMOVAL_TIME = 1e-5
 
 
+SDAR_REMASKING = ("low_confidence_dynamic", "low_confidence_static", "sequential", "entropy_bounded")
+
+
+def check_threshold(name: str, value, allow_one: bool = False) -> None:
+    upper_ok = (lambda v: v <= 1) if allow_one else (lambda v: v < 1)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 < value and upper_ok(value)):
+        interval = "(0, 1]" if allow_one else "(0, 1)"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}.")
+
+
+@dataclass
+class SdarSettings(StrategySettings):
+    """SDAR's block decoding (JetAstra/SDAR generate.py, its OpenCompass decoder, JetEngine, lmdeploy):
+    denoising_steps calls planned per block, step s of a block of B positions committing at least n_s of them
+    (B // steps, one more in the first B % steps steps); remasking_strategy picks which:
+        "low_confidence_dynamic": every draw whose confidence exceeds confidence_threshold if those are at least
+            n_s, else the n_s most confident (SDAR's default, threshold 0.9);
+        "low_confidence_static": the n_s most confident;
+        "sequential": the first n_s masked positions, left to right;
+        "entropy_bounded": the lowest-entropy positions while their entropies sum below entropy_bound (at least one;
+            JetEngine's rule)."""
+
+    remasking_strategy: str = "low_confidence_dynamic"
+    denoising_steps: int = 4
+    confidence_threshold: float = 0.9
+    entropy_bound: float = 0.35
+
+    def validate(self):
+        if self.remasking_strategy not in SDAR_REMASKING:
+            raise ValueError(f"remasking_strategy must be one of {SDAR_REMASKING}, got {self.remasking_strategy!r}.")
+        check_count("denoising_steps", self.denoising_steps)
+        check_threshold("confidence_threshold", self.confidence_threshold, allow_one=True)
+        if not isinstance(self.entropy_bound, (int, float)) or isinstance(self.entropy_bound, bool) \
+                or not self.entropy_bound > 0:
+            raise ValueError(f"entropy_bound must be a positive number, got {self.entropy_bound!r}.")
+
+
+@register_strategy("sdar")
+class SdarSampler(DecodingStrategy):
+    """SDAR's (and TraDo's) decoding inside each block: an APPROXIMATION of the block's reverse process that commits
+    several confident tokens per call.
+
+    Each step draws a token at every masked position of the row's active block from the categorical sampler (its
+    temperature, top-k / top-p, in `sampling_dtype`; temperature 0 is SDAR's reported greedy decoding), scores each
+    draw by its probability under the tempered, unfiltered distribution (SDAR's evaluation decoder; at
+    temperature 0 the plain softmax), and commits the positions `remasking_strategy` picks. The step's quota n_s
+    counts the block's B positions, a prompt's tail in the block included, as SDAR does, and is capped at the
+    positions still masked (SDAR's own loop would overwrite prompt tokens there).
+    """
+
+    Settings = SdarSettings
+    supports_blocks = True
+
+    @classmethod
+    def describe(cls, settings):
+        rule = settings.remasking_strategy
+        how = {"low_confidence_dynamic": f"thr {settings.confidence_threshold:g}",
+               "entropy_bounded": f"eb {settings.entropy_bound:g}"}.get(rule, rule.split("_")[-1])
+        return f"sdar {settings.denoising_steps} steps {how}"
+
+    def quota(self, state: DiffusionState, rows) -> torch.LongTensor:
+        """(R,) n_s: the block's positions spread over the planned steps, the remainder to the first ones."""
+        block_length = state.block_length if state.block_length is not None else state.tokens.shape[1]
+        per_step, extra = divmod(block_length, self.settings.denoising_steps)
+        return (per_step + (state.block_step[rows] < extra).long()).clamp(min=1)
+
+    def step(self, state: DiffusionState, denoise: Denoiser) -> DiffusionState:
+        settings = self.settings
+        state, rows, positions, valid, logits, probs, sampled = self.draw_in_blocks(state, denoise)
+        count = torch.minimum(self.quota(state, rows), valid.sum(dim=1))
+        if settings.remasking_strategy == "sequential":
+            chosen = valid & (torch.arange(valid.shape[1], device=valid.device)[None] < count[:, None])
+        elif settings.remasking_strategy == "entropy_bounded":
+            spread = entropies(self.categorical.confidence_probabilities(logits, tempered=True)
+                               if self.categorical.greedy else probs).masked_fill(~valid, float("inf"))
+            order = ranks(-spread)
+            sorted_spread = spread.sort(dim=1).values
+            within = (sorted_spread.cumsum(dim=1) < settings.entropy_bound).sum(dim=1).clamp(min=1)
+            chosen = valid & (order < within[:, None])
+        else:
+            confidence = self.categorical.confidence_probabilities(logits, tempered=True).gather(
+                -1, sampled[..., None])[..., 0].masked_fill(~valid, float("-inf"))
+            chosen = valid & (ranks(confidence) < count[:, None])
+            if settings.remasking_strategy == "low_confidence_dynamic":
+                sure = valid & (confidence > settings.confidence_threshold)
+                chosen = torch.where((sure.sum(dim=1) >= count)[:, None], sure, chosen)
+        probability = probs.gather(-1, sampled[..., None])[..., 0]
+        return commit(state, rows, positions, chosen, sampled, confidence=probability)
+
+
+@dataclass
+class FastDllmV2Settings(StrategySettings):
+    """Fast-dLLM v2's decoding: confidence_threshold in (0, 1] (0.9 in its evaluation; 1 commits one token per
+    call); sub-blocks are `block_length` (8 in blocks of 32)."""
+
+    confidence_threshold: float = 0.9
+
+    def validate(self):
+        check_threshold("confidence_threshold", self.confidence_threshold, allow_one=True)
+
+
+@register_strategy("fast_dllm_v2")
+class FastDllmV2Sampler(DecodingStrategy):
+    """Fast-dLLM v2's decoding (NVlabs/Fast-dLLM v2): an APPROXIMATION that commits every confident token.
+
+    Decoding blocks are sub-blocks of the model's blocks, left to right. The first token of a model block is drawn
+    autoregressively: the argmax of the prediction the previous (finished) block makes for it, one call, whatever
+    the temperature (Fast-dLLM v2 reads it off the call that caches that block). Then each call draws a token at
+    every masked position of the active sub-block and commits those whose probability under the distribution drawn
+    from exceeds `confidence_threshold` (the softmax when greedy), and always the most probable one.
+    """
+
+    Settings = FastDllmV2Settings
+    supports_blocks = True
+
+    @classmethod
+    def describe(cls, settings):
+        return f"fast_dllm_v2 thr {settings.confidence_threshold:g}"
+
+    def step(self, state: DiffusionState, denoise: Denoiser) -> DiffusionState:
+        state, rows, positions, valid, logits, probs, sampled = self.draw_in_blocks(state, denoise)
+        plain = self.categorical.confidence_probabilities(logits)
+        confidence = (plain if self.categorical.greedy else probs).gather(-1, sampled[..., None])[..., 0]
+        confidence = confidence.masked_fill(~valid, float("-inf"))
+        chosen = valid & (confidence > self.settings.confidence_threshold)
+        chosen.scatter_(1, confidence.argmax(dim=1, keepdim=True), True)
+        if state.model_block_length is not None:
+            # A model block not yet begun: its first position is drawn alone, by argmax (the AR step).
+            starts = (positions[:, 0] - state.region_start) % state.model_block_length == 0
+            if bool(starts.any()):
+                first_only = torch.zeros_like(chosen)
+                first_only[:, 0] = True
+                chosen = torch.where(starts[:, None], first_only, chosen)
+                sampled = torch.where(starts[:, None], plain.argmax(dim=-1), sampled)
+        probability = probs.gather(-1, sampled[..., None])[..., 0]
+        return commit(state, rows, positions, chosen, sampled, confidence=probability)
+
+
 def noise_removal_mode(value) -> str | None:
     """The `noise_removal` setting as a mode: None (off), "mdlm" (also True) or "last_step_argmax"."""
     if value is False:
@@ -1115,9 +1294,9 @@ class AncestralSampler(DecodingStrategy):
 @register_strategy("ancestral_cache")
 class AncestralCacheSampler(AncestralSampler):
     """MDLM's "ddpm_cache": the ancestral sampler, with rows whose tokens did not change since their last network call
-    reusing its output (`ReuseUnchangedOutputs`). Only for a network without time input; whole canvases, no blocks."""
+    reusing its output (`ReuseUnchangedOutputs`). Only for a network without time input. Its calls run on whole
+    canvases (so with blocks they bypass the block cache), which is what makes a reused output valid."""
 
-    supports_blocks = False
     time_agnostic_only = True
     reuse_outputs = True
 
