@@ -74,7 +74,7 @@ def test_discrete_nelbo_masks_exactly_n_stratified_positions():
     num_masked = masked.sum(-1)
     # n = floor(L s) + 1 with stratified s: 64 rows over L = 32 values, each value exactly twice.
     assert torch.equal(torch.bincount(num_masked, minlength=33)[1:], torch.full((32,), 2))
-    assert torch.allclose(weight, 1.0 / num_masked.double())
+    assert torch.allclose(weight, (1.0 / num_masked.double())[:, None].expand_as(weight))  # per masked token
     losses = objective.sequence_losses(model, input_ids, noise)
     assert torch.allclose(losses, torch.full((64,), math.log(config.vocab_size - 1)), rtol=1e-5)
 

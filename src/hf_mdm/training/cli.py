@@ -20,7 +20,8 @@ from .loop import TrainConfig, train
 
 def _flag_kwargs(config_field: dataclasses.Field) -> dict:
     """argparse options for one TrainConfig field, from its type and metadata."""
-    kwargs = {"help": config_field.metadata["help"], "default": argparse.SUPPRESS}
+    # argparse formats help strings with %: a literal one ("~30% more compute") must be doubled.
+    kwargs = {"help": config_field.metadata["help"].replace("%", "%%"), "default": argparse.SUPPRESS}
     if "choices" in config_field.metadata:
         kwargs["choices"] = config_field.metadata["choices"]
     kind = config_field.type

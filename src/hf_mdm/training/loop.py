@@ -35,6 +35,7 @@ from .checkpointing import (check_output_dir, latest_checkpoint, load_checkpoint
 from .chat_data import chat_examples, read_conversations
 from .data import BlockSampler, load_documents, split_documents, tokenize_and_pack
 from .ema import EMA
+from .from_autoregressive import adapt_causal_lm, add_mask_token, causal_lm_type
 from .models import build_model, build_model_config
 from .objectives import OBJECTIVES, get_objective, validation_loss
 from .tokenizer import check_special_tokens, train_bpe_tokenizer
@@ -80,7 +81,11 @@ class TrainConfig:
     model_config: str | None = setting(None, "a preset (mdm: tiny, mini, mdlm-owt; ar: gpt2-tiny, gpt2-mini, "
                                        "llama-tiny, gpt2-small) or a JSON file of config fields; default tiny")
     init_from: str | None = setting(None, "start from this model (a shipped name, a folder or a Hub id): its config "
-                                    "and tokenizer are used (no --model-config, --tokenizer, --train-tokenizer)")
+                                    "and tokenizer are used (no --model-config, --tokenizer, --train-tokenizer); a "
+                                    "Llama/Mistral/Qwen2/Qwen3 causal LM is adapted into diffusion, [MASK] added")
+    diffusion_block_size: int | None = setting(None, "block diffusion (BD3-LM): attention bidirectional inside blocks "
+                                               "of this many tokens and causal across them, trained with BD3-LM's "
+                                               "NELBO (objective mdm or sft); default: a bidirectional MDM")
     gradient_checkpointing: bool = setting(False, "recompute each block's activations in the backward pass: less "
                                            "memory, same gradients, ~30% more compute")
     # LoRA (peft, `pip install hf_mdm[peft]`)
@@ -145,6 +150,33 @@ class JSONLinesTracker(GeneralTracker):
             handle.write(json.dumps({"step": step, **values}) + "\n")
 
 
+def set_diffusion_block_size(model, block_size: int) -> None:
+    """Makes a loaded MDM block-causal (BD3-LM fine-tunes a bidirectional MDLM this way); its generation config then
+    decodes its blocks (block_length is the model's block size unless set smaller)."""
+    config = model.config
+    if not hasattr(config, "diffusion_block_size"):
+        raise ValueError(f"--diffusion-block-size: {type(model).__name__} is not an hf_mdm masked diffusion model.")
+    if block_size > config.max_position_embeddings:
+        raise ValueError(f"--diffusion-block-size {block_size} does not fit the model's context "
+                         f"(max_position_embeddings={config.max_position_embeddings}).")
+    config.diffusion_block_size = block_size
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and generation.block_length is not None and block_size % generation.block_length:
+        generation.block_length = None
+
+
+def initial_model(config: TrainConfig, tokenizer):
+    """--init-from: an hf_mdm model (made block-causal by --diffusion-block-size: BD3-LM fine-tunes MDLM so), or an
+    autoregressive causal LM adapted into one (SDAR's and Fast-dLLM v2's recipe, `from_autoregressive`)."""
+    folder = resolve_checkpoint(config.init_from)
+    if causal_lm_type(folder) is not None:
+        return adapt_causal_lm(folder, tokenizer, config.diffusion_block_size)
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32)
+    if config.diffusion_block_size is not None:
+        set_diffusion_block_size(model, config.diffusion_block_size)
+    return model
+
+
 def check_settings(config: TrainConfig, num_processes: int) -> int:
     """Raises ValueError for settings that cannot work; returns the per-process micro-batch size."""
     if (config.train_files is None) == (config.dataset_name is None):
@@ -170,6 +202,13 @@ def check_settings(config: TrainConfig, num_processes: int) -> int:
         raise ValueError("--train-tokenizer learns from --train-files; with --dataset-name give --tokenizer.")
     if config.objective not in OBJECTIVES:
         raise ValueError(f"--objective must be one of {tuple(OBJECTIVES)}, got {config.objective!r}.")
+    if config.diffusion_block_size is not None:
+        if isinstance(config.diffusion_block_size, bool) or not isinstance(config.diffusion_block_size, int) \
+                or config.diffusion_block_size < 1:
+            raise ValueError(f"--diffusion-block-size must be a positive integer, got {config.diffusion_block_size!r}.")
+        if config.objective not in ("mdm", "sft"):
+            raise ValueError(f"--diffusion-block-size trains with BD3-LM's NELBO: --objective mdm or sft, not "
+                             f"{config.objective!r}.")
     if config.mixed_precision not in MIXED_PRECISION:
         raise ValueError(f"--mixed-precision must be one of {MIXED_PRECISION}, got {config.mixed_precision!r}.")
     for name in ("block_size", "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "save_total_limit",
@@ -220,6 +259,9 @@ def load_tokenizer(config: TrainConfig, output_dir: Path, accelerator: Accelerat
     with accelerator.main_process_first():  # the main process trains and saves; the others then read its copy
         if config.init_from is not None:
             tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(config.init_from))
+            if causal_lm_type(resolve_checkpoint(config.init_from)) is not None and add_mask_token(tokenizer):
+                accelerator.print(f"the causal LM's tokenizer has no mask token: added {tokenizer.mask_token!r} "
+                                  f"(id {tokenizer.mask_token_id})")
         elif config.tokenizer is not None:
             tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
         elif (saved / "tokenizer_config.json").is_file():
@@ -392,14 +434,14 @@ def run_training(config: TrainConfig, output_dir: Path) -> dict:
         tokenizer = load_tokenizer(config, output_dir, accelerator)
         torch.manual_seed(config.seed)  # the initial weights
         if config.init_from is not None:
-            model = AutoModel.from_pretrained(resolve_checkpoint(config.init_from), dtype=torch.float32)
+            model = initial_model(config, tokenizer)
             model_config = model.config
             if config.block_size > model_config.max_position_embeddings:
                 raise ValueError(f"--block-size {config.block_size} is above the model's max_position_embeddings "
                                  f"({model_config.max_position_embeddings}).")
         else:
             model_config = build_model_config(config.model_config or "tiny", config.objective == "ar", tokenizer,
-                                              config.block_size)
+                                              config.block_size, config.diffusion_block_size)
             model = build_model(model_config)
             if config.objective != "ar" and config.block_size < model_config.max_position_embeddings:
                 # The model never saw sequences longer than a block: generate() fills one by default.

@@ -57,9 +57,13 @@ def model_config_fields(model_config: str, autoregressive: bool) -> dict:
     return fields
 
 
-def build_model_config(model_config: str, autoregressive: bool, tokenizer: PreTrainedTokenizerBase, block_size: int):
-    """The model's config, with vocabulary and special tokens from the tokenizer; checks `block_size` fits."""
+def build_model_config(model_config: str, autoregressive: bool, tokenizer: PreTrainedTokenizerBase, block_size: int,
+                       diffusion_block_size: int | None = None):
+    """The model's config, with vocabulary and special tokens from the tokenizer; checks `block_size` fits.
+    `diffusion_block_size` makes the MDM block-causal (block diffusion)."""
     fields = model_config_fields(model_config, autoregressive)
+    if diffusion_block_size is not None:
+        fields["diffusion_block_size"] = diffusion_block_size
     vocab_size = fields.pop("vocab_size", len(tokenizer))
     if vocab_size < len(tokenizer):
         raise ValueError(f"The model config's vocab_size ({vocab_size}) is smaller than the tokenizer's ({len(tokenizer)}).")

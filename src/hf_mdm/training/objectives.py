@@ -107,6 +107,15 @@ class MaskedDiffusionObjective:
     every token masked independently with probability 1 - alpha_t. The network sees the time (as the total
     noise sigma(t)) only when `config.time_conditioning`. t is drawn on [T_MIN, 1], so the expectation is the
     bound minus a small exact offset (`continuous_count_weights`); `mdm-discrete` estimates the bound itself.
+
+    For a block-diffusion model (`config.diffusion_block_size` = B) it is BD3-LM's NELBO (Arriola et al.,
+    arXiv:2503.09573): each block gets its own time (stratified over the global batch's blocks), and each block is
+    scored given its noisy self and the CLEAN earlier blocks, all in one pass over [x_t ; x_0]:
+
+        NELBO = E [ sum_b w(t_b) * sum over masked l in block b of -log p_theta(x0_l | x_t^b, x0^{<b}) ] / L.
+
+    B = L is the MDM NELBO above; B = 1 is the autoregressive NLL, times alpha(T_MIN) - alpha(1) (~1 - 2e-3) in
+    expectation: a token is masked with probability 1 - alpha_t and then weighted by w(t).
     """
 
     name = "mdm"
@@ -119,29 +128,52 @@ class MaskedDiffusionObjective:
         # A network that predicts token i from position i - 1 (Dream) has no prediction for position 0: the
         # bound is that of the other L - 1 tokens given the first, which is never masked.
         self.first_position_kept = bool(getattr(config, "shift_logits", False))
+        self.block_size = getattr(config, "diffusion_block_size", None)
+        if self.block_size is not None and self.time_conditioning:
+            raise ValueError("block diffusion draws one time per block, and a time-conditioned network reads one per "
+                             "sequence: train a block-diffusion model with time_conditioning=False (BD3-LM's is).")
 
     def draw_noise(self, generator: torch.Generator, batch_size: int, seq_len: int) -> Noise:
-        return draw_noise(generator, batch_size, seq_len)
+        if self.block_size is None:
+            return draw_noise(generator, batch_size, seq_len)
+        num_blocks = math.ceil(seq_len / self.block_size)
+        u = torch.rand((), generator=generator, dtype=torch.float64).item()
+        times = antithetic_times(u, batch_size * num_blocks).view(batch_size, num_blocks)
+        return Noise(times, torch.rand(batch_size, seq_len, generator=generator))
+
+    def token_times(self, noise: Noise, seq_len: int) -> torch.Tensor:
+        """(batch, seq_len) each token's time in [T_MIN, 1]: its row's, or its block's (per-row times, as the
+        validation grid draws them, give every block of a row the same time: the same expectation)."""
+        times = noise.times if noise.times.dim() == 2 else noise.times[:, None]
+        if times.shape[1] > 1:  # one time per block
+            times = times.repeat_interleave(self.block_size, dim=1)[:, :seq_len]
+        return T_MIN + (1 - T_MIN) * times.expand(-1, seq_len)
 
     def corrupt(self, input_ids: torch.Tensor, noise: Noise):
-        """-> (masked (batch, seq_len) bool, weight (batch,) per summed masked cross-entropy, time t (batch,))."""
-        t = T_MIN + (1 - T_MIN) * noise.times
-        masked = noise.uniforms < (1 - self.schedule.alpha(t))[:, None]
+        """-> (masked (batch, seq_len) bool, weight (batch, seq_len) per masked cross-entropy, time t (batch,))."""
+        t = self.token_times(noise, input_ids.shape[1])
+        masked = noise.uniforms < (1 - self.schedule.alpha(t))
         weight = (1 - T_MIN) * self.schedule.loss_weight(t) / input_ids.shape[1]
-        return masked, weight, t
+        return masked, weight, t[:, 0]
+
+    def network_logits(self, model, noisy_ids, input_ids, t):
+        """The denoiser's logits for x_t: with the clean copy beside it for a block-diffusion model."""
+        timesteps = self.schedule.total_noise(t).float() if self.time_conditioning else None
+        clean = {"clean_input_ids": input_ids} if self.block_size is not None else {}
+        return model(noisy_ids, timesteps=timesteps, **clean).logits
 
     def sequence_losses(self, model, input_ids: torch.Tensor, noise: Noise) -> torch.Tensor:
         """(batch, seq_len) clean blocks -> (batch,) NELBO estimates in nats per token."""
         if self.first_position_kept:  # the process runs on positions 1..L-1; position 0 stays clean
             masked, weight, t = self.corrupt(input_ids[:, 1:], Noise(noise.times, noise.uniforms[:, 1:]))
             masked = torch.cat([torch.zeros_like(masked[:, :1]), masked], dim=1)
+            weight = torch.cat([torch.zeros_like(weight[:, :1]), weight], dim=1)
         else:
             masked, weight, t = self.corrupt(input_ids, noise)
         noisy_ids = torch.where(masked, self.mask_token_id, input_ids)
-        timesteps = self.schedule.total_noise(t).float() if self.time_conditioning else None
-        logits = model(noisy_ids, timesteps=timesteps).logits
-        masked_nll = (token_cross_entropy(logits, input_ids) * masked).sum(-1)
-        return weight.to(masked_nll.dtype) * masked_nll
+        logits = self.network_logits(model, noisy_ids, input_ids, t)
+        masked_nll = token_cross_entropy(logits, input_ids) * masked
+        return (weight.to(masked_nll.dtype) * masked_nll).sum(-1)
 
 
 class DiscreteMaskedDiffusionObjective(MaskedDiffusionObjective):
@@ -155,6 +187,12 @@ class DiscreteMaskedDiffusionObjective(MaskedDiffusionObjective):
 
     name = "mdm-discrete"
 
+    def __init__(self, config):
+        super().__init__(config)
+        if self.block_size is not None:
+            raise ValueError("objective mdm-discrete has no block form: a block-diffusion model trains with BD3-LM's "
+                             "NELBO, objective mdm.")
+
     def corrupt(self, input_ids: torch.Tensor, noise: Noise):
         seq_len = input_ids.shape[1]
         num_masked = (noise.times * seq_len).floor().long().clamp(max=seq_len - 1) + 1
@@ -162,7 +200,7 @@ class DiscreteMaskedDiffusionObjective(MaskedDiffusionObjective):
         ranks = noise.uniforms.argsort(dim=-1).argsort(dim=-1)
         masked = ranks < num_masked[:, None]
         t = self.schedule.inverse(1 - num_masked.double() / seq_len).clamp(max=1.0)
-        return masked, 1.0 / num_masked.double(), t
+        return masked, (1.0 / num_masked.double())[:, None].expand(-1, seq_len), t
 
 
 class SupervisedObjective(MaskedDiffusionObjective):
@@ -184,14 +222,13 @@ class SupervisedObjective(MaskedDiffusionObjective):
     def sequence_losses(self, model, input_ids: torch.Tensor, noise: Noise, prompt_lengths: torch.Tensor) -> torch.Tensor:
         """(batch, seq_len) rows and (batch,) prompt lengths -> (batch,) bounds in nats per response token."""
         response = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] >= prompt_lengths[:, None]
-        t = T_MIN + (1 - T_MIN) * noise.times
-        masked = response & (noise.uniforms < (1 - self.schedule.alpha(t))[:, None])
-        weight = (1 - T_MIN) * self.schedule.loss_weight(t) / response.sum(-1).clamp(min=1)
+        t = self.token_times(noise, input_ids.shape[1])
+        masked = response & (noise.uniforms < (1 - self.schedule.alpha(t)))
+        weight = (1 - T_MIN) * self.schedule.loss_weight(t) / response.sum(-1, keepdim=True).clamp(min=1)
         noisy_ids = torch.where(masked, self.mask_token_id, input_ids)
-        timesteps = self.schedule.total_noise(t).float() if self.time_conditioning else None
-        logits = model(noisy_ids, timesteps=timesteps).logits
-        masked_nll = (token_cross_entropy(logits, input_ids) * masked).sum(-1)
-        return weight.to(masked_nll.dtype) * masked_nll
+        logits = self.network_logits(model, noisy_ids, input_ids, t[:, 0])
+        masked_nll = token_cross_entropy(logits, input_ids) * masked
+        return (weight.to(masked_nll.dtype) * masked_nll).sum(-1)
 
 
 class AutoregressiveObjective:

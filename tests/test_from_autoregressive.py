@@ -1,0 +1,107 @@
+"""`hf-mdm train --init-from CAUSAL_LM --diffusion-block-size B`: an autoregressive Llama / Qwen2 / Qwen3 causal LM
+adapted into an hf_mdm (block) diffusion model, its weights mapped one for one and [MASK] added to its tokenizer.
+
+With blocks of one token the adapted model is the AR model itself (its logits shifted by one position, as hf_mdm's
+shifted models lay them out): the tests check that exactly, then that a short run from it trains and samples."""
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, \
+    Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from hf_mdm.training import train
+from hf_mdm.training.from_autoregressive import adapt_causal_lm, add_mask_token
+
+from conftest import assert_float32_close
+from training_scripts.common import one_thread_and_fresh_accelerate_state  # noqa: F401 (autouse fixture)
+from training_scripts.common import read_log, tiny_run, write_corpus
+
+SIZES = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+CAUSAL_LMS = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**SIZES, rope_theta=10000.0)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SIZES, rope_theta=1e6)),
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**SIZES, head_dim=24, rope_theta=1e6)),
+}
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE with an end-of-text token and no mask token, as an AR model's tokenizer is."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    vocab = {char: index for index, char in enumerate(sorted(ByteLevel.alphabet(), key=ord))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def causal_lm_folder(tmp_path, family, seed=0):
+    torch.manual_seed(seed)
+    model = CAUSAL_LMS[family]()
+    with torch.no_grad():  # random norms and biases too, so that a wrongly mapped weight shows
+        for name, parameter in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                parameter.add_(0.2 * torch.randn_like(parameter))
+    folder = tmp_path / family
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder, model.eval()
+
+
+@pytest.mark.parametrize("family", CAUSAL_LMS)
+def test_with_blocks_of_one_token_the_adapted_model_is_the_ar_model(tmp_path, family):
+    folder, causal_lm = causal_lm_folder(tmp_path, family)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.mask_token is None and add_mask_token(tokenizer)
+    model = adapt_causal_lm(folder, tokenizer, diffusion_block_size=1).eval()
+    mask = tokenizer.mask_token_id
+    assert model.config.mask_token_id == mask == 257 and model.config.vocab_size == 300  # [MASK] took a free row
+    assert model.config.shift_logits and model.config.qk_norm == (family == "qwen3")
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ar = causal_lm(ids).logits
+        ours = model(ids).logits
+    keep = torch.arange(300) != mask
+    assert_float32_close(ours[:, 1:, keep], ar[:, :-1, keep])
+    # The comparison can fail: with blocks of 4, a position also sees the later positions of its block.
+    blocked = adapt_causal_lm(folder, tokenizer, diffusion_block_size=4).eval()
+    with torch.no_grad():
+        assert (blocked(ids).logits[:, 1:, keep] - ar[:, :-1, keep]).abs().max() > 1e-3
+
+
+def test_a_tokenizer_that_fills_the_vocabulary_grows_the_embedding(tmp_path):
+    folder, causal_lm = causal_lm_folder(tmp_path, "llama")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(300 - len(tokenizer))])  # every row taken
+    add_mask_token(tokenizer)
+    model = adapt_causal_lm(folder, tokenizer, diffusion_block_size=2)
+    assert model.config.vocab_size == 301 and model.config.mask_token_id == 300
+    embedding = model.get_input_embeddings().weight
+    assert torch.equal(embedding[:300], causal_lm.get_input_embeddings().weight)
+    assert torch.allclose(embedding[300], causal_lm.get_input_embeddings().weight.mean(0))
+
+
+def test_a_gpt2_style_model_is_refused_by_name(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=2, n_positions=32)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"model_type 'gpt2'\) has no hf_mdm backbone yet"):
+        adapt_causal_lm(tmp_path, byte_tokenizer(), diffusion_block_size=4)
+
+
+def test_train_init_from_a_causal_lm_into_block_diffusion(tmp_path):
+    corpus = write_corpus(tmp_path)
+    folder, _ = causal_lm_folder(tmp_path, "qwen2")
+    train(tiny_run(corpus, tmp_path / "run", train_tokenizer=None, model_config=None, init_from=str(folder),
+                   diffusion_block_size=4, max_steps=20, block_size=32))
+    validation = read_log(tmp_path / "run", "val/nats_per_token")
+    assert validation[20] < validation[0] - 0.5, validation  # it learns the toy corpus
+    model = AutoModel.from_pretrained(tmp_path / "run" / "model")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "model")
+    assert model.config.diffusion_block_size == 4 and model.config.mask_token_id == tokenizer.mask_token_id
+    prompt = tokenizer("the old cat", return_tensors="pt").input_ids
+    out = model.generate(prompt, max_new_tokens=8, use_cache=True, stop_at_eos=False,
+                         generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, prompt.shape[1] + 8) and not (out == tokenizer.mask_token_id).any()
