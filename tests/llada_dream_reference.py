@@ -209,24 +209,34 @@ def dream_config(**overrides) -> dict:
     return config
 
 
-def dream_weight_shapes(config: dict) -> dict:
+def qwen_weight_shapes(config: dict, bias: bool, qk_norm: bool = False) -> dict:
+    """Weight names and shapes of a Qwen2 (q/k/v biases) or Qwen3 (q/k norms, explicit head_dim) decoder."""
     d, heads, kv = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
-    head_dim, mlp, vocab = d // heads, config["intermediate_size"], config["vocab_size"]
+    head_dim = config.get("head_dim") or d // heads
+    mlp, vocab = config["intermediate_size"], config["vocab_size"]
     shapes = {"model.embed_tokens.weight": (vocab, d)}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         shapes.update({
             p + "input_layernorm.weight": (d,),
-            p + "self_attn.q_proj.weight": (heads * head_dim, d), p + "self_attn.q_proj.bias": (heads * head_dim,),
-            p + "self_attn.k_proj.weight": (kv * head_dim, d), p + "self_attn.k_proj.bias": (kv * head_dim,),
-            p + "self_attn.v_proj.weight": (kv * head_dim, d), p + "self_attn.v_proj.bias": (kv * head_dim,),
-            p + "self_attn.o_proj.weight": (d, heads * head_dim), p + "post_attention_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (heads * head_dim, d), p + "self_attn.k_proj.weight": (kv * head_dim, d),
+            p + "self_attn.v_proj.weight": (kv * head_dim, d), p + "self_attn.o_proj.weight": (d, heads * head_dim),
+            p + "post_attention_layernorm.weight": (d,),
             p + "mlp.gate_proj.weight": (mlp, d), p + "mlp.up_proj.weight": (mlp, d), p + "mlp.down_proj.weight": (d, mlp),
         })
+        if bias:
+            shapes.update({p + "self_attn.q_proj.bias": (heads * head_dim,), p + "self_attn.k_proj.bias": (kv * head_dim,),
+                           p + "self_attn.v_proj.bias": (kv * head_dim,)})
+        if qk_norm:
+            shapes.update({p + "self_attn.q_norm.weight": (head_dim,), p + "self_attn.k_norm.weight": (head_dim,)})
     shapes["model.norm.weight"] = (d,)
     if not config.get("tie_word_embeddings"):
         shapes["lm_head.weight"] = (vocab, d)
     return shapes
+
+
+def dream_weight_shapes(config: dict) -> dict:
+    return qwen_weight_shapes(config, bias=True)
 
 
 # Dream's (Qwen2's) special tokens after 256 byte tokens; <|endoftext|> is EOS, PAD and BOS as in Dream's config.

@@ -479,7 +479,8 @@ def edit_safetensors(folder, edit):
         (dict(reshape=("backbone.blocks.1.attn_out.weight", (64, 32))),
          r"shape mismatch for backbone\.blocks\.1\.attn_out\.weight: the checkpoint has \(64, 32\), hf_mdm's "
          r"model\.layers\.1\.self_attn\.o_proj\.weight needs \(64, 64\)"),
-        (dict(config={"model_type": "udlm"}), r"model_type 'udlm'; only MDLM's masked-diffusion DiT"),
+        (dict(config={"model_type": "udlm"}),
+         r"model_type 'udlm'; MDLM's masked-diffusion DiT \(model_type 'mdlm'\) and BD3-LM's"),
     ],
     ids=["cond_dim", "hidden_dim", "n_heads", "fewer_blocks", "more_blocks", "missing", "unexpected", "outside_backbone",
          "reshaped", "model_type"],

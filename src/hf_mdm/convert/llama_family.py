@@ -1,4 +1,5 @@
-"""Convert LLaDA and Dream checkpoints into hf_mdm's `MDMLlamaForMaskedDiffusion`, streaming shard by shard.
+"""Convert LLaDA, Dream, SDAR / TraDo and Fast-dLLM v2 checkpoints into hf_mdm's `MDMLlamaForMaskedDiffusion`,
+streaming shard by shard.
 
     from hf_mdm.convert import convert_llada, convert_dream
     convert_llada("GSAI-ML/LLaDA-8B-Instruct", "llada-8b-instruct-hf")
@@ -17,6 +18,15 @@ Dream (Dream-org/Dream-v0-Base-7B, -Instruct-7B): model_type "Dream", Qwen2's co
     (model.embed_tokens, model.layers.{i}.self_attn.{q,k,v,o}_proj with q/k/v biases, mlp.{gate,up,down}_proj,
     input_layernorm, post_attention_layernorm, model.norm, lm_head), grouped-query attention, bidirectional; its
     output at position i predicts token i + 1 (initialised from Qwen2.5), which hf_mdm's model shifts internally.
+
+SDAR (JetLM/SDAR-1.7B/4B/8B-Chat, -bN) and TraDo (Gen-Verse/TraDo-4B/8B-Instruct, the same layout): model_type
+    "sdar", Qwen3's config fields and weight names (per-head q_norm / k_norm, explicit head_dim, no biases), a
+    block-diffusion model (blocks of 4 unless `block_size` or the repo name's -bN says otherwise) whose output at
+    position i is token i; the Hub config names no [MASK]: the tokenizer's `<|MASK|>` (151669).
+
+Fast-dLLM v2 (Efficient-Large-Model/Fast_dLLM_v2_1.5B, _7B): model_type "Fast_dLLM_Qwen", Qwen2.5's fields and
+    names, `bd_size` (32) blocks, outputs predicting the next token (shifted inside hf_mdm's model); [MASK] is the
+    tokenizer's `|<MASK>|` (151665).
 
 The conversion, `convert_llama_family`:
     1. Read the source: config.json (every field is known to the converter or refused, naming it, so an MoE or
@@ -192,13 +202,7 @@ def dream_config(raw: dict, config_path: Path, notes: list[str]) -> dict:
     _refuse_unknown(raw, DREAM_FIELDS, config_path, "Dream")
     _require(raw, "hidden_act", ("silu", None), config_path, "the MLP is silu(gate_proj(x)) * up_proj(x)")
     _require(raw, "use_sliding_window", (False, None), config_path, "Dream's attention is full (no sliding window)")
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling")
-    if rope:
-        rope = dict(rope)
-        rope.setdefault("rope_type", rope.pop("type", "default"))
-        rope.setdefault("rope_theta", float(raw.get("rope_theta", 10000.0)))
-    else:
-        rope = {"rope_type": "default", "rope_theta": float(raw.get("rope_theta", 10000.0))}
+    rope = _rope_parameters(raw)
     if raw.get("attention_dropout"):
         notes.append(f"attention_dropout={raw['attention_dropout']} (training only) is not kept")
     return dict(
@@ -218,6 +222,119 @@ def dream_weight_name(name: str) -> str | None:
     return name
 
 
+QWEN_FIELDS = DREAM_FIELDS | {"head_dim", "attention_bias", "layer_types", "attn_implementation", "use_mrope"}
+
+
+def _rope_parameters(raw: dict) -> dict:
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling")
+    if not rope:
+        return {"rope_type": "default", "rope_theta": float(raw.get("rope_theta", 10000.0))}
+    rope = dict(rope)
+    rope.setdefault("rope_type", rope.pop("type", "default"))
+    rope.setdefault("rope_theta", float(raw.get("rope_theta", 10000.0)))
+    return rope
+
+
+def _qwen_fields(raw: dict, config_path: Path, notes: list[str], family: str) -> dict:
+    """MDMLlamaConfig fields common to the Qwen2/Qwen3-based block-diffusion families."""
+    _require(raw, "hidden_act", ("silu", None), config_path, "the MLP is silu(gate_proj(x)) * up_proj(x)")
+    _require(raw, "use_sliding_window", (False, None), config_path, f"{family}'s attention has no sliding window")
+    layer_types = raw.get("layer_types")
+    if layer_types is not None and set(layer_types) != {"full_attention"}:
+        raise ConversionError(f"{config_path}: layer_types={sorted(set(layer_types))} is not supported (allowed: "
+                              f"every layer 'full_attention'): {family}'s layers all attend fully within its mask.")
+    if raw.get("attention_dropout"):
+        notes.append(f"attention_dropout={raw['attention_dropout']} (training only) is not kept")
+    return dict(
+        vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], intermediate_size=raw["intermediate_size"],
+        num_hidden_layers=raw["num_hidden_layers"], num_attention_heads=raw["num_attention_heads"],
+        num_key_value_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"], head_dim=raw.get("head_dim"),
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6), max_position_embeddings=raw.get("max_position_embeddings", 32768),
+        rope_parameters=_rope_parameters(raw), tie_word_embeddings=bool(raw.get("tie_word_embeddings")),
+        pad_token_id=raw.get("pad_token_id"), eos_token_id=raw.get("eos_token_id"), bos_token_id=raw.get("bos_token_id"),
+    )
+
+
+def _tokenizer_token_id(folder: Path, spellings: tuple[str, ...]) -> tuple[int, str] | None:
+    """(id, spelling) of the first of `spellings` the tokenizer files name (added_tokens.json, or
+    tokenizer_config.json's added_tokens_decoder), or None."""
+    found = {}
+    if (folder / "added_tokens.json").is_file():
+        found.update({token: i for token, i in _read_json(folder / "added_tokens.json").items() if isinstance(i, int)})
+    if (folder / "tokenizer_config.json").is_file():
+        decoder = _read_json(folder / "tokenizer_config.json").get("added_tokens_decoder") or {}
+        found.update({entry.get("content"): int(i) for i, entry in decoder.items()
+                      if isinstance(entry, dict) and str(i).isdigit()})
+    for spelling in spellings:
+        if spelling in found:
+            return found[spelling], spelling
+    return None
+
+
+def _mask_token_id(raw: dict, config_path: Path, notes: list[str], spellings: tuple[str, ...], default: int,
+                   family: str) -> int:
+    """[MASK]: config.json's mask_token_id, else the tokenizer's mask token, else the family's published id."""
+    if raw.get("mask_token_id") is not None:
+        return raw["mask_token_id"]
+    found = _tokenizer_token_id(config_path.parent, spellings)
+    if found is not None:
+        notes.append(f"config.json has no mask_token_id: [MASK] is the tokenizer's {found[1]!r}, id {found[0]}")
+        return found[0]
+    notes.append(f"config.json has no mask_token_id and the tokenizer names none of {spellings}: [MASK] is "
+                 f"{family}'s published id {default}")
+    return default
+
+
+SDAR_FIELDS = QWEN_FIELDS | {"block_size", "fuse_cross_entropy", "debug", "ep_size", "micro_forward",
+                             "skip_checkpoint", "use_deepep"}
+SDAR_MASK_SPELLINGS = ("<|MASK|>", "<MASK>")
+
+
+def sdar_config(raw: dict, config_path: Path, notes: list[str]) -> dict:
+    """MDMLlamaConfig fields from SDAR's (and TraDo's) Qwen3-style config.json: per-head q/k RMSNorm, no biases,
+    no logit shift, blocks of `block_size` (4 unless the config or the repo name says -bN)."""
+    if raw.get("model_type") != "sdar":
+        raise ConversionError(f"{config_path} has model_type {raw.get('model_type')!r}; an SDAR or TraDo checkpoint "
+                              "has 'sdar'.")
+    _refuse_unknown(raw, SDAR_FIELDS, config_path, "SDAR")
+    _require(raw, "attention_bias", (False, None), config_path, "SDAR's (Qwen3's) projections have no bias")
+    fields = _qwen_fields(raw, config_path, notes, "SDAR")
+    block = raw.get("block_size")
+    if block is None:
+        named = re.search(r"-b(\d+)(?:$|[-_/])", str(raw.get("_name_or_path") or config_path.parent.name) + "/")
+        block = int(named.group(1)) if named else 4
+        notes.append(f"config.json has no block_size: {block}, " + ("from the repository name" if named else
+                     "SDAR's default (its -b8/-b16/... repositories name theirs)"))
+    for key in ("fuse_cross_entropy", "micro_forward", "use_deepep", "ep_size", "skip_checkpoint", "debug"):
+        if raw.get(key) not in (None, False, 1):
+            notes.append(f"{key}={raw[key]!r} (a training kernel setting) is not kept")
+    fields.update(attention_bias=False, qk_norm=True, shift_logits=False, diffusion_block_size=block,
+                  mask_token_id=_mask_token_id(raw, config_path, notes, SDAR_MASK_SPELLINGS, 151669, "SDAR"),
+                  source_family="sdar")
+    return fields
+
+
+FAST_DLLM_V2_FIELDS = QWEN_FIELDS | {"bd_size", "conplemenrary_mask", "complementary_mask"}
+
+
+def fast_dllm_v2_config(raw: dict, config_path: Path, notes: list[str]) -> dict:
+    """MDMLlamaConfig fields from Fast-dLLM v2's Qwen2.5-style config.json: q/k/v biases, logits shifted as the AR
+    model's (position i predicts token i + 1), blocks of `bd_size` (32)."""
+    if raw.get("model_type") != "Fast_dLLM_Qwen":
+        raise ConversionError(f"{config_path} has model_type {raw.get('model_type')!r}; a Fast-dLLM v2 checkpoint has "
+                              "'Fast_dLLM_Qwen'.")
+    _refuse_unknown(raw, FAST_DLLM_V2_FIELDS, config_path, "Fast-dLLM v2")
+    fields = _qwen_fields(raw, config_path, notes, "Fast-dLLM v2")
+    block = raw.get("bd_size")
+    if block is None:
+        block = 32
+        notes.append("config.json has no bd_size: 32, Fast-dLLM v2's")
+    fields.update(attention_bias=True, qk_norm=False, shift_logits=True, diffusion_block_size=block,
+                  mask_token_id=_mask_token_id(raw, config_path, notes, ("|<MASK>|",), 151665, "Fast-dLLM v2"),
+                  source_family="fast_dllm_v2")
+    return fields
+
+
 @dataclass(frozen=True)
 class Family:
     name: str  # "llada" or "dream"
@@ -230,6 +347,8 @@ class Family:
     paper: str
     # generation_config.json: how the family's authors decode it (one token per network call, 128 new tokens).
     generation: dict
+    # Block diffusion: stop at the end of the block with an end-of-turn token (the family's own decoders do).
+    stop_at_eos: bool | None = None
 
 
 FAMILIES = {
@@ -242,6 +361,18 @@ FAMILIES = {
     "dream": Family("dream", "Dream", dream_config, dream_weight_name, "Dream-org/Dream-v0-Instruct-7B", ("<|im_end|>",),
                     "Ye et al., *Dream 7B: Diffusion Large Language Models*, arXiv:2508.15487",
                     dict(sampler="dream", alg="entropy", eps=1e-3, alg_temp=0.0, temperature=0.2, top_p=0.95)),
+    # SDAR's README and JetEngine/lmdeploy examples: blocks of 4, 4 denoising steps, low_confidence_dynamic at 0.9,
+    # greedy (its reported evaluations).
+    "sdar": Family("sdar", "SDAR", sdar_config, dream_weight_name, "JetLM/SDAR-1.7B-Chat", ("<|im_end|>", "<|endoftext|>"),
+                   "Cheng et al., *SDAR: A Synergistic Diffusion-AutoRegression Paradigm*, arXiv:2510.06303",
+                   dict(sampler="sdar", remasking_strategy="low_confidence_dynamic", denoising_steps=4,
+                        confidence_threshold=0.9, temperature=0.0), stop_at_eos=True),
+    # Fast-dLLM v2's evaluation and model card: sub-blocks of 8 in blocks of 32, threshold 0.9, greedy.
+    "fast_dllm_v2": Family("fast_dllm_v2", "Fast-dLLM v2", fast_dllm_v2_config, dream_weight_name,
+                           "Efficient-Large-Model/Fast_dLLM_v2_1.5B", ("<|im_end|>",),
+                           "Wu et al., *Fast-dLLM v2: Efficient Block-Diffusion LLM*, arXiv:2509.26328",
+                           dict(sampler="fast_dllm_v2", block_length=8, confidence_threshold=0.9, temperature=0.0),
+                           stop_at_eos=True),
 }
 
 
@@ -346,7 +477,7 @@ def read_llama_family_source(family: str, src: str | Path, revision: str | None 
         config = MDMLlamaConfig(**fields)
     except (ValueError, TypeError) as error:
         raise ConversionError(f"{config_path} gives an invalid hf_mdm config: {error}") from None
-    if raw.get("mask_token_id") is None:
+    if fields.get("mask_token_id") is None:
         raise ConversionError(f"{config_path} has no mask_token_id; {spec.title} checkpoints name their [MASK] id there.")
 
     shards, dtypes, seen, stored_head, embedding_at = [], {}, {}, None, None
@@ -532,9 +663,10 @@ def _generation_config(source: LlamaFamilySource, tokenizer) -> MDMGenerationCon
                 stops.append(token_id)
     eos = stops[0] if len(stops) == 1 else (stops or None)
     new_tokens = min(128, config.max_position_embeddings // 2)  # 128, or half the context of a small model
+    spec = FAMILIES[source.family]
     return MDMGenerationConfig(sampling_dtype="float64", max_new_tokens=new_tokens,
                                bos_token_id=config.bos_token_id, eos_token_id=eos, pad_token_id=config.pad_token_id,
-                               **FAMILIES[source.family].generation)
+                               stop_at_eos=spec.stop_at_eos, **spec.generation)
 
 
 def _write_card(folder: Path, source: LlamaFamilySource, license: str, notes: list[str], tokenizer_saved: bool) -> Path:
@@ -545,12 +677,16 @@ def _write_card(folder: Path, source: LlamaFamilySource, license: str, notes: li
     config = source.config
     revision = f" (revision {source.revision})" if source.revision else ""
     generation = ", ".join(f"{key}={value!r}" for key, value in spec.generation.items())
-    shift = ("Dream's network predicts token i + 1 at position i (it was initialised from Qwen2.5); hf_mdm shifts "
-             "its logits inside the model, so logits at position i are the distribution of token i and the first "
-             "position of every sequence must be a real token (a prompt, or BOS)." if config.shift_logits else
-             "No logit shift: the output at position i is the distribution of token i.")
-    summary = (f"Converted from **{source.name}**{revision} with `hf-mdm convert {source.family}`: {spec.title} "
-               f"({spec.paper}) as hf_mdm's `MDMLlamaForMaskedDiffusion`, a bidirectional Llama-family transformer "
+    shift = (f"{spec.title}'s network predicts token i + 1 at position i (it was initialised from an autoregressive "
+             "Qwen model); hf_mdm shifts its logits inside the model, so logits at position i are the distribution of "
+             "token i and the first position of every sequence must be a real token (a prompt, or BOS)."
+             if config.shift_logits else "No logit shift: the output at position i is the distribution of token i.")
+    block = config.diffusion_block_size
+    attention = ("a bidirectional Llama-family transformer" if block is None else
+                 f"a block-diffusion Llama-family transformer (bidirectional within blocks of {block} tokens, causal "
+                 "across them: `generate()` decodes block by block with an exact KV cache)")
+    summary = (f"Converted from **{source.name}**{revision} with `hf-mdm convert {source.family.replace('_', '-')}`: {spec.title} "
+               f"({spec.paper}) as hf_mdm's `MDMLlamaForMaskedDiffusion`, {attention} "
                "that loads with transformers 5 (`AutoModel.from_pretrained`, in-library or with "
                "`trust_remote_code=True`) and samples with every hf_mdm decoding strategy through `generate()`. The "
                f"weights are copied unchanged ({str(source.dtype).replace('torch.', '')}); the conversion checks that "
@@ -579,7 +715,8 @@ the answer with EOS.) Or `hf-mdm generate path/to/this/folder --chat "Explain di
 | mask_token_id | {config.mask_token_id} (never predicted: its logit is MASK_LOGIT) |
 | rotary | base {config.rope_parameters['rope_theta']}, applied in float32 |
 | RMSNorm eps | {config.rms_norm_eps} |
-| q/k/v bias | {config.attention_bias} |
+| q/k/v bias / per-head q/k norm | {config.attention_bias} / {config.qk_norm} |
+| attention | {"bidirectional" if block is None else f"block-causal, diffusion_block_size={block}"} |
 | tied embeddings | {config.tie_word_embeddings} |
 | logits | {shift} |
 | tokenizer | {"copied from the source, with its chat template" if tokenizer_saved else "none in the source"} |
@@ -719,6 +856,17 @@ def convert_dream(src, dst, **kwargs) -> LlamaFamilyConversion:
     return convert_llama_family("dream", src, dst, **kwargs)
 
 
+def convert_sdar(src, dst, **kwargs) -> LlamaFamilyConversion:
+    """`convert_llama_family("sdar", src, dst, ...)`: JetLM/SDAR-1.7B/4B/8B-Chat (and -bN), Gen-Verse/TraDo-4B/8B-Instruct
+    (the same layout and model_type)."""
+    return convert_llama_family("sdar", src, dst, **kwargs)
+
+
+def convert_fast_dllm_v2(src, dst, **kwargs) -> LlamaFamilyConversion:
+    """`convert_llama_family("fast_dllm_v2", src, dst, ...)`: Efficient-Large-Model/Fast_dLLM_v2_1.5B, _7B."""
+    return convert_llama_family("fast_dllm_v2", src, dst, **kwargs)
+
+
 __all__ = [
     "FAMILIES",
     "LlamaFamilySource",
@@ -727,6 +875,8 @@ __all__ = [
     "convert_llama_family",
     "convert_llada",
     "convert_dream",
+    "convert_sdar",
+    "convert_fast_dllm_v2",
     "llada_weight_name",
     "expected_shapes",
     "verify_converted",

@@ -18,6 +18,13 @@ Lightning checkpoint (what MDLM's `main.py` saves, e.g. `mdlm.ckpt`): a `torch.s
     noise.type, parameterization, backbone) and the run's tokenizer, both read without constructing them
     (`safe_load.plain_data`, `pickled_tokenizer.read_pickled_tokenizer`).
 
+BD3-LM (`kuleshov-group/bd3lm-owt-block_size4/8/16`, Arriola et al., arXiv:2503.09573) is MDLM's DiT with
+    block-causal attention: the Hub layout above with model_type "bd3lm", `block_size` (-> `diffusion_block_size`),
+    training-only fields (`cross_attn`: the [x_t; x_0] pass, `attn_backend`, `var_min`, `sampling_eps_min/max`: the
+    clipped noise interval its training searched) and two top-level 0-d buffers `sampling_eps_min/max` outside
+    `backbone.`, dropped with a note (sampling a time-agnostic model never reads them). `adaln` must be true and
+    `causal` false (the released models; the AR baseline is another network).
+
 The converted folder: `MDMConfig` with MDLM's [MASK] (the run's tokenizer's own mask token if it has one, e.g. 103
 for bert-base-uncased, else a new last id, `vocab_size - 1`: 50257 for GPT-2), read from the checkpoint's pickled
 tokenizer or a tokenizer folder, else assumed `vocab_size - 1` with a note saying how to override it; the bos / eos
@@ -93,6 +100,11 @@ MDLM_CONFIG_DEFAULTS = dict(
 MDLM_MLP_RATIO = 4  # DDiTBlock's default, never overridden by MDLM
 MDLM_ROPE_THETA = 10000.0
 MDLM_NOISE_EPS = 1e-3  # LogLinearNoise(eps=1e-3)
+# BD3-LM's config.json: what the converter understands beyond MDLM's fields, and the buffers outside the backbone.
+BD3LM_FIELDS = {"block_size", "cross_attn", "adaln", "causal", "attn_backend", "var_min", "sampling_eps_min",
+                "sampling_eps_max", "return_dict", "architectures", "auto_map", "model_type", "torch_dtype", "dtype",
+                "transformers_version", "_name_or_path"} | set(MDLM_CONFIG_DEFAULTS)
+BD3LM_BUFFERS = ("sampling_eps_min", "sampling_eps_max")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "vocab.txt")
@@ -132,6 +144,7 @@ class MDLMSource:
         hub_id, revision: set when the source was downloaded from the Hugging Face Hub.
         used_ema: whether `weights` are a Lightning checkpoint's EMA weights.
         notes: what the reader decided, for the log and the model card.
+        family: "mdlm", or "bd3lm" (block-causal; `fields["diffusion_block_size"]`).
     """
 
     name: str
@@ -147,6 +160,7 @@ class MDLMSource:
     revision: str | None = None
     used_ema: bool = False
     notes: list[str] = field(default_factory=list)
+    family: str = "mdlm"
 
 
 def _split_backbone(state: dict, where: str) -> tuple[dict, str, list[str]]:
@@ -170,6 +184,25 @@ def _count_blocks(weights: dict) -> int:
     return max(indices) + 1 if indices else 0
 
 
+def bd3lm_block_size(raw: dict, config_path: Path) -> int:
+    """BD3-LM's block size, after refusing any config field the converter does not understand and the variants it
+    does not convert (no adaLN, the causal AR baseline)."""
+    unknown = sorted(set(raw) - BD3LM_FIELDS)
+    if unknown:
+        raise ConversionError(f"{config_path}: config field {unknown[0]!r} (= {raw[unknown[0]]!r}) is not part of "
+                              f"BD3-LM's architecture as hf_mdm converts it (known: {sorted(BD3LM_FIELDS)}); nothing "
+                              "was written.")
+    for key, allowed, why in (("adaln", (True, None), "the released BD3-LMs condition every block with adaLN"),
+                              ("causal", (False, None), "causal=true is BD3-LM's autoregressive baseline, not a "
+                                                        "block-diffusion model")):
+        if raw.get(key) not in allowed:
+            raise ConversionError(f"{config_path}: {key}={raw.get(key)!r} is not supported (allowed: {allowed}): {why}.")
+    block = raw.get("block_size")
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+        raise ConversionError(f"{config_path}: block_size must be a positive integer (BD3-LM's block), got {block!r}.")
+    return block
+
+
 def read_hub_folder(folder: Path, name: str | None = None) -> MDLMSource:
     """A folder in the Hub layout of `kuleshov-group/mdlm-owt` (see the module docstring)."""
     config_path = folder / "config.json"
@@ -180,13 +213,16 @@ def read_hub_folder(folder: Path, name: str | None = None) -> MDLMSource:
         )
     raw = json.loads(config_path.read_text())
     model_type = raw.get("model_type")
-    if model_type != "mdlm":
+    if model_type not in ("mdlm", "bd3lm"):
         hint = " It is already an hf_mdm checkpoint: load it with AutoModel.from_pretrained." if model_type == "mdm" else ""
         raise ConversionError(
-            f"{config_path} has model_type {model_type!r}; only MDLM's masked-diffusion DiT (model_type 'mdlm') "
-            f"converts.{hint}"
+            f"{config_path} has model_type {model_type!r}; MDLM's masked-diffusion DiT (model_type 'mdlm') and "
+            f"BD3-LM's block-diffusion DiT ('bd3lm') convert.{hint}"
         )
-    source = MDLMSource(name=name or str(folder), layout="hub", fields={}, weights={}, prefix="backbone.", files=[])
+    source = MDLMSource(name=name or str(folder), layout="hub", fields={}, weights={}, prefix="backbone.", files=[],
+                        family=model_type)
+    if model_type == "bd3lm":
+        source.fields["diffusion_block_size"] = bd3lm_block_size(raw, config_path)
     for key, default in MDLM_CONFIG_DEFAULTS.items():
         if key in raw:
             source.fields[key] = raw[key]
@@ -196,6 +232,11 @@ def read_hub_folder(folder: Path, name: str | None = None) -> MDLMSource:
     state, source.files = read_weights_folder(folder)
     where = ", ".join(path.name for path in source.files)
     source.weights, source.prefix, others = _split_backbone(state, where)
+    if source.family == "bd3lm":
+        for key in [key for key in others if key in BD3LM_BUFFERS]:
+            others.remove(key)
+            source.notes.append(f"the stored {key} = {float(state[key]):.4g} (the noise interval BD3-LM's training "
+                                "searched) is dropped: sampling a time-agnostic model never reads it")
     if others:
         key = others[0]
         raise ConversionError(
@@ -432,6 +473,7 @@ def mdm_config_from_mdlm(fields: dict, mask_token_id: int | None = None, attend_
             noise_eps=MDLM_NOISE_EPS,
             attend_to_padding=attend_to_padding,
             length_extrapolation=length_extrapolation,
+            diffusion_block_size=fields.get("diffusion_block_size"),
             **{key: value for key, value in special_tokens.items() if value is not None},
         )
     except ValueError as error:
@@ -580,8 +622,9 @@ def convert_mdlm(
     license: str | None = None,
     overwrite: bool = False,
     verify: bool = True,
+    family: str | None = None,
 ) -> ConversionResult:
-    """Converts an MDLM checkpoint into a hub-ready hf_mdm folder.
+    """Converts an MDLM (or BD3-LM) checkpoint into a hub-ready hf_mdm folder.
 
     The steps:
         1. Read the source: a folder in the Hub layout, a Hub repo id (downloaded), or a Lightning checkpoint
@@ -611,7 +654,10 @@ def convert_mdlm(
             converted model do so with a warning (`MDMConfig.length_extrapolation`). Default False: refused.
         license: the card's Hub license id. Default: the source card's; "other" when it has none (weights keep
             their source's terms, so the converter never guesses a license), with a note to set it before publishing.
+        family: "mdlm" or "bd3lm" to refuse a source of the other one (default: either).
     """
+    if family not in (None, "mdlm", "bd3lm"):
+        raise ConversionError(f"family must be 'mdlm', 'bd3lm' or None, got {family!r}.")
     dst = Path(dst)
     if dst.exists() and not dst.is_dir():
         raise ConversionError(f"{dst} is a file; the output is a folder.")
@@ -622,6 +668,9 @@ def convert_mdlm(
 
     # 1. Read the source.
     source = read_mdlm_source(src, revision=revision, use_ema=use_ema)
+    if family is not None and source.family != family:
+        raise ConversionError(f"{src} is a {source.family} checkpoint (model_type {source.family!r}); use "
+                              f"`hf-mdm convert {source.family}`.")
     source_folders = {path.parent.resolve() for path in source.files} if source.layout == "hub" else set()
     if dst.resolve() in source_folders:
         raise ConversionError(f"{dst} is the source itself; choose another output folder.")
@@ -670,8 +719,10 @@ def convert_mdlm(
     model = MDMForMaskedDiffusion(config)
     load_mdlm_weights(model, source.weights, source.prefix)
     model.eval()
+    # BD3-LM's own sampling (its README's scripts): exact first hitting in each block, nucleus 0.9, float64 draws.
+    decoding = dict(sampler="first_hitting", top_p=0.9) if source.family == "bd3lm" else {}
     model.generation_config = MDMGenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, **decoding
     )
 
     # 4. Save into a hidden sibling folder, 5. verify it; it becomes dst only then (staged_folder).
@@ -683,6 +734,12 @@ def convert_mdlm(
         if verify:
             verify_saved_model(model, staging)
     return ConversionResult(model=model, path=dst, source=source, notes=notes)
+
+
+def convert_bd3lm(src, dst, **kwargs) -> ConversionResult:
+    """`convert_mdlm(src, dst, family="bd3lm", ...)`: kuleshov-group/bd3lm-owt-block_size4, _size8, _size16 (GPT-2's
+    tokenizer; [MASK] = 50257, as BD3-LM adds it)."""
+    return convert_mdlm(src, dst, family="bd3lm", **kwargs)
 
 
 def verify_saved_model(model: MDMForMaskedDiffusion, folder: Path) -> None:
@@ -716,15 +773,20 @@ def write_card(folder: Path, source: MDLMSource, config: MDMConfig, notes: list[
     and what the conversion decided."""
     from ..hub import write_model_card
 
-    layout = {"hub": "MDLM Hub layout", "lightning": "MDLM Lightning checkpoint"}[source.layout]
+    layout = {"hub": f"{'BD3-LM' if source.family == 'bd3lm' else 'MDLM'} Hub layout",
+              "lightning": "MDLM Lightning checkpoint"}[source.layout]
     weights = "EMA weights" if source.used_ema else "weights"
     revision = f" (revision {source.revision})" if source.revision else ""
     files = "\n".join(f"- `{path.name}`: sha256 `{_sha256(path)}`" for path in source.files)
     conditioning = ("reads the noise level: hf_mdm feeds it the total noise sigma(t) = -log alpha_t, as MDLM does"
                     if config.time_conditioning else "ignores the noise level (time_conditioning = False), as MDLM's does")
-    summary = (f"Converted from **{source.name}**{revision} ({layout}, {weights}) with `hf-mdm convert mdlm`: MDLM's "
-               "diffusion transformer (Sahoo et al., *Simple and Effective Masked Diffusion Language Models*, "
-               "arXiv:2406.07524) as an hf_mdm `MDMForMaskedDiffusion`. The weights are copied unchanged; the "
+    network = ("MDLM's diffusion transformer (Sahoo et al., *Simple and Effective Masked Diffusion Language Models*, "
+               "arXiv:2406.07524)" if source.family == "mdlm" else
+               "BD3-LM's block-diffusion transformer (Arriola et al., *Block Diffusion: Interpolating Between "
+               "Autoregressive and Diffusion Language Models*, arXiv:2503.09573; bidirectional within blocks of "
+               f"{config.diffusion_block_size} tokens, causal across them, decoded block by block with an exact KV cache)")
+    summary = (f"Converted from **{source.name}**{revision} ({layout}, {weights}) with `hf-mdm convert {source.family}`: "
+               f"{network} as an hf_mdm `MDMForMaskedDiffusion`. The weights are copied unchanged; the "
                "conversion checks that the folder reloads to the same logits. Use of these weights is governed by the "
                "source's license and model card.")
     conversion = f"""Source files:
@@ -740,12 +802,13 @@ def write_card(folder: Path, source: MDLMSource, config: MDMConfig, notes: list[
 | noise schedule | log-linear, alpha_t = 1 - (1 - {config.noise_eps}) t (MDLM's) |
 | time conditioning | {config.time_conditioning}: the network {conditioning} |
 | tokenizer | {"copied from the source" if tokenizer_saved else "none in the source (MDLM's OpenWebText models use GPT-2's)"} |
-| generation | `MDMGenerationConfig`: first_hitting, float64 sampling |
+| attention | {"bidirectional" if config.diffusion_block_size is None else f"block-causal, diffusion_block_size={config.diffusion_block_size}"} |
+| generation | `MDMGenerationConfig`: first_hitting{", top_p 0.9 (BD3-LM's scripts)" if source.family == "bd3lm" else ""}, float64 sampling |
 """
     if notes:
         conversion += "\nConversion notes:\n" + "".join(f"- {note}\n" for note in notes)
     return write_model_card(folder, title=f"{Path(str(source.name)).name or source.name} for hf_mdm", summary=summary,
-                            license=license, tags=["mdlm"], base_model=source.hub_id, conversion=conversion)
+                            license=license, tags=[source.family], base_model=source.hub_id, conversion=conversion)
 
 
 __all__ = [
@@ -759,6 +822,7 @@ __all__ = [
     "mdm_config_from_mdlm",
     "load_mdlm_weights",
     "convert_mdlm",
+    "convert_bd3lm",
     "verify_saved_model",
     "write_card",
 ]
