@@ -28,6 +28,7 @@ def travelling_files(model_type: str) -> tuple[str, ...]:
 PRETRAINED = {
     "shakespeare-mdm": "time-agnostic masked diffusion LM, 8.1 M parameters, context 256, Shakespeare BPE (4099)",
     "shakespeare-ar": "GPT-2-style causal LM, 8.2 M parameters, same data and tokenizer: judge and AR baseline",
+    "shakespeare-bd3lm": "block-diffusion LM (BD3-LM, blocks of 4), fine-tuned from shakespeare-mdm, exact KV cache",
 }
 DEFAULT_MDM = "shakespeare-mdm"
 # The judge of generative perplexity and MAUVE: the literature's (GPT-2 Large, from the Hub) by default, and the

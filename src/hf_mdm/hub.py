@@ -248,6 +248,11 @@ def write_model_card(
         "evaluation": _evaluation_section(results),
     }
     values["how_to_use"] = usage.strip() if usage is not None else _template(f"usage_{kind}.md").substitute(values).strip()
+    block = getattr(config, "diffusion_block_size", None)
+    values["length_behaviour"] = (
+        "generation fills a canvas of known length and does not stop at EOS." if block is None else
+        f"generation decodes blocks of {block} tokens left to right and stops a row at the end of the block where it "
+        "generates EOS (`stop_at_eos`).")
     values["limitations"] = _template(f"limitations_{kind}.md").substitute(values).strip()
     body = _template("template.md").substitute(values)
 
