@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from llada_dream_reference import (
     byte_level_vocab,
+    linear_of,
     qwen_weight_shapes,
     random_weights,
     rms_norm,
@@ -75,9 +76,7 @@ def qwen_block_reference_logits(config: dict, weights: dict, input_ids, attentio
     cos, sin = rotary_tables(positions, head_dim, config["rope_theta"])
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
 
-    def project(h, name):
-        out = h @ weights[name + ".weight"].T
-        return out + weights[name + ".bias"] if name + ".bias" in weights else out
+    project = linear_of(weights)
 
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."

@@ -34,6 +34,15 @@ def rms_norm(x, weight, eps):
     return weight * x32.to(x.dtype)
 
 
+def linear_of(weights: dict):
+    """`linear(h, name)`: h times weight `name.weight` transposed, plus `name.bias` when the weights have one."""
+    def linear(h, name):
+        out = h @ weights[name + ".weight"].T
+        return out + weights[name + ".bias"] if name + ".bias" in weights else out
+
+    return linear
+
+
 def rotate_half(x):
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -63,9 +72,7 @@ def llada_reference_logits(config: dict, weights: dict, input_ids, attention_mas
         bias = bias + torch.zeros(1, 1, length, length)
     cos, sin = rotary_tables(torch.arange(length)[None], head_dim, config["rope_theta"])
 
-    def linear(h, name):
-        out = h @ weights[name + ".weight"].T
-        return out + weights[name + ".bias"] if name + ".bias" in weights else out
+    linear = linear_of(weights)
 
     for i in range(config["n_layers"]):
         p = f"model.transformer.blocks.{i}."
