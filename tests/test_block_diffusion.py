@@ -354,3 +354,20 @@ def test_the_validation_bound_of_one_block_is_the_mdm_validation_bound():
 
     one_block, bidirectional, blocks = bound(diffusion_block_size=16), bound(), bound(diffusion_block_size=4)
     assert one_block == pytest.approx(bidirectional, rel=1e-6) and blocks != pytest.approx(bidirectional, rel=1e-3)
+
+
+def test_a_shifted_block_model_masks_whole_blocks_at_their_own_time():
+    """A shifted model's first position is never masked; the others take the time of THEIR block (positions counted
+    from the row's start), so each block is noised at one time, as BD3-LM's NELBO needs."""
+    from hf_mdm.training.objectives import Noise, get_objective
+
+    model = FAMILIES["llama-shifted"]()
+    objective = get_objective("mdm", model.config)
+    seen = []
+    objective.network_logits = lambda model, noisy, clean, t: (seen.append(noisy), model(noisy, clean_input_ids=clean).logits)[1]
+    ids = random_ids(1, 16, seed=17)
+    # Blocks 0 and 2 at time 0.1, blocks 1 and 3 at 0.9; every uniform 0.5: only blocks 1 and 3 are masked.
+    objective.sequence_losses(model, ids, Noise(torch.tensor([[0.1, 0.9, 0.1, 0.9]], dtype=torch.float64),
+                                                torch.full((1, 16), 0.5)))
+    masked = (seen[0][0] == model.config.mask_token_id).nonzero().flatten().tolist()
+    assert masked == [4, 5, 6, 7, 12, 13, 14, 15]

@@ -141,17 +141,19 @@ class MaskedDiffusionObjective:
         times = antithetic_times(u, batch_size * num_blocks).view(batch_size, num_blocks)
         return Noise(times, torch.rand(batch_size, seq_len, generator=generator))
 
-    def token_times(self, noise: Noise, seq_len: int) -> torch.Tensor:
-        """(batch, seq_len) each token's time in [T_MIN, 1]: its row's, or its block's (per-row times, as the
-        validation grid draws them, give every block of a row the same time: the same expectation)."""
+    def token_times(self, noise: Noise, seq_len: int, first: int = 0) -> torch.Tensor:
+        """(batch, seq_len) the time in [T_MIN, 1] of the tokens at positions first, first + 1, ...: their row's, or
+        their block's (per-row times, as the validation grid draws them, give every block of a row the same time:
+        the same expectation)."""
         times = noise.times if noise.times.dim() == 2 else noise.times[:, None]
         if times.shape[1] > 1:  # one time per block
-            times = times.repeat_interleave(self.block_size, dim=1)[:, :seq_len]
+            times = times.repeat_interleave(self.block_size, dim=1)[:, first : first + seq_len]
         return T_MIN + (1 - T_MIN) * times.expand(-1, seq_len)
 
-    def corrupt(self, input_ids: torch.Tensor, noise: Noise):
-        """-> (masked (batch, seq_len) bool, weight (batch, seq_len) per masked cross-entropy, time t (batch,))."""
-        t = self.token_times(noise, input_ids.shape[1])
+    def corrupt(self, input_ids: torch.Tensor, noise: Noise, first: int = 0):
+        """-> (masked (batch, seq_len) bool, weight (batch, seq_len) per masked cross-entropy, time t (batch,)), for
+        the tokens at positions first, first + 1, ... of their rows."""
+        t = self.token_times(noise, input_ids.shape[1], first)
         masked = noise.uniforms < (1 - self.schedule.alpha(t))
         weight = (1 - T_MIN) * self.schedule.loss_weight(t) / input_ids.shape[1]
         return masked, weight, t[:, 0]
@@ -165,7 +167,7 @@ class MaskedDiffusionObjective:
     def sequence_losses(self, model, input_ids: torch.Tensor, noise: Noise) -> torch.Tensor:
         """(batch, seq_len) clean blocks -> (batch,) NELBO estimates in nats per token."""
         if self.first_position_kept:  # the process runs on positions 1..L-1; position 0 stays clean
-            masked, weight, t = self.corrupt(input_ids[:, 1:], Noise(noise.times, noise.uniforms[:, 1:]))
+            masked, weight, t = self.corrupt(input_ids[:, 1:], Noise(noise.times, noise.uniforms[:, 1:]), first=1)
             masked = torch.cat([torch.zeros_like(masked[:, :1]), masked], dim=1)
             weight = torch.cat([torch.zeros_like(weight[:, :1]), weight], dim=1)
         else:
@@ -193,7 +195,7 @@ class DiscreteMaskedDiffusionObjective(MaskedDiffusionObjective):
             raise ValueError("objective mdm-discrete has no block form: a block-diffusion model trains with BD3-LM's "
                              "NELBO, objective mdm.")
 
-    def corrupt(self, input_ids: torch.Tensor, noise: Noise):
+    def corrupt(self, input_ids: torch.Tensor, noise: Noise, first: int = 0):
         seq_len = input_ids.shape[1]
         num_masked = (noise.times * seq_len).floor().long().clamp(max=seq_len - 1) + 1
         # The n positions with the smallest uniforms: a uniformly random subset of size n.
