@@ -538,25 +538,18 @@ class Denoiser:
             windows = torch.stack([windows[:, 0], torch.full_like(windows[:, 1], tokens.shape[1])], dim=1)
         if not any_refresh and bool((windows == windows[:1]).all()):  # the usual call: one window for all rows
             return self.read(rows, tokens, positions, times, *windows[0].tolist())
-        groups = [(refresh, None)] if any_refresh else []
-        for start, end in torch.unique(windows[~refresh], dim=0).tolist():
-            groups.append(((windows[:, 0] == start) & (windows[:, 1] == end) & ~refresh, (start, end)))
-        logits = None
-        for members, window in groups:
-            index = members.nonzero().squeeze(1)
+        def refreshed(index):  # the whole canvas, written into the cache
             batch_rows = rows[index]
-            if window is None:  # the whole canvas, written into the cache
-                view_rows = None if len(batch_rows) == self.cache.num_rows else batch_rows
-                part = self.network(batch_rows, tokens[index], positions[index], times[index],
-                                    self.cache.segment(view_rows, 0))
-                self.calls_since_refresh[batch_rows] = 0
-                self.recorded_block[batch_rows] = state.active_block[batch_rows]
-            else:
-                part = self.read(batch_rows, tokens[index], positions[index], times[index], *window)
-            if logits is None:
-                logits = part.new_empty((len(rows),) + tuple(part.shape[1:]))
-            logits[index] = part
-        return logits
+            view_rows = None if len(batch_rows) == self.cache.num_rows else batch_rows
+            part = self.network(batch_rows, tokens[index], positions[index], times[index],
+                                self.cache.segment(view_rows, 0))
+            self.calls_since_refresh[batch_rows] = 0
+            self.recorded_block[batch_rows] = state.active_block[batch_rows]
+            return part
+
+        groups = [(refresh.nonzero().squeeze(1), refreshed)] if any_refresh else []
+        groups += self.by_window(rows, tokens, positions, times, windows, ~refresh, self.read)
+        return stitched(len(rows), groups)
 
     def cached_blocks(self, state, rows, tokens, positions, times) -> torch.Tensor:
         """Block diffusion: each row runs from the first column the cache lacks (the prompt on its first call, the
@@ -568,14 +561,19 @@ class Denoiser:
         self.committed[rows] = block_starts
         if bool((spans == spans[:1]).all()):  # the usual call: every row at the same place
             return self.segment(rows, tokens, positions, times, *spans[0].tolist())
-        logits = None
-        for start, end in torch.unique(spans, dim=0).tolist():
-            index = ((spans[:, 0] == start) & (spans[:, 1] == end)).nonzero().squeeze(1)
-            part = self.segment(rows[index], tokens[index], positions[index], times[index], start, end)
-            if logits is None:
-                logits = part.new_empty((len(rows),) + tuple(part.shape[1:]))
-            logits[index] = part
-        return logits
+        everyone = torch.ones_like(rows, dtype=torch.bool)
+        return stitched(len(rows), self.by_window(rows, tokens, positions, times, spans, everyone, self.segment))
+
+    @staticmethod
+    def by_window(rows, tokens, positions, times, windows, members, run) -> list:
+        """(index, call) per distinct [start, end) window of the `members` rows: `run(rows, tokens, positions, times,
+        start, end)` on those rows."""
+        groups = []
+        for start, end in torch.unique(windows[members], dim=0).tolist():
+            index = ((windows[:, 0] == start) & (windows[:, 1] == end) & members).nonzero().squeeze(1)
+            groups.append((index, lambda index, start=start, end=end: run(
+                rows[index], tokens[index], positions[index], times[index], start, end)))
+        return groups
 
     def read(self, rows, tokens, positions, times, start: int, end: int) -> torch.Tensor:
         """One forward pass on the rows' window [start, end), reading the rest of each row's canvas from the cache."""
@@ -590,6 +588,17 @@ class Denoiser:
         # Entries of `positions` past a row's count are padding (their logits are never read).
         segment_positions = (positions - start).clamp(0, end - start - 1)
         return self.network(rows, tokens[:, start:end], segment_positions, times, self.cache.segment(view_rows, start))
+
+
+def stitched(num_rows: int, groups) -> torch.Tensor:
+    """Runs each group's call on its rows (`index`) and lays the logits out in row order."""
+    logits = None
+    for index, call in groups:
+        part = call(index)
+        if logits is None:
+            logits = part.new_empty((num_rows,) + tuple(part.shape[1:]))
+        logits[index] = part
+    return logits
 
 
 def block_diffusion_block_length(config: MDMGenerationConfig, strategy, block_size: int) -> int:

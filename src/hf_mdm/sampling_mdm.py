@@ -437,6 +437,16 @@ def check_count(name: str, value, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum} (or None), got {value!r}.")
 
 
+def check_threshold(name: str, value, allow_one: bool = False, optional: bool = False) -> None:
+    """A probability threshold: a number in (0, 1), or in (0, 1] with `allow_one`; None too when `optional`."""
+    if value is None and optional:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not 0 < value <= 1 or (value == 1 and not allow_one):
+        interval = "(0, 1]" if allow_one else "(0, 1)"
+        raise ValueError(f"{name} must be a number in {interval}{' (or None)' if optional else ''}, got {value!r}.")
+
+
 @dataclass
 class StrategySettings:
     """The settings of a decoding strategy: a dataclass whose fields are `generate()` keywords, validated when it is
@@ -712,10 +722,8 @@ class ConfidenceSettings(StrategySettings):
         check_count("steps", self.steps)
         if self.tokens_per_step is not None and self.steps is not None:
             raise ValueError("confidence takes either tokens_per_step or steps (a budget of network calls), not both.")
-        value = self.confidence_threshold
-        if value is not None:
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
-                raise ValueError(f"confidence_threshold must be a number in (0, 1) (or None), got {value!r}.")
+        check_threshold("confidence_threshold", self.confidence_threshold, optional=True)
+        if self.confidence_threshold is not None:
             if self.tokens_per_step is not None or self.steps is not None:
                 raise ValueError("confidence_threshold decides how many positions each call unmasks: do not also "
                                  "set tokens_per_step or steps.")
@@ -833,10 +841,8 @@ class DreamSettings(StrategySettings):
         if self.alg_temp is not None and (not isinstance(self.alg_temp, (int, float)) or isinstance(self.alg_temp, bool)
                                           or self.alg_temp < 0):
             raise ValueError(f"alg_temp must be a number >= 0 (or None), got {self.alg_temp!r}.")
-        value = self.confidence_threshold
-        if value is not None:
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
-                raise ValueError(f"confidence_threshold must be a number in (0, 1) (or None), got {value!r}.")
+        check_threshold("confidence_threshold", self.confidence_threshold, optional=True)
+        if self.confidence_threshold is not None:
             if self.alg != "maskgit_plus":
                 raise ValueError(f"confidence_threshold is Fast-dLLM's rule on maskgit_plus scores: alg must be "
                                  f"'maskgit_plus', got {self.alg!r}.")
@@ -965,13 +971,6 @@ MDLM_NOISE_REMOVAL_TIME = 1e-5
 
 
 SDAR_REMASKING = ("low_confidence_dynamic", "low_confidence_static", "sequential", "entropy_bounded")
-
-
-def check_threshold(name: str, value, allow_one: bool = False) -> None:
-    upper_ok = (lambda v: v <= 1) if allow_one else (lambda v: v < 1)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 < value and upper_ok(value)):
-        interval = "(0, 1]" if allow_one else "(0, 1)"
-        raise ValueError(f"{name} must be a number in {interval}, got {value!r}.")
 
 
 @dataclass

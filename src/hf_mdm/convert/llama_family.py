@@ -195,36 +195,6 @@ DREAM_FIELDS = {
 } | COMMON_IGNORED
 
 
-def dream_config(raw: dict, config_path: Path, notes: list[str]) -> dict:
-    """MDMLlamaConfig fields from Dream's Qwen2-style config.json: q/k/v biases, grouped-query heads, shifted logits."""
-    if raw.get("model_type") != "Dream":
-        raise ConversionError(f"{config_path} has model_type {raw.get('model_type')!r}; a Dream checkpoint has 'Dream'.")
-    _refuse_unknown(raw, DREAM_FIELDS, config_path, "Dream")
-    _require(raw, "hidden_act", ("silu", None), config_path, "the MLP is silu(gate_proj(x)) * up_proj(x)")
-    _require(raw, "use_sliding_window", (False, None), config_path, "Dream's attention is full (no sliding window)")
-    rope = _rope_parameters(raw)
-    if raw.get("attention_dropout"):
-        notes.append(f"attention_dropout={raw['attention_dropout']} (training only) is not kept")
-    return dict(
-        vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], intermediate_size=raw["intermediate_size"],
-        num_hidden_layers=raw["num_hidden_layers"], num_attention_heads=raw["num_attention_heads"],
-        num_key_value_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
-        rms_norm_eps=raw.get("rms_norm_eps", 1e-6), attention_bias=True,
-        max_position_embeddings=raw.get("max_position_embeddings", 32768), rope_parameters=rope,
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings")), shift_logits=True,
-        mask_token_id=raw.get("mask_token_id"), pad_token_id=raw.get("pad_token_id"),
-        eos_token_id=raw.get("eos_token_id"), bos_token_id=raw.get("bos_token_id"), source_family="dream",
-    )
-
-
-def dream_weight_name(name: str) -> str | None:
-    """Dream's names are Qwen2's, which hf_mdm's Llama family uses as they are."""
-    return name
-
-
-QWEN_FIELDS = DREAM_FIELDS | {"head_dim", "attention_bias", "layer_types", "attn_implementation", "use_mrope"}
-
-
 def _rope_parameters(raw: dict) -> dict:
     rope = raw.get("rope_parameters") or raw.get("rope_scaling")
     if not rope:
@@ -236,9 +206,9 @@ def _rope_parameters(raw: dict) -> dict:
 
 
 def _qwen_fields(raw: dict, config_path: Path, notes: list[str], family: str) -> dict:
-    """MDMLlamaConfig fields common to the Qwen2/Qwen3-based block-diffusion families."""
+    """MDMLlamaConfig fields common to the Qwen2/Qwen3-based families (Dream, SDAR and TraDo, Fast-dLLM v2)."""
     _require(raw, "hidden_act", ("silu", None), config_path, "the MLP is silu(gate_proj(x)) * up_proj(x)")
-    _require(raw, "use_sliding_window", (False, None), config_path, f"{family}'s attention has no sliding window")
+    _require(raw, "use_sliding_window", (False, None), config_path, f"{family}'s attention is full (no sliding window)")
     layer_types = raw.get("layer_types")
     if layer_types is not None and set(layer_types) != {"full_attention"}:
         raise ConversionError(f"{config_path}: layer_types={sorted(set(layer_types))} is not supported (allowed: "
@@ -253,6 +223,24 @@ def _qwen_fields(raw: dict, config_path: Path, notes: list[str], family: str) ->
         rope_parameters=_rope_parameters(raw), tie_word_embeddings=bool(raw.get("tie_word_embeddings")),
         pad_token_id=raw.get("pad_token_id"), eos_token_id=raw.get("eos_token_id"), bos_token_id=raw.get("bos_token_id"),
     )
+
+
+def dream_config(raw: dict, config_path: Path, notes: list[str]) -> dict:
+    """MDMLlamaConfig fields from Dream's Qwen2-style config.json: q/k/v biases, grouped-query heads, shifted logits."""
+    if raw.get("model_type") != "Dream":
+        raise ConversionError(f"{config_path} has model_type {raw.get('model_type')!r}; a Dream checkpoint has 'Dream'.")
+    _refuse_unknown(raw, DREAM_FIELDS, config_path, "Dream")
+    fields = _qwen_fields(raw, config_path, notes, "Dream")
+    fields.update(attention_bias=True, shift_logits=True, mask_token_id=raw.get("mask_token_id"), source_family="dream")
+    return fields
+
+
+def qwen_weight_name(name: str) -> str | None:
+    """Dream's, SDAR's and Fast-dLLM v2's names are Qwen2's / Qwen3's, which hf_mdm's Llama family uses as they are."""
+    return name
+
+
+QWEN_FIELDS = DREAM_FIELDS | {"head_dim", "attention_bias", "layer_types", "attn_implementation", "use_mrope"}
 
 
 def _tokenizer_token_id(folder: Path, spellings: tuple[str, ...]) -> tuple[int, str] | None:
@@ -358,17 +346,17 @@ FAMILIES = {
                     dict(sampler="confidence", order="confidence", block_length=32, temperature=0.0)),
     # Dream's README: its own decoding loop (sampler="dream"), entropy order, temperature 0.2, top_p 0.95, alg_temp 0,
     # steps = answer length, eps 1e-3.
-    "dream": Family("dream", "Dream", dream_config, dream_weight_name, "Dream-org/Dream-v0-Instruct-7B", ("<|im_end|>",),
+    "dream": Family("dream", "Dream", dream_config, qwen_weight_name, "Dream-org/Dream-v0-Instruct-7B", ("<|im_end|>",),
                     "Ye et al., *Dream 7B: Diffusion Large Language Models*, arXiv:2508.15487",
                     dict(sampler="dream", alg="entropy", eps=1e-3, alg_temp=0.0, temperature=0.2, top_p=0.95)),
     # SDAR's README and JetEngine/lmdeploy examples: blocks of 4, 4 denoising steps, low_confidence_dynamic at 0.9,
     # greedy (its reported evaluations).
-    "sdar": Family("sdar", "SDAR", sdar_config, dream_weight_name, "JetLM/SDAR-1.7B-Chat", ("<|im_end|>", "<|endoftext|>"),
+    "sdar": Family("sdar", "SDAR", sdar_config, qwen_weight_name, "JetLM/SDAR-1.7B-Chat", ("<|im_end|>", "<|endoftext|>"),
                    "Cheng et al., *SDAR: A Synergistic Diffusion-AutoRegression Paradigm*, arXiv:2510.06303",
                    dict(sampler="sdar", remasking_strategy="low_confidence_dynamic", denoising_steps=4,
                         confidence_threshold=0.9, temperature=0.0), stop_at_eos=True),
     # Fast-dLLM v2's evaluation and model card: sub-blocks of 8 in blocks of 32, threshold 0.9, greedy.
-    "fast_dllm_v2": Family("fast_dllm_v2", "Fast-dLLM v2", fast_dllm_v2_config, dream_weight_name,
+    "fast_dllm_v2": Family("fast_dllm_v2", "Fast-dLLM v2", fast_dllm_v2_config, qwen_weight_name,
                            "Efficient-Large-Model/Fast_dLLM_v2_1.5B", ("<|im_end|>",),
                            "Wu et al., *Fast-dLLM v2: Efficient Block-Diffusion LLM*, arXiv:2509.26328",
                            dict(sampler="fast_dllm_v2", block_length=8, confidence_threshold=0.9, temperature=0.0),
