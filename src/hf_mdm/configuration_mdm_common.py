@@ -27,7 +27,8 @@ def check_positive_ints(config, names) -> None:
 
 
 def check_shared_fields(config) -> None:
-    """The fields every hf_mdm config has: vocabulary and special ids, rotary settings, noise schedule, block size.
+    """The fields every hf_mdm config has: vocabulary and special ids, rotary settings (where the family has them),
+    noise schedule, block size.
 
     Raises ValueError naming the field and what is allowed (plain ValueError, not a strict-dataclass error).
     """
@@ -42,6 +43,26 @@ def check_shared_fields(config) -> None:
             raise ValueError(f"{name}.{field} must be an integer in [0, vocab_size={config.vocab_size}), got {value!r}.")
     if config.pad_token_id is not None and config.pad_token_id == config.mask_token_id:
         raise ValueError(f"{name}.pad_token_id must differ from mask_token_id ({config.mask_token_id}).")
+    if uses_rotary(config):
+        check_rope_parameters(config)
+    if config.noise_schedule not in NOISE_SCHEDULES:
+        raise ValueError(f"{name}.noise_schedule must be one of {NOISE_SCHEDULES}, got {config.noise_schedule!r}.")
+    if not is_number(config.noise_eps) or not 0.0 <= config.noise_eps < 1.0:
+        raise ValueError(f"{name}.noise_eps must be a number in [0, 1), got {config.noise_eps!r}.")
+    block_size = getattr(config, "diffusion_block_size", None)
+    if block_size is not None and (not is_int(block_size) or not 1 <= block_size <= config.max_position_embeddings):
+        raise ValueError(f"{name}.diffusion_block_size must be None (bidirectional) or an integer in [1, "
+                         f"max_position_embeddings={config.max_position_embeddings}], got {block_size!r}.")
+
+
+def uses_rotary(config) -> bool:
+    """Whether the family places tokens with rotary embeddings (`rope_parameters`) rather than learned positions
+    (GPT-2's, which end at `max_position_embeddings`)."""
+    return hasattr(config, "rope_parameters")
+
+
+def check_rope_parameters(config) -> None:
+    name = type(config).__name__
     rope = config.rope_parameters
     if not isinstance(rope, dict) or rope.get("rope_type") not in ROPE_TYPES:
         raise ValueError(f"{name}.rope_parameters['rope_type'] must be one of {ROPE_TYPES}, got {rope!r}.")
@@ -51,14 +72,6 @@ def check_shared_fields(config) -> None:
     if rope["rope_type"] != "default" and not (is_number(rope.get("factor")) and rope["factor"] > 0):
         raise ValueError(f"{name}.rope_parameters['factor'] must be a positive number for rope_type "
                          f"{rope['rope_type']!r}, got {rope.get('factor')!r}.")
-    if config.noise_schedule not in NOISE_SCHEDULES:
-        raise ValueError(f"{name}.noise_schedule must be one of {NOISE_SCHEDULES}, got {config.noise_schedule!r}.")
-    if not is_number(config.noise_eps) or not 0.0 <= config.noise_eps < 1.0:
-        raise ValueError(f"{name}.noise_eps must be a number in [0, 1), got {config.noise_eps!r}.")
-    block_size = getattr(config, "diffusion_block_size", None)
-    if block_size is not None and (not is_int(block_size) or not 1 <= block_size <= config.max_position_embeddings):
-        raise ValueError(f"{name}.diffusion_block_size must be None (bidirectional) or an integer in [1, "
-                         f"max_position_embeddings={config.max_position_embeddings}], got {block_size!r}.")
 
 
 def auto_map(config_class: type, model_module: str, model_class: str) -> dict:
@@ -73,6 +86,4 @@ def auto_map(config_class: type, model_module: str, model_class: str) -> dict:
     }
 
 
-
-
-__all__ = ["NOISE_SCHEDULES", "ROPE_TYPES", "auto_map", "check_positive_ints", "check_shared_fields"]
+__all__ = ["NOISE_SCHEDULES", "ROPE_TYPES", "auto_map", "check_positive_ints", "check_shared_fields", "uses_rotary"]

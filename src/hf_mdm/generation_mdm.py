@@ -879,17 +879,24 @@ class MDMGenerationMixin:
             raise ValueError(
                 f"the prompt ({prompt_length} tokens) plus max_new_tokens ({new_tokens}) exceeds max_length ({config.max_length})."
             )
-        if prompt_length + new_tokens > max_context and self.config.rope_parameters["rope_type"] == "default":
-            if not getattr(self.config, "length_extrapolation", False):
+        if prompt_length + new_tokens > max_context:
+            rope = getattr(self.config, "rope_parameters", None)
+            if rope is None:
+                raise ValueError(
+                    f"the prompt ({prompt_length} tokens) plus {new_tokens} new tokens exceeds the model's "
+                    f"max_position_embeddings ({max_context}), where its learned positions end."
+                )
+            if rope["rope_type"] == "default" and not getattr(self.config, "length_extrapolation", False):
                 raise ValueError(
                     f"the prompt ({prompt_length} tokens) plus {new_tokens} new tokens exceeds the model's "
                     f"max_position_embeddings ({max_context}); a rotary DiT can run past it (MDLM's does): set "
                     "config.length_extrapolation = True, or use a scaled rope type."
                 )
-            logger.warning_once(
-                f"the prompt ({prompt_length} tokens) plus {new_tokens} new tokens exceeds max_position_embeddings "
-                f"({max_context}): generating anyway (config.length_extrapolation), past the trained length."
-            )
+            if rope["rope_type"] == "default":
+                logger.warning_once(
+                    f"the prompt ({prompt_length} tokens) plus {new_tokens} new tokens exceeds max_position_embeddings "
+                    f"({max_context}): generating anyway (config.length_extrapolation), past the trained length."
+                )
         if prompt_length + new_tokens == 0:
             raise ValueError("nothing to generate: no input_ids and max_new_tokens = 0.")
 

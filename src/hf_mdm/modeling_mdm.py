@@ -202,12 +202,6 @@ class MDMModel(MDMPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
-
     @capture_outputs
     def forward(
         self,
@@ -278,12 +272,6 @@ class MDMForMaskedDiffusion(MDMHeadMixin, MDMPreTrainedModel, MDMGenerationMixin
         self.model = MDMModel(config)
         self.output_layer = MDMOutputLayer(config)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
 
     def get_output_embeddings(self):
         return self.output_layer.linear

@@ -41,6 +41,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, is_torchdynamo_compiling, logging
 
+from .configuration_mdm_common import uses_rotary
+
 
 logger = logging.get_logger(__name__)
 
@@ -246,9 +248,10 @@ def input_position_ids(attention_mask, batch_size: int, seq_len: int, device, ca
 
 def backbone_inputs(model: nn.Module, input_ids, inputs_embeds, attention_mask, position_ids, cache,
                     output_attentions: bool = False, clean_input_ids=None):
-    """What every backbone computes before its blocks: the embeddings (batch, seq_len, hidden), rotary cos/sin at the
-    positions (counted over the real tokens, or those of a cached segment), the attention implementation (eager
-    when attention weights are asked for) and the mask in its form.
+    """What every backbone computes before its blocks: the embeddings (batch, seq_len, hidden), the position
+    embeddings at the positions (counted over the real tokens, or those of a cached segment): rotary cos/sin, or the
+    learned vectors of a backbone with `embed_positions` (GPT-2), which it adds itself; the attention implementation
+    (eager when attention weights are asked for) and the mask in its form.
 
     With `clean_input_ids` (block-diffusion training), the clean sequence follows the noisy one at the same
     positions, under BD3-LM's vectorised mask: the returned embeddings have 2 * seq_len positions."""
@@ -263,7 +266,10 @@ def backbone_inputs(model: nn.Module, input_ids, inputs_embeds, attention_mask, 
         hidden_states = torch.cat([hidden_states, model.embed_tokens(clean_input_ids)], dim=1)
         position_ids = torch.cat([position_ids, position_ids], dim=1)
         attention_mask = torch.cat([attention_mask, attention_mask], dim=1) if attention_mask is not None else None
-    position_embeddings = model.rotary_emb(hidden_states, position_ids)
+    if hasattr(model, "rotary_emb"):
+        position_embeddings = model.rotary_emb(hidden_states, position_ids)
+    else:  # learned positions (GPT-2): the vectors the backbone adds to its token embeddings
+        position_embeddings = model.embed_positions(position_ids)
     implementation = attention_implementation(model, output_attentions)
     block_ids = None
     if block_size is not None:
@@ -416,8 +422,14 @@ def validate_inputs(config, input_ids, inputs_embeds, attention_mask, timesteps,
 def check_length(config, seq_len: int) -> None:
     """A sequence longer than `max_position_embeddings` runs, as in transformers' models. With the default rotary
     type its positions lie past those the model was trained on: a warning says so (generate() refuses such canvases
-    unless `config.length_extrapolation`). A scaled type (linear, dynamic, yarn, llama3) is what extends the context."""
-    if seq_len <= config.max_position_embeddings or config.rope_parameters["rope_type"] != "default":
+    unless `config.length_extrapolation`). A scaled type (linear, dynamic, yarn, llama3) is what extends the context.
+    Learned positions (GPT-2) end there: a longer sequence is refused."""
+    if seq_len <= config.max_position_embeddings:
+        return
+    if not uses_rotary(config):
+        raise ValueError(f"seq_len {seq_len} is longer than max_position_embeddings ({config.max_position_embeddings}):"
+                         " this model's positions are learned and end there.")
+    if config.rope_parameters["rope_type"] != "default":
         return
     logger.warning_once(
         f"seq_len {seq_len} is longer than max_position_embeddings ({config.max_position_embeddings}): running "
@@ -504,7 +516,8 @@ def check_layer_count(model: nn.Module, info: dict) -> None:
 
 class MDMHeadMixin:
     """`forward`, the loss and the embedding-resize guard of every hf_mdm head: `self.model` is the backbone and
-    `compute_logits(backbone_outputs, output_positions, cache)` the family's output projection."""
+    `compute_logits(backbone_outputs, output_positions, cache)` the output projection (`lm_head` by default). The
+    embedding accessors are transformers' defaults (`model.embed_tokens`, `lm_head`)."""
 
     # Trainer would pass num_items_in_batch = the count of labels != -100, which is not the count of scored (masked)
     # positions when labels are the clean ids everywhere: the loss normalises itself per batch instead, and Trainer
@@ -513,7 +526,16 @@ class MDMHeadMixin:
 
     def compute_logits(self, outputs: MDMModelOutput, output_positions: torch.LongTensor | None,
                        cache=None) -> torch.Tensor:
-        raise NotImplementedError
+        """The output projection `lm_head` on the backbone's last hidden states (at `output_positions` only). With
+        `config.shift_logits` (Dream, AR-adapted models), token i is predicted from the hidden state at i - 1:
+        every family returns logits aligned with its input positions, and samplers never know. A family with
+        another head (the DiT's adaLN output layer) overrides this."""
+        hidden_states = outputs.last_hidden_state
+        if getattr(self.config, "shift_logits", False):
+            hidden_states = shift_hidden_states(hidden_states, cache)
+        if output_positions is not None:
+            hidden_states = gather_positions(hidden_states, output_positions)
+        return self.lm_head(hidden_states)
 
     @can_return_tuple
     def forward(
@@ -639,6 +661,15 @@ class MDMHeadMixin:
                         f"it must be > {token_id}."
                     )
         return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+
+
+def shift_hidden_states(hidden_states: torch.Tensor, cache=None) -> torch.Tensor:
+    """The hidden states a shifted head (`config.shift_logits`: Dream, AR-adapted models) reads at each position: the
+    one at i - 1. The first position of a cached segment reads the recorded hidden state before it; the first of the
+    sequence its own (Dream's convention: it has no prediction)."""
+    before = cache.hidden_before_segment() if cache is not None and cache.get_query_offset() > 0 else None
+    before = hidden_states[:, :1] if before is None else before.to(hidden_states.dtype)
+    return torch.cat([before, hidden_states[:, :-1]], dim=1)
 
 
 def first_real_position(like: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.BoolTensor:

@@ -29,7 +29,6 @@ from .modeling_mdm_common import (
     backbone_inputs,
     check_kwargs,
     eager_attention_forward,
-    gather_positions,
     noisy_half,
     validate_inputs,
 )
@@ -143,12 +142,6 @@ class MDMLlamaModel(MDMLlamaPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
-
     @capture_outputs
     def forward(
         self,
@@ -209,31 +202,6 @@ class MDMLlamaForMaskedDiffusion(MDMHeadMixin, MDMLlamaPreTrainedModel, MDMGener
         self.model = MDMLlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
-
-    def compute_logits(self, outputs: MDMModelOutput, output_positions: torch.LongTensor | None,
-                       cache=None) -> torch.Tensor:
-        hidden_states = outputs.last_hidden_state
-        if self.config.shift_logits:
-            # Token i is predicted from position i - 1. The first position of a cached segment reads the recorded
-            # hidden state before it; the first of the sequence its own (Dream's convention: it has no prediction).
-            before = cache.hidden_before_segment() if cache is not None and cache.get_query_offset() > 0 else None
-            before = hidden_states[:, :1] if before is None else before.to(hidden_states.dtype)
-            hidden_states = torch.cat([before, hidden_states[:, :-1]], dim=1)
-        if output_positions is not None:
-            hidden_states = gather_positions(hidden_states, output_positions)
-        return self.lm_head(hidden_states)
 
 
 __all__ = ["MDMLlamaPreTrainedModel", "MDMLlamaModel", "MDMLlamaForMaskedDiffusion"]
