@@ -2,6 +2,8 @@ import pytest
 import torch
 
 from hf_mdm import MDMConfig, MDMForMaskedDiffusion, MDMLlamaConfig, MDMLlamaForMaskedDiffusion
+from hf_mdm.configuration_mdm_gpt2 import MDMGPT2Config
+from hf_mdm.modeling_mdm_gpt2 import MDMGPT2ForMaskedDiffusion
 from hf_mdm.modeling_mdm_common import MASK_LOGIT
 
 
@@ -60,6 +62,16 @@ def tiny_llama_config(dream: bool = False, **overrides) -> MDMLlamaConfig:
 def tiny_llama_model(seed: int = 0, dream: bool = False, **overrides) -> MDMLlamaForMaskedDiffusion:
     torch.manual_seed(seed)
     return randomize_(MDMLlamaForMaskedDiffusion(tiny_llama_config(dream, **overrides)), seed=seed)
+
+
+def tiny_gpt2_model(seed: int = 0, **overrides) -> MDMGPT2ForMaskedDiffusion:
+    """A tiny GPT-2-style model (learned positions, LayerNorm with biases, tied head), logits shifted as an
+    AR-adapted one's. 50 tokens + [MASK]."""
+    fields = dict(vocab_size=51, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                  max_position_embeddings=64, shift_logits=True, pad_token_id=0, bos_token_id=1)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    return randomize_(MDMGPT2ForMaskedDiffusion(MDMGPT2Config(**fields)), seed=seed)
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:

@@ -16,7 +16,9 @@ from scipy import stats
 
 from hf_mdm import MDMConfig, MDMForMaskedDiffusion, MDMGenerationConfig, MDMLlamaConfig
 
-from conftest import assert_float32_close, randomize_, tiny_llama_model, tiny_model
+from hf_mdm.configuration_mdm_gpt2 import MDMGPT2Config
+
+from conftest import assert_float32_close, randomize_, tiny_gpt2_model, tiny_llama_model, tiny_model
 
 B = 4  # the tests' block size
 
@@ -24,6 +26,7 @@ FAMILIES = {
     "dit": lambda **kw: tiny_model(seed=1, diffusion_block_size=B, **kw),
     "llama": lambda **kw: tiny_llama_model(seed=2, diffusion_block_size=B, **kw),
     "llama-shifted": lambda **kw: tiny_llama_model(seed=3, dream=True, diffusion_block_size=B, **kw),
+    "gpt2-shifted": lambda **kw: tiny_gpt2_model(seed=4, diffusion_block_size=B, **kw),
 }
 
 
@@ -36,7 +39,7 @@ def random_ids(batch, length, seed, low=2, high=50):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("config_class", [MDMConfig, MDMLlamaConfig])
+@pytest.mark.parametrize("config_class", [MDMConfig, MDMLlamaConfig, MDMGPT2Config])
 @pytest.mark.parametrize("value", [0, -4, 2.0, True, "4", 10_000])
 def test_diffusion_block_size_is_validated(config_class, value):
     with pytest.raises(ValueError, match=rf"{config_class.__name__}\.diffusion_block_size must be None \(bidirectional\) "

@@ -1,7 +1,7 @@
 """hf_mdm: masked diffusion language models as first-class Hugging Face citizens.
 
 Importing the package registers every family of `hf_mdm.constants.FAMILIES` (model_types "mdm": MDLM's DiT,
-"mdm_llama": LLaDA and Dream) with AutoConfig, AutoModel and AutoModelForMaskedLM, and with AutoModelForCausalLM,
+"mdm_llama": LLaDA, Dream, SDAR, Fast-dLLM v2; "mdm_gpt2": GPT-2 causal LMs adapted into diffusion) with AutoConfig, AutoModel and AutoModelForMaskedLM, and with AutoModelForCausalLM,
 which is what transformers' text-generation pipeline loads a folder with (an MDM is not causal; its generate() is the
 diffusion sampler). Decoding strategies are classes registered by name: `register_strategy`, `STRATEGIES`.
 """
@@ -11,11 +11,13 @@ import importlib
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
 from .configuration_mdm import MDMConfig
+from .configuration_mdm_gpt2 import MDMGPT2Config
 from .configuration_mdm_llama import MDMLlamaConfig
 from .constants import FAMILIES
 from .generation_mdm import MDMGenerationConfig, MDMGenerationMixin, MDMGenerationOutput
 from .modeling_mdm import MDMForMaskedDiffusion, MDMModel, MDMPreTrainedModel
 from .modeling_mdm_common import MASK_LOGIT
+from .modeling_mdm_gpt2 import MDMGPT2ForMaskedDiffusion, MDMGPT2Model, MDMGPT2PreTrainedModel
 from .modeling_mdm_llama import MDMLlamaForMaskedDiffusion, MDMLlamaModel, MDMLlamaPreTrainedModel
 from .pretrained import PRETRAINED, pretrained_path
 from .sampling_mdm import STRATEGIES, DecodingStrategy, DiffusionState, StrategySettings, register_strategy
@@ -41,6 +43,10 @@ __all__ = [
     "MDMLlamaModel",
     "MDMLlamaForMaskedDiffusion",
     "MDMLlamaPreTrainedModel",
+    "MDMGPT2Config",
+    "MDMGPT2Model",
+    "MDMGPT2ForMaskedDiffusion",
+    "MDMGPT2PreTrainedModel",
     "MDMGenerationConfig",
     "MDMGenerationMixin",
     "MDMGenerationOutput",

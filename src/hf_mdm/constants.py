@@ -9,6 +9,7 @@ This module imports nothing: the console script (`hf_mdm_cli`) loads it by its p
 FAMILIES = {
     "mdm": ("configuration_mdm", "modeling_mdm", "MDMForMaskedDiffusion"),  # MDLM's DiT
     "mdm_llama": ("configuration_mdm_llama", "modeling_mdm_llama", "MDMLlamaForMaskedDiffusion"),  # LLaDA, Dream
+    "mdm_gpt2": ("configuration_mdm_gpt2", "modeling_mdm_gpt2", "MDMGPT2ForMaskedDiffusion"),  # GPT-2 adapted
 }
 MDM_MODEL_TYPES = tuple(FAMILIES)
 
