@@ -1,5 +1,6 @@
-"""`hf-mdm train --init-from CAUSAL_LM --diffusion-block-size B`: an autoregressive Llama / Qwen2 / Qwen3 causal LM
-adapted into an hf_mdm (block) diffusion model, its weights mapped one for one and [MASK] added to its tokenizer.
+"""`hf-mdm train --init-from CAUSAL_LM --diffusion-block-size B`: an autoregressive Llama / Qwen2 / Qwen3 / GPT-2
+causal LM adapted into an hf_mdm (block) diffusion model, its weights mapped one for one and [MASK] added to its
+tokenizer.
 
 With blocks of one token the adapted model is the AR model itself (its logits shifted by one position, as hf_mdm's
 shifted models lay them out): the tests check that exactly, then that a short run from it trains and samples."""
@@ -83,12 +84,68 @@ def test_a_tokenizer_that_fills_the_vocabulary_grows_the_embedding(tmp_path):
     assert torch.allclose(embedding[300], causal_lm.get_input_embeddings().weight.mean(0))
 
 
-def test_a_gpt2_style_model_is_refused_by_name(tmp_path):
+def gpt2_folder(tmp_path, **overrides):
+    """A random GPT-2 causal LM (random LayerNorms and biases too) with the byte tokenizer."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=2, n_positions=32)).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"model_type 'gpt2'\) has no hf_mdm backbone yet"):
-        adapt_causal_lm(tmp_path, byte_tokenizer(), diffusion_block_size=4)
+    torch.manual_seed(0)
+    fields = dict(vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_inner=96, n_positions=64)
+    model = GPT2LMHeadModel(GPT2Config(**fields, **overrides))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "ln_" in name or name.endswith("bias"):
+                parameter.add_(0.2 * torch.randn_like(parameter))
+    folder = tmp_path / "gpt2"
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder, model.eval()
+
+
+def test_a_gpt2_model_adapted_with_blocks_of_one_token_is_the_gpt2_model(tmp_path):
+    """GPT-2's learned positions, LayerNorms with biases, Conv1D (transposed) projections and tied head map onto
+    hf_mdm's GPT-2 family; with left padding too, when GPT-2 is given the positions hf_mdm counts."""
+    folder, gpt2 = gpt2_folder(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    add_mask_token(tokenizer)
+    model = adapt_causal_lm(folder, tokenizer, diffusion_block_size=1).eval()
+    assert model.config.model_type == "mdm_gpt2" and model.config.tie_word_embeddings and model.config.shift_logits
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    keep = torch.arange(300) != tokenizer.mask_token_id
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # row 1 left-padded
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ar = gpt2(ids, attention_mask=mask, position_ids=positions).logits
+        ours = model(ids, attention_mask=mask).logits
+        assert_float32_close(ours[0, 1:, keep], ar[0, :-1, keep])
+        assert_float32_close(ours[1, 6:, keep], ar[1, 5:-1, keep])
+        blocked = adapt_causal_lm(folder, tokenizer, diffusion_block_size=4).eval()
+        assert (blocked(ids).logits[:, 1:, keep] - gpt2(ids).logits[:, :-1, keep]).abs().max() > 1e-3
+
+
+def test_the_shipped_gpt2_model_adapts_exactly():
+    from transformers import AutoModelForCausalLM
+
+    from hf_mdm import pretrained_path
+
+    folder = pretrained_path("shakespeare-ar")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert not add_mask_token(tokenizer)  # it shares shakespeare-mdm's tokenizer, [MASK] included
+    gpt2 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = adapt_causal_lm(folder, tokenizer, diffusion_block_size=1).eval()
+    ids = torch.randint(3, 4099, (2, 64), generator=torch.Generator().manual_seed(2))
+    keep = torch.arange(4099) != tokenizer.mask_token_id
+    with torch.no_grad():
+        assert_float32_close(model(ids).logits[:, 1:, keep], gpt2(ids).logits[:, :-1, keep])
+
+
+@pytest.mark.parametrize("field, value", [("scale_attn_by_inverse_layer_idx", True), ("reorder_and_upcast_attn", True),
+                                          ("scale_attn_weights", False)])
+def test_a_gpt2_option_the_layer_lacks_is_refused_by_name(tmp_path, field, value):
+    folder, _ = gpt2_folder(tmp_path, **{field: value})
+    with pytest.raises(ValueError, match=rf"{field}={value} is not supported \(allowed: \({not value},\)\)"):
+        adapt_causal_lm(folder, byte_tokenizer(), diffusion_block_size=4)
 
 
 def test_train_init_from_a_causal_lm_into_block_diffusion(tmp_path):

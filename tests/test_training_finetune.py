@@ -16,12 +16,12 @@ from transformers import AutoModel, AutoTokenizer
 
 from hf_mdm.pretrained import pretrained_path
 from hf_mdm.training import TrainConfig, train
-from hf_mdm.training.loop import enable_gradient_checkpointing
+from hf_mdm.training.loop import default_lora_targets, enable_gradient_checkpointing
 from hf_mdm.training.chat_data import chat_examples, read_conversations
 from hf_mdm.training.checkpointing import latest_checkpoint
 from hf_mdm.training.objectives import T_MIN, Noise, get_objective
 
-from conftest import tiny_model
+from conftest import tiny_gpt2_model, tiny_llama_model, tiny_model
 from training_scripts.common import one_thread_and_fresh_accelerate_state, read_log, subprocess_env  # noqa: F401
 
 SCRIPTS = Path(__file__).parent / "training_scripts"
@@ -178,6 +178,15 @@ def test_lora_adapter_loads_with_peft_and_merges_to_identical_logits(tmp_path):
     with pytest.raises(ValueError, match="'attn' matches no module"):
         train(sft_run(tmp_path, "bad", lora_r=4, lora_target_modules=["attn"]))
     assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize("family, targets", [
+    (tiny_model, ["fc_in", "fc_out", "o_proj", "qkv_proj"]),  # the DiT's adaLN modulations are not adapted
+    (tiny_llama_model, ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+    (tiny_gpt2_model, ["fc_in", "fc_out", "o_proj", "qkv_proj"]),
+])
+def test_lora_adapts_every_attention_and_mlp_projection_of_each_family(family, targets):
+    assert default_lora_targets(family()) == targets
 
 
 def saved_activation_bytes(model, ids, labels) -> int:

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -82,7 +83,7 @@ class TrainConfig:
                                        "llama-tiny, gpt2-small) or a JSON file of config fields; default tiny")
     init_from: str | None = setting(None, "start from this model (a shipped name, a folder or a Hub id): its config "
                                     "and tokenizer are used (no --model-config, --tokenizer, --train-tokenizer); a "
-                                    "Llama/Mistral/Qwen2/Qwen3 causal LM is adapted into diffusion, [MASK] added")
+                                    "GPT-2/Llama/Mistral/Qwen2/Qwen3 causal LM is adapted into diffusion, [MASK] added")
     diffusion_block_size: int | None = setting(None, "block diffusion (BD3-LM): attention bidirectional inside blocks "
                                                "of this many tokens and causal across them, trained with BD3-LM's "
                                                "NELBO (objective mdm or sft); default: a bidirectional MDM")
@@ -314,10 +315,15 @@ def load_chat_examples(config: TrainConfig, tokenizer):
             chat_examples(validation, tokenizer, config.block_size))
 
 
-LORA_TARGETS = {  # every attention and MLP projection of each backbone
-    "mdm": ["qkv_proj", "o_proj", "fc_in", "fc_out"],
-    "mdm_llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
+BLOCK_PROJECTION = re.compile(r"(?:^|\.)layers\.\d+\.(?:self_attn|mlp)\.(\w+)$")
+
+
+def default_lora_targets(model) -> list[str]:
+    """Every attention and MLP projection of the backbone's blocks (`layers.N.self_attn.*`, `layers.N.mlp.*`): the
+    DiT's qkv_proj, o_proj, fc_in, fc_out; the Llama family's q/k/v/o and gate/up/down projections; whatever a new
+    family names its own."""
+    return sorted({match.group(1) for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and (match := BLOCK_PROJECTION.search(name))})
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -335,7 +341,7 @@ def apply_lora(model, config: TrainConfig):
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise ValueError("--lora-r needs the peft package: pip install 'hf_mdm[peft]'.") from None
-    targets = config.lora_target_modules or LORA_TARGETS[model.config.model_type]
+    targets = config.lora_target_modules or default_lora_targets(model)
     names = [name for name, _ in model.named_modules()]
     for target in targets:
         if not any(name == target or name.endswith("." + target) for name in names):
