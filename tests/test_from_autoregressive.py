@@ -138,6 +138,10 @@ def test_the_shipped_gpt2_model_adapts_exactly():
     keep = torch.arange(4099) != tokenizer.mask_token_id
     with torch.no_grad():
         assert_float32_close(model(ids).logits[:, 1:, keep], gpt2(ids).logits[:, :-1, keep])
+    # Its tokenizer has no BOS: an unconditional sample starts after end-of-text, as GPT-2's documents do.
+    assert tokenizer.bos_token_id is None and model.config.bos_token_id == tokenizer.eos_token_id == 0
+    out = model.generate(max_new_tokens=8, stop_at_eos=False, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 9) and out[0, 0] == 0 and not (out == tokenizer.mask_token_id).any()
 
 
 @pytest.mark.parametrize("field, value", [("scale_attn_by_inverse_layer_idx", True), ("reorder_and_upcast_attn", True),

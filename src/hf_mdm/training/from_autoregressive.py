@@ -70,7 +70,7 @@ def adapt_causal_lm(folder: Path, tokenizer, diffusion_block_size: int | None):
     shared = dict(vocab_size=vocab_size, mask_token_id=mask_id, shift_logits=True,
                   diffusion_block_size=diffusion_block_size, source_family=model_type,
                   tie_word_embeddings=bool(source.tie_word_embeddings), pad_token_id=tokenizer.pad_token_id,
-                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                  bos_token_id=start_token_id(tokenizer, source), eos_token_id=tokenizer.eos_token_id)
     causal_lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     if model_type == "gpt2":
         model, weights = gpt2_model(source, shared), gpt2_weights(causal_lm.state_dict())
@@ -91,6 +91,16 @@ def adapt_causal_lm(folder: Path, tokenizer, diffusion_block_size: int | None):
     if config.tie_word_embeddings:
         model.tie_weights()
     return model
+
+
+def start_token_id(tokenizer, source) -> int | None:
+    """The token a shifted model reads before the first one it predicts: the tokenizer's BOS, else the source
+    config's, else EOS (GPT-2's convention: its documents are packed after an end-of-text token, which is what
+    starts an unconditional sample). A source id the tokenizer does not have is passed over."""
+    for token_id in (tokenizer.bos_token_id, getattr(source, "bos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(token_id, int) and 0 <= token_id < len(tokenizer):
+            return token_id
+    return None
 
 
 def unsupported_fields(source) -> list[tuple[str, tuple]]:
