@@ -7,12 +7,16 @@ the Shakespeare corpus, fine-tuning the shipped bidirectional `shakespeare-mdm` 
         --block-size 256 --batch-size 8 --lr 3e-4 --min-lr 3e-4 --warmup-steps 10 --weight-decay 0.0 \\
         --max-steps 150 --eval-every 50 --eval-blocks 32 --save-every 50 --mixed-precision no \\
         --output-dir runs/shakespeare-bd3lm
-    python examples/shakespeare/bd3lm.py runs/shakespeare-bd3lm      # measures, writes the card, ships the folder
+    python examples/shakespeare/bd3lm.py runs/shakespeare-bd3lm --minutes 20 \
+        --other-start runs/shakespeare-bd3lm-from-ar     # measures, writes the card, ships the folder
+
+The other start, SDAR's and Fast-dLLM v2's recipe: the same run with `--init-from shakespeare-ar` (GPT-2's weights
+mapped onto hf_mdm's GPT-2 family, logits shifted), output in runs/shakespeare-bd3lm-from-ar.
 
 It measures, on the same held-out blocks of 256 tokens (the first --blocks of the validation and test plays), the
-block model's NELBO (BD3-LM's bound, an upper bound on its NLL) beside the bidirectional MDM's NELBO and the AR
-model's exact loss, then writes the model card and copies the model (float16, as the other shipped models) into
-src/hf_mdm/pretrained/shakespeare-bd3lm.
+block model's NELBO (BD3-LM's bound, an upper bound on its NLL) beside the block model trained from the other start
+at the same budget, the bidirectional MDM's NELBO and the AR model's exact loss, then writes the model card and
+copies the model (float16, as the other shipped models) into src/hf_mdm/pretrained/shakespeare-bd3lm.
 """
 
 import argparse
@@ -44,6 +48,17 @@ def held_out_figures(model, objective: str, tokenizer, data: Path, blocks: int, 
     return figures
 
 
+def other_start_sentence(rows: dict, shipped: str) -> str:
+    """Which start the held-out figures favour, when the other start was measured."""
+    other = next((name for name in rows if name.startswith("the same budget")), None)
+    if other is None:
+        return ""
+    gaps = {split: rows[other][split] - rows[shipped][split] for split in ("validation", "test")}
+    better = "this model's start" if min(gaps.values()) > 0 else "the other start" if max(gaps.values()) < 0 else "neither"
+    return (f"\n\nWhich start is better at this budget: {better} (the other start's NELBO minus this model's: "
+            f"{gaps['validation']:+.3f} validation, {gaps['test']:+.3f} test nats per token).")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", type=Path, help="the training run's output folder")
@@ -52,14 +67,22 @@ def main():
     parser.add_argument("--passes", type=int, default=2, help="noise draws per block for the NELBOs")
     parser.add_argument("--generation", type=Path, help="hf-mdm evaluate's results.json for the block model")
     parser.add_argument("--minutes", type=float, required=True, help="the run's wall time, for the card")
+    parser.add_argument("--other-start", type=Path, help="the same run from the other start (--init-from), to compare")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 
     folder = args.run / "model"
     block_model = AutoModel.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    rows = {
-        "shakespeare-bd3lm (blocks of 4)": held_out_figures(block_model, "mdm", tokenizer, args.data, args.blocks, args.passes),
+    run = json.loads((args.run / "run_config.json").read_text())
+    shipped = f"shakespeare-bd3lm (blocks of 4, from {run['init_from']})"
+    rows = {shipped: held_out_figures(block_model, "mdm", tokenizer, args.data, args.blocks, args.passes)}
+    if args.other_start is not None:
+        other = json.loads((args.other_start / "run_config.json").read_text())
+        rows[f"the same budget from {other['init_from']} (not shipped)"] = held_out_figures(
+            AutoModel.from_pretrained(args.other_start / "model").eval(), "mdm", tokenizer, args.data, args.blocks,
+            args.passes)
+    rows |= {
         "shakespeare-mdm (bidirectional)": held_out_figures(AutoModel.from_pretrained(pretrained_path("shakespeare-mdm")),
                                                             "mdm", tokenizer, args.data, args.blocks, args.passes),
         "shakespeare-ar (autoregressive)": held_out_figures(
@@ -68,7 +91,6 @@ def main():
     }
     start = [json.loads(line) for line in (args.run / "log.jsonl").read_text().splitlines()]
     validation_log = {line["step"]: line["val/nats_per_token"] for line in start if "val/nats_per_token" in line}
-    run = json.loads((args.run / "run_config.json").read_text())
 
     table = ["| model | validation (nats/token) | test (nats/token) |", "| --- | ---: | ---: |"]
     for name, figures in rows.items():
@@ -97,6 +119,7 @@ def main():
         "\n\nHeld-out figures on the same blocks (the first "
         f"{args.blocks} blocks of 256 tokens of each split; NELBOs averaged over {args.passes} noise draws; the "
         "NELBOs are upper bounds on each model's NLL, the AR figure its exact loss):\n\n" + "\n".join(table) +
+        other_start_sentence(rows, shipped) +
         "\n\nValidation NELBO during the run (32 blocks): " +
         ", ".join(f"step {step}: {value:.3f}" for step, value in sorted(validation_log.items())) + "." + generation)
     training = dict(
@@ -105,10 +128,10 @@ def main():
         steps=run["max_steps"], tokens_seen=run["max_steps"] * run["batch_size"] * 256,
         hardware=f"2-core CPU shared with other jobs, {args.minutes:.0f} min",
         validation_data=f"the first {args.blocks} blocks of the validation plays ({SPLITS['validation']})",
-        validation_nats_per_token=rows["shakespeare-bd3lm (blocks of 4)"]["validation"])
+        validation_nats_per_token=rows[shipped]["validation"])
     eval_results = [dict(dataset_name=DATASET_NAME, dataset_type="shakespeare", dataset_split=split,
                          metric_type="nelbo", metric_name="block NELBO (nats/token, upper bound)",
-                         metric_value=round(rows["shakespeare-bd3lm (blocks of 4)"][split], 4))
+                         metric_value=round(rows[shipped][split], 4))
                     for split in ("validation", "test")]
     usage = """```python
 import torch, hf_mdm
