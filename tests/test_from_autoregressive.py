@@ -8,7 +8,7 @@ shifted models lay them out): the tests check that exactly, then that a short ru
 import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, \
-    Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from hf_mdm.training import train
 from hf_mdm.training.from_autoregressive import adapt_causal_lm, add_mask_token
@@ -23,6 +23,9 @@ CAUSAL_LMS = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**SIZES, rope_theta=10000.0)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SIZES, rope_theta=1e6)),
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**SIZES, head_dim=24, rope_theta=1e6)),
+    "qwen3_moe": lambda: Qwen3MoeForCausalLM(Qwen3MoeConfig(**SIZES, head_dim=24, rope_theta=1e6, num_experts=8,
+                                                            num_experts_per_tok=2, moe_intermediate_size=32,
+                                                            router_aux_loss_coef=0.01)),
 }
 
 
@@ -59,7 +62,8 @@ def test_with_blocks_of_one_token_the_adapted_model_is_the_ar_model(tmp_path, fa
     model = adapt_causal_lm(folder, tokenizer, diffusion_block_size=1).eval()
     mask = tokenizer.mask_token_id
     assert model.config.mask_token_id == mask == 257 and model.config.vocab_size == 300  # [MASK] took a free row
-    assert model.config.shift_logits and model.config.qk_norm == (family == "qwen3")
+    assert model.config.shift_logits and model.config.qk_norm == family.startswith("qwen3")
+    assert model.config.num_experts == (8 if family == "qwen3_moe" else None)
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ar = causal_lm(ids).logits
@@ -152,9 +156,11 @@ def test_a_gpt2_option_the_layer_lacks_is_refused_by_name(tmp_path, field, value
         adapt_causal_lm(folder, byte_tokenizer(), diffusion_block_size=4)
 
 
-def test_train_init_from_a_causal_lm_into_block_diffusion(tmp_path):
+@pytest.mark.parametrize("family", ["qwen2", "qwen3_moe"])
+def test_train_init_from_a_causal_lm_into_block_diffusion(tmp_path, family):
+    """A dense and a mixture-of-experts causal LM (RND1's recipe; its load-balancing loss in the training loss)."""
     corpus = write_corpus(tmp_path)
-    folder, _ = causal_lm_folder(tmp_path, "qwen2")
+    folder, _ = causal_lm_folder(tmp_path, family)
     train(tiny_run(corpus, tmp_path / "run", train_tokenizer=None, model_config=None, init_from=str(folder),
                    diffusion_block_size=4, max_steps=20, block_size=32))
     validation = read_log(tmp_path / "run", "val/nats_per_token")

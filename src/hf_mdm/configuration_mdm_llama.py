@@ -9,6 +9,9 @@ from transformers import PreTrainedConfig
 from .configuration_mdm_common import auto_map, check_positive_ints, check_shared_fields, is_int, is_number
 
 
+ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+
+
 class MDMLlamaConfig(PreTrainedConfig):
     r"""
     Configuration of [`MDMLlamaModel`] and [`MDMLlamaForMaskedDiffusion`]: a bidirectional (or block-causal)
@@ -53,6 +56,25 @@ class MDMLlamaConfig(PreTrainedConfig):
             into blocks of B positions counted from each row's first real token, attention is bidirectional inside
             a block and causal across blocks, so a finished block never changes and its keys and values are cached
             exactly. `generate()` then decodes block by block.
+        partial_rotary_factor (`float`): the fraction of each head's dimensions the rotary embedding turns (the
+            first ones; LLaDA 2.x: 0.5); the rest pass unrotated.
+        num_experts (`int`, *optional*): None: every MLP is dense. An int: a mixture of experts (LLaDA-MoE, LLaDA
+            2.x, RND1): each MoE layer routes every token to `num_experts_per_tok` of `num_experts` SwiGLU experts of
+            width `moe_intermediate_size`, plus `num_shared_experts` always-on experts (one SwiGLU MLP of width
+            `num_shared_experts * moe_intermediate_size`); the first `first_k_dense_replace` layers stay dense
+            (width `intermediate_size`). The experts run through transformers' experts implementations
+            (`config._experts_implementation`: "grouped_mm" where the device has it, "batched_mm", or "eager", the
+            plain path).
+        router_score_function (`str`): "softmax" (scores over all experts, then top-k: LLaDA-MoE, RND1) or
+            "sigmoid" (independent scores: LLaDA 2.x, DeepSeek-V3).
+        norm_topk_prob (`bool`): renormalise the chosen experts' scores to sum to one.
+        routed_scaling_factor (`float`): multiplies the routed experts' weights (LLaDA 2.x: 2.5).
+        n_group, topk_group (`int`, *optional*): group-limited routing: the experts are cut into `n_group` groups,
+            each scored by the sum of its two best scores, and experts are chosen from the best `topk_group` groups.
+        router_expert_bias (`bool`): a per-expert bias (`gate.expert_bias`) added to the scores for choosing experts
+            only, not for weighting them (auxiliary-loss-free balancing).
+        router_aux_loss_coef (`float`): weight of the load-balancing loss (Switch Transformer's, over the softmax
+            of the router logits) that training adds when `output_router_logits` is on (LLaDA-MoE: 0.01).
         initializer_range (`float`): std of the normal initialisation of linear and embedding weights.
         source_family (`str`, *optional*): where the weights came from ("llada", "dream"); informational.
     """
@@ -85,6 +107,19 @@ class MDMLlamaConfig(PreTrainedConfig):
     noise_eps: float = 1e-3
     initializer_range: float = 0.02
     diffusion_block_size: int | None = None
+    partial_rotary_factor: float | int = 1.0
+    num_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    moe_intermediate_size: int | None = None
+    num_shared_experts: int = 0
+    first_k_dense_replace: int = 0
+    router_score_function: str = "softmax"
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float | int = 1.0
+    n_group: int | None = None
+    topk_group: int | None = None
+    router_expert_bias: bool = False
+    router_aux_loss_coef: float | int = 0.0
     source_family: str | None = None
 
     def __post_init__(self, **kwargs):
@@ -116,10 +151,44 @@ class MDMLlamaConfig(PreTrainedConfig):
             raise ValueError(f"MDMLlamaConfig.rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}.")
         if not is_number(self.attention_dropout) or not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"MDMLlamaConfig.attention_dropout must be a number in [0, 1), got {self.attention_dropout!r}.")
-        for field in ("attention_bias", "qk_norm", "shift_logits", "tie_word_embeddings"):
+        for field in ("attention_bias", "qk_norm", "shift_logits", "tie_word_embeddings", "norm_topk_prob",
+                      "router_expert_bias"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"MDMLlamaConfig.{field} must be True or False, got {getattr(self, field)!r}.")
+        if not is_number(self.partial_rotary_factor) or not 0 < self.partial_rotary_factor <= 1 \
+                or int(self.head_dim * self.partial_rotary_factor) % 2 != 0:
+            raise ValueError(f"MDMLlamaConfig.partial_rotary_factor must be a number in (0, 1] that turns an even "
+                             f"number of the head's {self.head_dim} dimensions, got {self.partial_rotary_factor!r}.")
+        if self.num_experts is not None:
+            self._check_experts()
         check_shared_fields(self)
 
+    def _check_experts(self):
+        check_positive_ints(self, ("num_experts", "num_experts_per_tok", "moe_intermediate_size"))
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(f"MDMLlamaConfig.num_experts_per_tok ({self.num_experts_per_tok}) must be at most "
+                             f"num_experts ({self.num_experts}).")
+        for field in ("num_shared_experts", "first_k_dense_replace"):
+            if not is_int(getattr(self, field)) or getattr(self, field) < 0:
+                raise ValueError(f"MDMLlamaConfig.{field} must be a non-negative integer, got {getattr(self, field)!r}.")
+        if self.router_score_function not in ROUTER_SCORE_FUNCTIONS:
+            raise ValueError(f"MDMLlamaConfig.router_score_function must be one of {ROUTER_SCORE_FUNCTIONS}, got "
+                             f"{self.router_score_function!r}.")
+        for field in ("routed_scaling_factor", "router_aux_loss_coef"):
+            if not is_number(getattr(self, field)) or getattr(self, field) < 0:
+                raise ValueError(f"MDMLlamaConfig.{field} must be a non-negative number, got {getattr(self, field)!r}.")
+        if (self.n_group is None) != (self.topk_group is None):
+            raise ValueError("MDMLlamaConfig.n_group and topk_group go together (group-limited routing): set both or "
+                             f"neither, got n_group={self.n_group!r}, topk_group={self.topk_group!r}.")
+        if self.n_group is not None:
+            check_positive_ints(self, ("n_group", "topk_group"))
+            group_size = self.num_experts // self.n_group
+            if self.num_experts % self.n_group or self.topk_group > self.n_group or group_size < 2 \
+                    or self.topk_group * group_size < self.num_experts_per_tok:
+                raise ValueError(
+                    f"MDMLlamaConfig.n_group ({self.n_group}) must divide num_experts ({self.num_experts}) into groups "
+                    f"of at least 2, and topk_group ({self.topk_group}) groups, at most n_group, must hold "
+                    f"num_experts_per_tok ({self.num_experts_per_tok}) experts.")
 
-__all__ = ["MDMLlamaConfig"]
+
+__all__ = ["MDMLlamaConfig", "ROUTER_SCORE_FUNCTIONS"]

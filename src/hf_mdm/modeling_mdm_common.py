@@ -37,6 +37,7 @@ from transformers.masking_utils import (
     create_bidirectional_mask,
 )
 from transformers.modeling_outputs import MaskedLMOutput
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, is_torchdynamo_compiling, logging
@@ -66,14 +67,20 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary_pos_emb(q, k, cos, sin):
-    """Rotary embedding in the rotate-half form, computed in float32 (as MDLM and LLaDA do) and cast back.
+    """Rotary embedding in the rotate-half form, computed in float32 (as MDLM and LLaDA do) and cast back. With
+    partial rotary embeddings (cos/sin narrower than a head: LLaDA 2.x) the first dimensions turn and the rest pass.
 
-    q, k: (batch, heads, seq_len, head_dim); cos, sin: (batch, seq_len, head_dim), float32.
+    q, k: (batch, heads, seq_len, head_dim); cos, sin: (batch, seq_len, rotary_dim), float32.
     """
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    q_embed = q.float() * cos + rotate_half(q.float()) * sin
-    k_embed = k.float() * cos + rotate_half(k.float()) * sin
-    return q_embed.to(q.dtype), k_embed.to(k.dtype)
+    rotary_dim = cos.shape[-1]
+
+    def turn(x):
+        turned = x[..., :rotary_dim].float() * cos + rotate_half(x[..., :rotary_dim].float()) * sin
+        return torch.cat([turned.to(x.dtype), x[..., rotary_dim:]], dim=-1) if rotary_dim < x.shape[-1] \
+            else turned.to(x.dtype)
+
+    return turn(q), turn(k)
 
 
 class MDMRotaryEmbedding(nn.Module):
@@ -95,16 +102,22 @@ class MDMRotaryEmbedding(nn.Module):
 
     @staticmethod
     def compute_default_rope_parameters(config, device=None, seq_len=None, **kwargs) -> tuple[torch.Tensor, float]:
-        """(head_dim / 2,) float32 inverse frequencies 1 / theta^(2i / head_dim), and no scaling."""
-        head_dim = config.head_dim
-        exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+        """(rotary_dim / 2,) float32 inverse frequencies 1 / theta^(2i / rotary_dim), and no scaling; rotary_dim is
+        head_dim times `partial_rotary_factor` (1 by default)."""
+        rotary_dim = int(config.head_dim * getattr(config, "partial_rotary_factor", 1.0))
+        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim
         return 1.0 / (float(config.rope_parameters["rope_theta"]) ** exponents), 1.0
 
     def compute_parameters(self) -> tuple[torch.Tensor, float]:
         """The inverse frequencies and the factor applied to cos/sin (1 but for scaled types such as yarn)."""
         if self.rope_type == "default":
             return self.compute_default_rope_parameters(self.config)
-        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.config, None)
+        config = self.config
+        partial = getattr(config, "partial_rotary_factor", 1.0)
+        if partial != 1.0:  # transformers' scaled types read it from the rope settings
+            config = copy.copy(config)
+            config.rope_parameters = {**config.rope_parameters, "partial_rotary_factor": partial}
+        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[self.rope_type](config, None)
         return inv_freq.float(), float(attention_scaling)
 
     @torch.no_grad()
@@ -294,12 +307,30 @@ class MDMModelOutput(ModelOutput):
             output of every block, `num_hidden_layers + 1` tensors of shape `(batch, seq_len, hidden)`.
         attentions (`tuple(torch.FloatTensor)`, *optional*): with `output_attentions`, every block's attention
             weights, of shape `(batch, heads, seq_len, kv_len)`.
+        router_logits (`tuple(torch.FloatTensor)`, *optional*): with `output_router_logits` (mixtures of experts),
+            every MoE layer's router logits, float32, of shape `(batch * seq_len, num_experts)`.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     conditioning: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class MDMMaskedLMOutput(MaskedLMOutput):
+    """
+    `MaskedLMOutput` plus, for a mixture of experts asked for `output_router_logits`:
+
+    Args:
+        aux_loss (`torch.FloatTensor`, *optional*): the load-balancing loss (Switch Transformer's: num_experts times
+            the sum over experts of the fraction of routed tokens and the mean router probability), unweighted.
+        router_logits (`tuple(torch.FloatTensor)`, *optional*): every MoE layer's router logits.
+    """
+
+    aux_loss: torch.FloatTensor | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -551,7 +582,7 @@ class MDMHeadMixin:
         num_items_in_batch: int | torch.Tensor | None = None,
         clean_input_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> MaskedLMOutput:
+    ) -> "MDMMaskedLMOutput":
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch, seq_len)`): partly masked token ids.
@@ -578,11 +609,13 @@ class MDMHeadMixin:
             clean_input_ids (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*): block-diffusion training:
                 the clean sequence of `input_ids`, run beside it in the same pass (see the backbone's `forward`).
             kwargs: `output_attentions`, `output_hidden_states`, `return_dict`, as in every transformers model
-                (defaults from the config). Attention weights come from eager attention: with another
-                implementation the call falls back to eager, with a warning.
+                (defaults from the config), and `output_router_logits` for a mixture of experts. Attention weights
+                come from eager attention: with another implementation the call falls back to eager, with a warning.
 
         Returns:
-            `MaskedLMOutput` with `loss` (with `labels`), `logits` of shape `(batch, seq_len, vocab)`, or
+            `MDMMaskedLMOutput` (a `MaskedLMOutput`; with `output_router_logits`, also the router logits and the
+            Switch Transformer load-balancing `aux_loss`, added to `loss` times `config.router_aux_loss_coef`) with
+            `loss` (with `labels`), `logits` of shape `(batch, seq_len, vocab)`, or
             `(batch, k, vocab)` with `output_positions`, and the hidden states and attentions when asked. The logits
             at position i are the distribution of the token at position i, for every family. The [MASK] logit is
             `MASK_LOGIT` (-1e4): finite, and of probability exactly zero (MDLM's SUBS: [MASK] is never predicted).
@@ -608,8 +641,16 @@ class MDMHeadMixin:
         loss = None
         if labels is not None:
             loss = self.masked_token_loss(logits, labels, input_ids, attention_mask, output_positions, num_items_in_batch)
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                              attentions=outputs.attentions)
+        aux_loss = None
+        if outputs.router_logits is not None:
+            padding = attention_mask if clean_input_ids is None or attention_mask is None else \
+                torch.cat([attention_mask, attention_mask], dim=1)
+            aux_loss = load_balancing_loss_func(outputs.router_logits, self.config.num_experts,
+                                                self.config.num_experts_per_tok, padding)
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss
+        return MDMMaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                 attentions=outputs.attentions, aux_loss=aux_loss, router_logits=outputs.router_logits)
 
     def masked_token_loss(self, logits, labels, input_ids=None, attention_mask=None, output_positions=None,
                           num_items_in_batch=None) -> torch.Tensor:
@@ -685,4 +726,5 @@ def gather_positions(hidden_states: torch.Tensor, positions: torch.LongTensor) -
     return hidden_states.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))
 
 
-__all__ = ["MASK_LOGIT", "MDMHeadMixin", "MDMModelOutput", "MDMPreTrainedBase", "MDMRotaryEmbedding"]
+__all__ = ["MASK_LOGIT", "MDMHeadMixin", "MDMMaskedLMOutput", "MDMModelOutput", "MDMPreTrainedBase",
+           "MDMRotaryEmbedding"]

@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
+from transformers.integrations.moe import use_experts_implementation
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
@@ -95,14 +97,93 @@ class MDMLlamaAttention(nn.Module):
 class MDMLlamaMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)) (LLaDA's ff_proj is the gate, up_proj the up, ff_out the down)."""
 
-    def __init__(self, config: MDMLlamaConfig):
+    def __init__(self, config: MDMLlamaConfig, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        intermediate_size = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, hidden_states):
         return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+class MDMRouter(nn.Module):
+    """Scores the experts for each token and picks `num_experts_per_tok` of them: softmax over all experts then top-k
+    (LLaDA-MoE, RND1), or independent sigmoid scores with group-limited choice and a choice-only bias (LLaDA 2.x,
+    DeepSeek-V3's rule). Scores are computed in float32, so that near ties route the same way in every dtype."""
+
+    def __init__(self, config: MDMLlamaConfig):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+        if config.router_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+
+    def forward(self, hidden_states: torch.Tensor):
+        """(tokens, hidden) -> router logits (tokens, experts), float32; the chosen experts' weights (tokens, k), in
+        the hidden states' dtype; their ids (tokens, k)."""
+        config = self.config
+        logits = F.linear(hidden_states.float(), self.weight.float())
+        scores = logits.softmax(dim=-1) if config.router_score_function == "softmax" else logits.sigmoid()
+        choice = scores + self.expert_bias if config.router_expert_bias else scores
+        if config.n_group is not None:
+            by_group = choice.view(-1, config.n_group, config.num_experts // config.n_group)
+            best_groups = by_group.topk(2, dim=-1).values.sum(dim=-1).topk(config.topk_group, dim=-1).indices
+            kept = torch.zeros_like(by_group[..., 0], dtype=torch.bool).scatter_(1, best_groups, True)
+            choice = by_group.masked_fill(~kept.unsqueeze(-1), float("-inf")).flatten(1)
+        chosen = choice.topk(config.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, chosen)
+        if config.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return logits, (weights * config.routed_scaling_factor).to(hidden_states.dtype), chosen
+
+
+@use_experts_implementation
+class MDMExperts(nn.Module):
+    """The routed SwiGLU experts, stored as transformers stores them (`gate_up_proj` (experts, 2 * width, hidden),
+    gate rows first; `down_proj` (experts, hidden, width)), so that its grouped and batched matmul kernels run them
+    (`config._experts_implementation`). This forward is the plain path ("eager"), one expert at a time."""
+
+    def __init__(self, config: MDMLlamaConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = F.silu
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """(tokens, hidden), the chosen experts (tokens, k) and their weights (tokens, k) -> (tokens, hidden)."""
+        output = torch.zeros_like(hidden_states)
+        for expert in range(self.num_experts):
+            token, slot = (top_k_index == expert).nonzero(as_tuple=True)
+            if token.numel() == 0:
+                continue
+            gate, up = F.linear(hidden_states[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            expert_output = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
+            output.index_add_(0, token, (expert_output * top_k_weights[token, slot, None]).to(output.dtype))
+        return output
+
+
+class MDMSparseMoE(nn.Module):
+    """A mixture-of-experts MLP: the router's chosen experts, weighted, plus the shared experts every token uses."""
+
+    def __init__(self, config: MDMLlamaConfig):
+        super().__init__()
+        self.gate = MDMRouter(config)
+        self.experts = MDMExperts(config)
+        self.shared_experts = MDMLlamaMLP(config, config.moe_intermediate_size * config.num_shared_experts) \
+            if config.num_shared_experts else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
+        _, weights, chosen = self.gate(tokens)
+        output = self.experts(tokens, chosen, weights).view_as(hidden_states)
+        if self.shared_experts is not None:
+            output = output + self.shared_experts(hidden_states)
+        return output
 
 
 class MDMLlamaBlock(GradientCheckpointingLayer):
@@ -113,7 +194,8 @@ class MDMLlamaBlock(GradientCheckpointingLayer):
         self.input_layernorm = MDMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = MDMLlamaAttention(config, layer_idx)
         self.post_attention_layernorm = MDMRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MDMLlamaMLP(config)
+        is_moe = config.num_experts is not None and layer_idx >= config.first_k_dense_replace
+        self.mlp = MDMSparseMoE(config) if is_moe else MDMLlamaMLP(config)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, attn_implementation=None):
         """(batch, seq_len, hidden) -> (batch, seq_len, hidden)."""
@@ -127,7 +209,19 @@ class MDMLlamaPreTrainedModel(MDMPreTrainedBase):
     config: MDMLlamaConfig
     config_class = MDMLlamaConfig
     _no_split_modules = ["MDMLlamaBlock"]
-    _can_record_outputs = {"hidden_states": MDMLlamaBlock, "attentions": OutputRecorder(MDMLlamaAttention, index=1)}
+    _can_record_outputs = {"hidden_states": MDMLlamaBlock, "attentions": OutputRecorder(MDMLlamaAttention, index=1),
+                           "router_logits": OutputRecorder(MDMRouter, index=0)}
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        super()._init_weights(module)
+        if isinstance(module, MDMExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=self.config.initializer_range)
+            init.normal_(module.down_proj, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, MDMRouter):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if self.config.router_expert_bias:
+                init.zeros_(module.expert_bias)
 
 
 class MDMLlamaModel(MDMLlamaPreTrainedModel):

@@ -6,8 +6,9 @@ blocks of one token the adapted model IS the AR model, and training moves it fro
 
     hf-mdm train --init-from path/to/llama-or-qwen --diffusion-block-size 4 ...
 
-Llama, Mistral (without sliding windows), Qwen2 and Qwen3 causal LMs map onto `MDMLlamaForMaskedDiffusion`; GPT-2
-causal LMs (the shipped `shakespeare-ar`) onto `MDMGPT2ForMaskedDiffusion`, GPT-2's `Conv1D` matrices transposed.
+Llama, Mistral (without sliding windows), Qwen2, Qwen3 and Qwen3-MoE causal LMs (the last RND1's recipe) map onto
+`MDMLlamaForMaskedDiffusion`; GPT-2 causal LMs (the shipped `shakespeare-ar`) onto `MDMGPT2ForMaskedDiffusion`,
+GPT-2's `Conv1D` matrices transposed.
 """
 
 import json
@@ -26,7 +27,12 @@ LLAMA_LIKE = {
     "mistral": {},
     "qwen2": {"attention_bias": True},
     "qwen3": {"qk_norm": True},
+    "qwen3_moe": {"qk_norm": True},  # RND1's recipe: Qwen3-30B-A3B made a diffusion model
 }
+# Qwen3-MoE's expert settings under hf_mdm's names (its experts are stored fused, as hf_mdm stores them).
+QWEN3_MOE_FIELDS = {"num_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok",
+                    "moe_intermediate_size": "moe_intermediate_size", "norm_topk_prob": "norm_topk_prob",
+                    "router_aux_loss_coef": "router_aux_loss_coef"}
 CAUSAL_LM_FAMILIES = (*LLAMA_LIKE, "gpt2")
 # GPT-2 options hf_mdm's GPT-2 layer does not have, and the values it computes.
 GPT2_FIXED = {"scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
@@ -109,10 +115,14 @@ def unsupported_fields(source) -> list[tuple[str, tuple]]:
         return list(GPT2_FIXED.items())
     checks = [] if source.model_type == "qwen2" else [("attention_bias", (False, None)), ("mlp_bias", (False, None))]
     checks.append(("sliding_window", (None,)) if source.model_type == "mistral" else ("use_sliding_window", (False, None)))
+    if source.model_type == "qwen3_moe":  # every layer a mixture of experts, as hf_mdm's layer has it
+        checks += [("decoder_sparse_step", (1,)), ("mlp_only_layers", ([], None))]
     return checks
 
 
 def llama_model(source, shared: dict) -> MDMLlamaForMaskedDiffusion:
+    if source.model_type == "qwen3_moe":
+        shared = {**shared, **{ours: getattr(source, theirs) for ours, theirs in QWEN3_MOE_FIELDS.items()}}
     return MDMLlamaForMaskedDiffusion(MDMLlamaConfig(
         hidden_size=source.hidden_size, intermediate_size=source.intermediate_size,
         num_hidden_layers=source.num_hidden_layers, num_attention_heads=source.num_attention_heads,

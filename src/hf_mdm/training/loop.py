@@ -533,7 +533,7 @@ def run_training(config: TrainConfig, output_dir: Path) -> dict:
             micro_noise = noise[rows].to(accelerator.device) if noise is not None else None
             extras = {"prompt_lengths": batch["prompt_length"].to(accelerator.device)} if "prompt_length" in batch else {}
             with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-step
-                loss = objective.sequence_losses(model, input_ids, micro_noise, **extras).mean()
+                loss = objective.training_loss(model, input_ids, micro_noise, **extras)
                 accelerator.backward(loss)  # divides by grad_accum
             step_loss += loss.detach() / config.grad_accum
         loss_sum += step_loss

@@ -129,6 +129,10 @@ class MaskedDiffusionObjective:
         # bound is that of the other L - 1 tokens given the first, which is never masked.
         self.first_position_kept = bool(getattr(config, "shift_logits", False))
         self.block_size = getattr(config, "diffusion_block_size", None)
+        # A mixture of experts that trains with a load-balancing loss (LLaDA-MoE's 0.01, RND1's Qwen3-MoE one).
+        self.router_aux_loss_coef = getattr(config, "router_aux_loss_coef", 0.0) \
+            if getattr(config, "num_experts", None) else 0.0
+        self.auxiliary_losses: list[torch.Tensor] = []
         if self.block_size is not None and self.time_conditioning:
             raise ValueError("block diffusion draws one time per block, and a time-conditioned network reads one per "
                              "sequence: train a block-diffusion model with time_conditioning=False (BD3-LM's is).")
@@ -162,7 +166,19 @@ class MaskedDiffusionObjective:
         """The denoiser's logits for x_t: with the clean copy beside it for a block-diffusion model."""
         timesteps = self.schedule.total_noise(t).float() if self.time_conditioning else None
         clean = {"clean_input_ids": input_ids} if self.block_size is not None else {}
-        return model(noisy_ids, timesteps=timesteps, **clean).logits
+        if not (self.router_aux_loss_coef and model.training):
+            return model(noisy_ids, timesteps=timesteps, **clean).logits
+        outputs = model(noisy_ids, timesteps=timesteps, output_router_logits=True, **clean)
+        self.auxiliary_losses.append(self.router_aux_loss_coef * outputs.aux_loss)
+        return outputs.logits
+
+    def training_loss(self, model, input_ids: torch.Tensor, noise: Noise, **extras) -> torch.Tensor:
+        """The loss a training step minimises: the mean bound over the rows, plus the routers' load-balancing loss
+        (weighted by `router_aux_loss_coef`) for a mixture of experts that trains with one. Validation reports the
+        bound alone (`sequence_losses`)."""
+        self.auxiliary_losses = []
+        loss = self.sequence_losses(model, input_ids, noise, **extras).mean()
+        return loss + sum(self.auxiliary_losses) if self.auxiliary_losses else loss
 
     def sequence_losses(self, model, input_ids: torch.Tensor, noise: Noise) -> torch.Tensor:
         """(batch, seq_len) clean blocks -> (batch,) NELBO estimates in nats per token."""
@@ -251,6 +267,9 @@ class AutoregressiveObjective:
     def sequence_losses(self, model, input_ids: torch.Tensor, noise=None) -> torch.Tensor:
         logits = model(input_ids).logits[:, :-1]
         return token_cross_entropy(logits, input_ids[:, 1:]).mean(-1)
+
+    def training_loss(self, model, input_ids: torch.Tensor, noise=None, **extras) -> torch.Tensor:
+        return self.sequence_losses(model, input_ids).mean()
 
 
 OBJECTIVES = {
