@@ -176,3 +176,43 @@ def test_training_adds_the_weighted_load_balancing_loss_and_validation_does_not(
     (auxiliary,) = objective.auxiliary_losses
     assert auxiliary > 0.5  # 0.5 times a Switch loss of at least 1
     torch.testing.assert_close(trained, bound + auxiliary)
+
+
+def test_experts_are_saved_one_by_one_and_stacked_when_loaded(tmp_path):
+    """The Hub layout of LLaDA-MoE, LLaDA 2.x and RND1 (one tensor per expert projection) is what a saved folder holds
+    and what loads: transformers' MoE conversion rule, registered for the family."""
+    from safetensors import safe_open
+
+    _, model = glm4_moe_pair()
+    model.save_pretrained(tmp_path / "saved")
+    with safe_open(tmp_path / "saved" / "model.safetensors", "pt") as handle:
+        names = set(handle.keys())
+    assert {"model.layers.1.mlp.experts.7.gate_proj.weight", "model.layers.2.mlp.experts.0.down_proj.weight",
+            "model.layers.1.mlp.gate.expert_bias", "model.layers.1.mlp.shared_experts.up_proj.weight"} <= names
+    assert not any(name.endswith("experts.gate_up_proj") for name in names)
+    loaded = MDMLlamaForMaskedDiffusion.from_pretrained(tmp_path / "saved").eval()
+    ids = torch.randint(0, 63, (2, 10), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+REMOTE_SCRIPT = """
+import torch
+from transformers import AutoModel
+folder, ids_file, out_file = sys.argv[1:4]
+model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+assert type(model).__name__ == "MDMLlamaForMaskedDiffusion" and "hf_mdm" not in sys.modules
+torch.save(model(torch.load(ids_file)).logits, out_file)
+"""
+
+
+def test_a_saved_moe_folder_loads_without_hf_mdm(tmp_path):
+    from conftest import run_without_hf_mdm
+
+    _, model = glm4_moe_pair()
+    model.save_pretrained(tmp_path / "saved")
+    ids = torch.randint(0, 63, (2, 10), generator=torch.Generator().manual_seed(11))
+    torch.save(ids, tmp_path / "ids.pt")
+    run_without_hf_mdm(REMOTE_SCRIPT, [tmp_path / "saved", tmp_path / "ids.pt", tmp_path / "out.pt"], tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "out.pt"), model(ids).logits, rtol=0, atol=0)

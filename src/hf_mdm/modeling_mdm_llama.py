@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.integrations.moe import use_experts_implementation
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -34,6 +35,14 @@ from .modeling_mdm_common import (
     noisy_half,
     validate_inputs,
 )
+
+
+# On disk each expert's projections are separate tensors (mlp.experts.{e}.{gate,up,down}_proj.weight: LLaDA-MoE's,
+# LLaDA 2.x's and RND1's layout, and what transformers saves); in memory they are stacked. transformers' own
+# Qwen2/3-MoE rule stacks them when a folder loads and splits them when it is saved, so a converter copies experts
+# tensor by tensor, never holding a layer's experts twice.
+if get_checkpoint_conversion_mapping("mdm_llama") is None:
+    register_checkpoint_conversion_mapping("mdm_llama", get_checkpoint_conversion_mapping("qwen2_moe"))
 
 
 class MDMRMSNorm(nn.Module):
