@@ -28,6 +28,13 @@ Fast-dLLM v2 (Efficient-Large-Model/Fast_dLLM_v2_1.5B, _7B): model_type "Fast_dL
     names, `bd_size` (32) blocks, outputs predicting the next token (shifted inside hf_mdm's model); [MASK] is the
     tokenizer's `|<MASK>|` (151665).
 
+LLaDA-MoE (inclusionAI/LLaDA-MoE-7B-A1B-Base, -Instruct): model_type "llada" (as dense LLaDA's) with OLMoE-style
+    fields (num_experts 64, num_experts_per_tok 8, expert_intermediate_size 1024, qk_layernorm, moe_layer_freq, ...)
+    and Qwen3-MoE's weight names, one tensor per expert projection (mlp.experts.{e}.{gate,up,down}_proj,
+    mlp.gate the router; an optional shared expert beside the MLP, layers.{i}.shared_expert); bidirectional, softmax routing whose top-k probabilities are not renormalised, no logit
+    shift; [MASK] 156895 (`<|mask|>`). The experts stay one tensor each in the output (hf_mdm's folders keep them so;
+    loading stacks them), so streaming never holds a layer's experts twice.
+
 The conversion, `convert_llama_family`:
     1. Read the source: config.json (every field is known to the converter or refused, naming it, so an MoE or
        other variant never converts silently), the shard index, and the header of every shard (names, shapes,
@@ -117,6 +124,9 @@ def llada_config(raw: dict, config_path: Path, notes: list[str]) -> dict:
     """MDMLlamaConfig fields from LLaDA's OLMo-style config.json; refuses anything that is not its Llama block."""
     if raw.get("model_type") != "llada":
         raise ConversionError(f"{config_path} has model_type {raw.get('model_type')!r}; a LLaDA checkpoint has 'llada'.")
+    if "num_experts" in raw:
+        raise ConversionError(f"{config_path}: num_experts={raw['num_experts']!r}: this is LLaDA-MoE (model_type "
+                              "'llada' too); convert it with `hf-mdm convert llada-moe`. Nothing was written.")
     _refuse_unknown(raw, LLADA_FIELDS, config_path, "LLaDA")
     _require(raw, "block_type", ("llama",), config_path, "hf_mdm converts LLaDA's Llama block (LLaDALlamaBlock)")
     _require(raw, "activation_type", ("silu",), config_path, "the Llama block's MLP is silu(ff_proj(x)) * up_proj(x)")
@@ -323,6 +333,77 @@ def fast_dllm_v2_config(raw: dict, config_path: Path, notes: list[str]) -> dict:
     return fields
 
 
+LLADA_MOE_FIELDS = {
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size", "rms_norm_eps",
+    "rope_theta", "rope_scaling", "partial_rotary_factor", "max_position_embeddings", "tie_word_embeddings",
+    "pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id", "attention_bias", "attention_dropout",
+    "hidden_act", "clip_qkv", "qk_layernorm", "num_experts", "num_experts_per_tok", "expert_intermediate_size",
+    "dense_intermediate_size", "shared_expert_intermediate_size", "moe_layer_freq", "norm_topk_prob",
+    "router_aux_loss_coef", "output_router_logits", "moe_router_enable_expert_bias", "moe_router_score_function",
+    "routed_scaling_factor", "router_num_group", "router_topk_group",
+} | COMMON_IGNORED
+LLADA_MOE_MASK_SPELLINGS = ("<|mask|>",)
+
+
+def llada_moe_config(raw: dict, config_path: Path, notes: list[str]) -> dict:
+    """MDMLlamaConfig fields from LLaDA-MoE's config.json (model_type "llada" on the Hub, "lladamoe" in dllm's
+    copy): Qwen3-MoE's layer (per-head q/k RMSNorm, softmax routing) with the chosen experts' probabilities NOT
+    renormalised (its code fixes norm_topk_prob to False), bidirectional, no logit shift."""
+    if raw.get("model_type") not in ("llada", "lladamoe") or "num_experts" not in raw:
+        raise ConversionError(f"{config_path} (model_type {raw.get('model_type')!r}, num_experts "
+                              f"{raw.get('num_experts')!r}) is not LLaDA-MoE, whose config has model_type 'llada' and "
+                              "num_experts; a dense LLaDA converts with `hf-mdm convert llada`.")
+    _refuse_unknown(raw, LLADA_MOE_FIELDS, config_path, "LLaDA-MoE")
+    _require(raw, "hidden_act", ("silu", None), config_path, "every expert is silu(gate_proj(x)) * up_proj(x)")
+    _require(raw, "attention_bias", (False, None), config_path, "LLaDA-MoE's projections have no bias")
+    _require(raw, "clip_qkv", (None,), config_path, "q/k/v are not clipped")
+    _require(raw, "moe_router_enable_expert_bias", (False, None), config_path,
+             "LLaDA-MoE's code adds such a bias to the probabilities it weights experts by, which hf_mdm's router "
+             "(a choice-only bias) does not")
+    layers = raw["num_hidden_layers"]
+    frequency = raw.get("moe_layer_freq") or [1] * layers
+    frequency = frequency if isinstance(frequency, list) else [1] * layers
+    dense_first = next((i for i, moe in enumerate(frequency) if moe), len(frequency))
+    if len(frequency) != layers or any(not moe for moe in frequency[dense_first:]) or dense_first == layers:
+        raise ConversionError(f"{config_path}: moe_layer_freq={raw.get('moe_layer_freq')!r} is not supported (allowed: "
+                              f"{layers} entries, dense layers (0) only before the first MoE layer (1)).")
+    width = raw["expert_intermediate_size"]
+    shared = raw.get("shared_expert_intermediate_size")
+    if shared is not None and shared % width:
+        raise ConversionError(f"{config_path}: shared_expert_intermediate_size={shared} is not supported (allowed: "
+                              f"None or a multiple of expert_intermediate_size={width}).")
+    for key, inert in (("moe_router_score_function", "softmax"), ("routed_scaling_factor", 1),
+                       ("router_num_group", None), ("router_topk_group", None), ("norm_topk_prob", False)):
+        if raw.get(key, inert) != inert:
+            notes.append(f"{key}={raw[key]!r} is read by LLaDA-MoE's code but changes nothing there; hf_mdm does "
+                         f"as its code does ({key}={inert!r})")
+    if raw.get("attention_dropout"):
+        notes.append(f"attention_dropout={raw['attention_dropout']} (training only) is not kept")
+    notes.append("LLaDA-MoE's code attends to padding (it drops the attention mask); hf_mdm masks padding, which "
+                 "changes nothing for unpadded inputs")
+    return dict(
+        vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
+        intermediate_size=raw.get("dense_intermediate_size") or 4 * raw["hidden_size"],
+        num_hidden_layers=layers, num_attention_heads=raw["num_attention_heads"],
+        num_key_value_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-5), max_position_embeddings=raw.get("max_position_embeddings", 4096),
+        rope_parameters=_rope_parameters(raw), partial_rotary_factor=float(raw.get("partial_rotary_factor") or 1.0),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings")), qk_norm=bool(raw.get("qk_layernorm", True)),
+        num_experts=raw["num_experts"], num_experts_per_tok=raw["num_experts_per_tok"], moe_intermediate_size=width,
+        num_shared_experts=(shared or 0) // width, first_k_dense_replace=dense_first, norm_topk_prob=False,
+        router_score_function="softmax", router_aux_loss_coef=float(raw.get("router_aux_loss_coef") or 0.0),
+        shift_logits=False, pad_token_id=raw.get("pad_token_id"), eos_token_id=raw.get("eos_token_id"),
+        bos_token_id=raw.get("bos_token_id"), source_family="llada_moe",
+        mask_token_id=_mask_token_id(raw, config_path, notes, LLADA_MOE_MASK_SPELLINGS, 156895, "LLaDA-MoE"),
+    )
+
+
+def llada_moe_weight_name(name: str) -> str | None:
+    """LLaDA-MoE's names are Qwen3-MoE's, but for the shared expert, which it keeps beside the MLP
+    (`layers.{i}.shared_expert`) where hf_mdm keeps it inside (`layers.{i}.mlp.shared_experts`)."""
+    return re.sub(r"^(model\.layers\.\d+)\.shared_expert\.", r"\1.mlp.shared_experts.", name)
+
+
 @dataclass(frozen=True)
 class Family:
     name: str  # "llada" or "dream"
@@ -355,6 +436,11 @@ FAMILIES = {
                    "Cheng et al., *SDAR: A Synergistic Diffusion-AutoRegression Paradigm*, arXiv:2510.06303",
                    dict(sampler="sdar", remasking_strategy="low_confidence_dynamic", denoising_steps=4,
                         confidence_threshold=0.9, temperature=0.0), stop_at_eos=True),
+    # LLaDA-MoE's model card: LLaDA's low-confidence remasking, greedy, semi-autoregressive blocks of 32.
+    "llada_moe": Family("llada_moe", "LLaDA-MoE", llada_moe_config, llada_moe_weight_name,
+                        "inclusionAI/LLaDA-MoE-7B-A1B-Instruct", ("<|role_end|>",),
+                        "Zhu et al., *LLaDA-MoE: A Sparse MoE Diffusion Language Model*, arXiv:2509.24389",
+                        dict(sampler="confidence", order="confidence", block_length=32, temperature=0.0)),
     # Fast-dLLM v2's evaluation and model card: sub-blocks of 8 in blocks of 32, threshold 0.9, greedy.
     "fast_dllm_v2": Family("fast_dllm_v2", "Fast-dLLM v2", fast_dllm_v2_config, qwen_weight_name,
                            "Efficient-Large-Model/Fast_dLLM_v2_1.5B", ("<|im_end|>",),
@@ -434,11 +520,28 @@ def _shard_files(folder: Path) -> list[Path]:
     raise ConversionError(f"{folder} has no weights: expected {INDEX_FILE} with its shards, or model.safetensors.")
 
 
+STACKED_EXPERTS = re.compile(r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
 def expected_shapes(config: MDMLlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Every weight hf_mdm's model has for this config, with its shape (the model is built on the meta device)."""
+    """Every tensor a folder of hf_mdm's model holds for this config, with its shape (the model is built on the meta
+    device): its weights and saved buffers (a router's expert bias), with routed experts one tensor per expert
+    projection, as they are saved (stacked in memory)."""
     with torch.device("meta"):
         model = MDMLlamaForMaskedDiffusion(config)
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # a tied lm_head is not listed twice
+    shapes = {}
+    for name, tensor in model.state_dict().items():
+        stacked = STACKED_EXPERTS.fullmatch(name)
+        if stacked is None:
+            shapes[name] = tuple(tensor.shape)
+            continue
+        experts, rows, columns = tensor.shape
+        for expert in range(experts):
+            if stacked.group(2) == "down_proj":
+                shapes[f"{stacked.group(1)}.{expert}.down_proj.weight"] = (rows, columns)
+            else:  # gate rows first, then up rows
+                for projection in ("gate_proj", "up_proj"):
+                    shapes[f"{stacked.group(1)}.{expert}.{projection}.weight"] = (rows // 2, columns)
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     return shapes
@@ -696,6 +799,10 @@ print(tokenizer.decode(answer, skip_special_tokens=True))
 
 (`cut_at_eos` is in the folder's `generation_mdm.py`, or `hf_mdm.generation_mdm`: instruct MDMs fill the tail of
 the answer with EOS.) Or `hf-mdm generate path/to/this/folder --chat "Explain diffusion models." --max-new-tokens 128`."""
+    moe_row = "" if config.num_experts is None else (
+        f"| experts | {config.num_experts} routed ({config.router_score_function} router, top {config.num_experts_per_tok}"
+        f"{', renormalised' if config.norm_topk_prob else ''}, width {config.moe_intermediate_size}), "
+        f"{config.num_shared_experts} shared, {config.first_k_dense_replace} dense first layer(s) |\n")
     conversion = f"""| field | value |
 | --- | --- |
 | layers / width / heads / key-value heads / MLP | {config.num_hidden_layers} / {config.hidden_size} / {config.num_attention_heads} / {config.num_key_value_heads} / {config.intermediate_size} |
@@ -704,7 +811,7 @@ the answer with EOS.) Or `hf-mdm generate path/to/this/folder --chat "Explain di
 | rotary | base {config.rope_parameters['rope_theta']}, applied in float32 |
 | RMSNorm eps | {config.rms_norm_eps} |
 | q/k/v bias / per-head q/k norm | {config.attention_bias} / {config.qk_norm} |
-| attention | {"bidirectional" if block is None else f"block-causal, diffusion_block_size={block}"} |
+{moe_row}| attention | {"bidirectional" if block is None else f"block-causal, diffusion_block_size={block}"} |
 | tied embeddings | {config.tie_word_embeddings} |
 | logits | {shift} |
 | tokenizer | {"copied from the source, with its chat template" if tokenizer_saved else "none in the source"} |
@@ -850,6 +957,11 @@ def convert_sdar(src, dst, **kwargs) -> LlamaFamilyConversion:
     return convert_llama_family("sdar", src, dst, **kwargs)
 
 
+def convert_llada_moe(src, dst, **kwargs) -> LlamaFamilyConversion:
+    """`convert_llama_family("llada_moe", src, dst, ...)`: inclusionAI/LLaDA-MoE-7B-A1B-Base, -Instruct."""
+    return convert_llama_family("llada_moe", src, dst, **kwargs)
+
+
 def convert_fast_dllm_v2(src, dst, **kwargs) -> LlamaFamilyConversion:
     """`convert_llama_family("fast_dllm_v2", src, dst, ...)`: Efficient-Large-Model/Fast_dLLM_v2_1.5B, _7B."""
     return convert_llama_family("fast_dllm_v2", src, dst, **kwargs)
@@ -865,6 +977,7 @@ __all__ = [
     "convert_dream",
     "convert_sdar",
     "convert_fast_dllm_v2",
+    "convert_llada_moe",
     "llada_weight_name",
     "expected_shapes",
     "verify_converted",

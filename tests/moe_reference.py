@@ -1,0 +1,146 @@
+"""Our own reference implementation of LLaDA-MoE's published forward pass, and tiny random checkpoints in its exact
+Hub layout, for testing `hf-mdm convert llada-moe` without the Hub.
+
+Written from reading the public code (the Hub remote code `modeling_lladamoe.py` as vendored by ZHZisZZ/dllm and
+inclusionAI/dInfer's `tools/modeling_fused_lladamoe.py`), not copied from it:
+
+LLaDA-MoE: Qwen3-MoE-style layers. Attention: q/k/v/o projections without bias, every head's query and key
+    RMS-normalised over the head (before the rotation), rotate-half rotary embeddings, full bidirectional attention.
+    MoE MLP: router `mlp.gate` (no bias); softmax over ALL experts in float32, the top-k probabilities taken as they
+    are (its code fixes norm_topk_prob to False: they sum to less than one); each chosen expert a SwiGLU
+    (`mlp.experts.{e}.{gate,up,down}_proj`), weighted and summed. No shared experts in the released model (an
+    optional shared SwiGLU `layers.{i}.shared_expert` beside the MLP when `shared_expert_intermediate_size` is set);
+    `moe_layer_freq` 0 makes a layer's MLP dense (width `dense_intermediate_size`). Final RMSNorm, untied `lm_head`, logit i
+    for token i (no shift).
+
+The published code drops the attention mask (it attends to padding); for padded rows this reference masks padded keys
+and counts positions from each row's first real token, as hf_mdm does; unpadded, the two are the same computation.
+Experts are computed token by token and expert by expert, the slowest and plainest way.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from block_diffusion_reference import row_positions, write_qwen_tokenizer
+from llada_dream_reference import random_weights, rms_norm, rotary_tables, rotate_half, write_card, write_shards
+
+MASK = 259  # `<|mask|>` in the test tokenizer (LLaDA-MoE's own is 156895)
+
+
+def llada_moe_config(**overrides) -> dict:
+    """config.json of a tiny LLaDA-MoE, with the Hub's field names (model_type "llada", as LLaDA-MoE's Hub config
+    has it, OLMoE-style MoE fields) and no mask_token_id (the Hub's names none)."""
+    config = {
+        "architectures": ["LLaDAMoEModelLM"],
+        "auto_map": {"AutoConfig": "configuration_lladamoe.LLaDAConfig", "AutoModel": "modeling_lladamoe.LLaDAMoEModelLM",
+                     "AutoModelForCausalLM": "modeling_lladamoe.LLaDAMoEModelLM"},
+        "model_type": "llada", "attention_bias": False, "attention_dropout": 0.0, "clip_qkv": None,
+        "dense_intermediate_size": 96, "eos_token_id": 256, "expert_intermediate_size": 24, "hidden_act": "silu",
+        "hidden_size": 64, "initializer_range": 0.02, "max_position_embeddings": 128, "moe_layer_freq": [1, 1, 1],
+        "moe_router_enable_expert_bias": False, "moe_router_score_function": "softmax", "norm_topk_prob": False,
+        "num_attention_heads": 4, "num_experts": 8, "num_experts_per_tok": 3, "num_hidden_layers": 3,
+        "num_key_value_heads": 4, "output_router_logits": False, "pad_token_id": 256, "partial_rotary_factor": 1,
+        "qk_layernorm": True, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 50000.0,
+        "routed_scaling_factor": 1, "router_aux_loss_coef": 0.01, "router_num_group": None, "router_topk_group": None,
+        "shared_expert_intermediate_size": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.53.2", "use_cache": False, "vocab_size": 264,
+    }
+    config.update(overrides)
+    return config
+
+
+def llada_moe_weight_shapes(config: dict) -> dict:
+    """Every tensor of the Hub layout (one tensor per expert projection) with its shape."""
+    d, heads, kv_heads = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim, width, vocab = d // heads, config["expert_intermediate_size"], config["vocab_size"]
+    shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,), "lm_head.weight": (vocab, d)}
+    for i, moe in enumerate(config["moe_layer_freq"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (heads * head_dim, d), p + "self_attn.k_proj.weight": (kv_heads * head_dim, d),
+            p + "self_attn.v_proj.weight": (kv_heads * head_dim, d), p + "self_attn.o_proj.weight": (d, heads * head_dim),
+            p + "self_attn.q_norm.weight": (head_dim,), p + "self_attn.k_norm.weight": (head_dim,),
+        })
+        if not moe:
+            dense = config["dense_intermediate_size"]
+            shapes.update({p + "mlp.gate_proj.weight": (dense, d), p + "mlp.up_proj.weight": (dense, d),
+                           p + "mlp.down_proj.weight": (d, dense)})
+            continue
+        shapes[p + "mlp.gate.weight"] = (config["num_experts"], d)
+        for e in range(config["num_experts"]):
+            shapes.update({f"{p}mlp.experts.{e}.gate_proj.weight": (width, d),
+                           f"{p}mlp.experts.{e}.up_proj.weight": (width, d),
+                           f"{p}mlp.experts.{e}.down_proj.weight": (d, width)})
+        if config.get("shared_expert_intermediate_size"):
+            shared = config["shared_expert_intermediate_size"]
+            shapes.update({p + "shared_expert.gate_proj.weight": (shared, d),  # beside the MLP, not in it
+                           p + "shared_expert.up_proj.weight": (shared, d),
+                           p + "shared_expert.down_proj.weight": (d, shared)})
+    return shapes
+
+
+def swiglu(x, weights, prefix):
+    return (F.silu(x @ weights[prefix + "gate_proj.weight"].T) * (x @ weights[prefix + "up_proj.weight"].T)) \
+        @ weights[prefix + "down_proj.weight"].T
+
+
+def llada_moe_reference_logits(config: dict, weights: dict, input_ids, attention_mask=None):
+    """(B, L) -> (B, L, V) logits, and the experts each token chose in each MoE layer: a list of (B * L, k)."""
+    d, heads, kv_heads = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim, eps, k = d // heads, config["rms_norm_eps"], config["num_experts_per_tok"]
+    batch, length = input_ids.shape
+    positions, real = row_positions(input_ids, attention_mask)
+    allowed = (real[:, None, :] | ~real[:, :, None])[:, None]  # padded keys hidden from real queries
+    x = F.embedding(input_ids, weights["model.embed_tokens.weight"])
+    cos, sin = rotary_tables(positions, head_dim, config["rope_theta"])
+    chosen_by_layer = []
+    for i, moe in enumerate(config["moe_layer_freq"]):
+        p = f"model.layers.{i}."
+        h = rms_norm(x, weights[p + "input_layernorm.weight"], eps)
+        q = (h @ weights[p + "self_attn.q_proj.weight"].T).view(batch, length, heads, head_dim)
+        key = (h @ weights[p + "self_attn.k_proj.weight"].T).view(batch, length, kv_heads, head_dim)
+        v = (h @ weights[p + "self_attn.v_proj.weight"].T).view(batch, length, kv_heads, head_dim).transpose(1, 2)
+        q = rms_norm(q, weights[p + "self_attn.q_norm.weight"], eps).transpose(1, 2)
+        key = rms_norm(key, weights[p + "self_attn.k_norm.weight"], eps).transpose(1, 2)
+        q, key = q * cos + rotate_half(q) * sin, key * cos + rotate_half(key) * sin
+        key = key.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+        att = F.scaled_dot_product_attention(q, key, v, attn_mask=allowed)
+        x = x + att.transpose(1, 2).reshape(batch, length, d) @ weights[p + "self_attn.o_proj.weight"].T
+        h = rms_norm(x, weights[p + "post_attention_layernorm.weight"], eps)
+        if not moe:
+            x = x + swiglu(h, weights, p + "mlp.")
+            continue
+        tokens = h.reshape(-1, d)
+        probs = (tokens.float() @ weights[p + "mlp.gate.weight"].float().T).softmax(dim=-1)
+        top, chosen = probs.topk(k, dim=-1)  # not renormalised
+        chosen_by_layer.append(chosen)
+        out = torch.zeros_like(tokens)
+        for t in range(tokens.shape[0]):
+            for slot in range(k):
+                out[t] += top[t, slot].to(tokens.dtype) * swiglu(tokens[t], weights, f"{p}mlp.experts.{int(chosen[t, slot])}.")
+        if config.get("shared_expert_intermediate_size"):
+            out = out + swiglu(tokens, weights, p + "shared_expert.")
+        x = x + out.view(batch, length, d)
+    x = rms_norm(x, weights["model.norm.weight"], eps)
+    return x @ weights["lm_head.weight"].T, chosen_by_layer
+
+
+def make_llada_moe_checkpoint(folder: Path, seed: int = 0, num_shards: int = 3, dtype=torch.float32, **overrides):
+    """A tiny LLaDA-MoE in its Hub layout (experts spread over the shards in no order); returns (config, weights)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = llada_moe_config(**overrides)
+    weights = random_weights(llada_moe_weight_shapes(config), seed, dtype)
+    generator = torch.Generator().manual_seed(seed + 100)
+    for name in weights:  # a router that prefers some experts clearly, as a trained one does
+        if name.endswith("mlp.gate.weight"):
+            weights[name] = (torch.randn(weights[name].shape, generator=generator) * 0.6).to(dtype)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    write_shards(folder, weights, num_shards, shuffle_seed=seed)
+    write_qwen_tokenizer(folder, "<|mask|>")
+    write_card(folder, "apache-2.0")
+    return config, weights
