@@ -1,8 +1,10 @@
-"""Our own reference implementation of LLaDA-MoE's published forward pass, and tiny random checkpoints in its exact
-Hub layout, for testing `hf-mdm convert llada-moe` without the Hub.
+"""Our own reference implementations of LLaDA-MoE's and RND1's published forward passes, and tiny random
+checkpoints in their exact Hub layouts, for testing `hf-mdm convert llada-moe` and `hf-mdm convert rnd1` without the
+Hub.
 
-Written from reading the public code (the Hub remote code `modeling_lladamoe.py` as vendored by ZHZisZZ/dllm and
-inclusionAI/dInfer's `tools/modeling_fused_lladamoe.py`), not copied from it:
+Written from reading the public code (LLaDA-MoE: the Hub remote code `modeling_lladamoe.py` as vendored by
+ZHZisZZ/dllm, and inclusionAI/dInfer's `tools/modeling_fused_lladamoe.py`; RND1: RadicalNumerics/RND1's
+`rnd/modeling_rnd.py`, `configuration_rnd.py` and `sampling.py`), not copied from it:
 
 LLaDA-MoE: Qwen3-MoE-style layers. Attention: q/k/v/o projections without bias, every head's query and key
     RMS-normalised over the head (before the rotation), rotate-half rotary embeddings, full bidirectional attention.
@@ -13,7 +15,11 @@ LLaDA-MoE: Qwen3-MoE-style layers. Attention: q/k/v/o projections without bias, 
     `moe_layer_freq` 0 makes a layer's MLP dense (width `dense_intermediate_size`). Final RMSNorm, untied `lm_head`, logit i
     for token i (no shift).
 
-The published code drops the attention mask (it attends to padding); for padded rows this reference masks padded keys
+RND1: the same layer as Qwen3-30B-A3B's (grouped key/value heads, explicit head_dim), bidirectional, softmax routing
+    with the chosen experts' probabilities renormalised, no shared experts; its raw logit at position i predicts
+    token i + 1 (its sampler reads it so).
+
+LLaDA-MoE's published code drops the attention mask (it attends to padding); for padded rows this reference masks padded keys
 and counts positions from each row's first real token, as hf_mdm does; unpadded, the two are the same computation.
 Experts are computed token by token and expert by expert, the slowest and plainest way.
 """
@@ -55,7 +61,7 @@ def llada_moe_config(**overrides) -> dict:
 def llada_moe_weight_shapes(config: dict) -> dict:
     """Every tensor of the Hub layout (one tensor per expert projection) with its shape."""
     d, heads, kv_heads = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
-    head_dim, width, vocab = d // heads, config["expert_intermediate_size"], config["vocab_size"]
+    head_dim, width, vocab = config.get("head_dim") or d // heads, config["expert_intermediate_size"], config["vocab_size"]
     shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,), "lm_head.weight": (vocab, d)}
     for i, moe in enumerate(config["moe_layer_freq"]):
         p = f"model.layers.{i}."
@@ -90,8 +96,18 @@ def swiglu(x, weights, prefix):
 
 def llada_moe_reference_logits(config: dict, weights: dict, input_ids, attention_mask=None):
     """(B, L) -> (B, L, V) logits, and the experts each token chose in each MoE layer: a list of (B * L, k)."""
+    return moe_reference_logits(config, weights, input_ids, attention_mask, renormalise=False)
+
+
+def rnd1_reference_logits(config: dict, weights: dict, input_ids, attention_mask=None):
+    """(B, L) -> RAW (B, L, V) logits (position i predicts token i + 1) and the experts chosen."""
+    return moe_reference_logits({**config, "moe_layer_freq": [1] * config["num_hidden_layers"]}, weights, input_ids,
+                                attention_mask, renormalise=True)
+
+
+def moe_reference_logits(config: dict, weights: dict, input_ids, attention_mask, renormalise: bool):
     d, heads, kv_heads = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
-    head_dim, eps, k = d // heads, config["rms_norm_eps"], config["num_experts_per_tok"]
+    head_dim, eps, k = config.get("head_dim") or d // heads, config["rms_norm_eps"], config["num_experts_per_tok"]
     batch, length = input_ids.shape
     positions, real = row_positions(input_ids, attention_mask)
     allowed = (real[:, None, :] | ~real[:, :, None])[:, None]  # padded keys hidden from real queries
@@ -110,14 +126,16 @@ def llada_moe_reference_logits(config: dict, weights: dict, input_ids, attention
         key = key.repeat_interleave(heads // kv_heads, dim=1)
         v = v.repeat_interleave(heads // kv_heads, dim=1)
         att = F.scaled_dot_product_attention(q, key, v, attn_mask=allowed)
-        x = x + att.transpose(1, 2).reshape(batch, length, d) @ weights[p + "self_attn.o_proj.weight"].T
+        x = x + att.transpose(1, 2).reshape(batch, length, heads * head_dim) @ weights[p + "self_attn.o_proj.weight"].T
         h = rms_norm(x, weights[p + "post_attention_layernorm.weight"], eps)
         if not moe:
             x = x + swiglu(h, weights, p + "mlp.")
             continue
         tokens = h.reshape(-1, d)
         probs = (tokens.float() @ weights[p + "mlp.gate.weight"].float().T).softmax(dim=-1)
-        top, chosen = probs.topk(k, dim=-1)  # not renormalised
+        top, chosen = probs.topk(k, dim=-1)
+        if renormalise:  # RND1 (Qwen3-MoE's norm_topk_prob); LLaDA-MoE takes them as they are
+            top = top / top.sum(dim=-1, keepdim=True)
         chosen_by_layer.append(chosen)
         out = torch.zeros_like(tokens)
         for t in range(tokens.shape[0]):
@@ -141,6 +159,47 @@ def make_llada_moe_checkpoint(folder: Path, seed: int = 0, num_shards: int = 3, 
             weights[name] = (torch.randn(weights[name].shape, generator=generator) * 0.6).to(dtype)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     write_shards(folder, weights, num_shards, shuffle_seed=seed)
+    write_qwen_tokenizer(folder, "<|mask|>")
+    write_card(folder, "apache-2.0")
+    return config, weights
+
+
+def rnd1_config(**overrides) -> dict:
+    """config.json of a tiny RND1, with the fields RND1's config class saves (its forced values, Qwen3-MoE's names)."""
+    config = {
+        "architectures": ["RND1LM"], "auto_map": {"AutoConfig": "configuration_rnd.RND1Config",
+                                                  "AutoModel": "modeling_rnd.RND1Model",
+                                                  "AutoModelForMaskedLM": "modeling_rnd.RND1LM"},
+        "model_type": "rnd1", "attention_bias": False, "attention_dropout": 0.0, "decoder_sparse_step": 1,
+        "eos_token_id": 258, "head_dim": 24, "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02,
+        "intermediate_size": 96, "max_position_embeddings": 128, "max_window_layers": 2, "mlp_only_layers": [],
+        "moe_intermediate_size": 20, "norm_topk_prob": True, "num_attention_heads": 4, "num_experts": 8,
+        "num_experts_per_tok": 2, "num_hidden_layers": 2, "num_key_value_heads": 2, "output_router_logits": False,
+        "pad_token_id": 256, "rms_norm_eps": 1e-06, "rope_scaling": False, "rope_theta": 1000000.0,
+        "router_aux_loss_coef": 0.001, "sliding_window": False, "tie_word_embeddings": False, "dtype": "bfloat16",
+        "use_cache": False, "use_sliding_window": False, "vocab_size": 264, "moe_backend": "hf",
+        "num_diffusion_steps": 256, "mask_token_id": MASK, "is_causal": False, "transformers_version": "4.57.1",
+    }
+    config.update(overrides)
+    return config
+
+
+def rnd1_weight_shapes(config: dict) -> dict:
+    return llada_moe_weight_shapes({**config, "moe_layer_freq": [1] * config["num_hidden_layers"],
+                                    "expert_intermediate_size": config["moe_intermediate_size"]})
+
+
+def make_rnd1_checkpoint(folder: Path, seed: int = 0, num_shards: int = 2, dtype=torch.float32, **overrides):
+    """A tiny RND1 in its Hub layout (Qwen3's tokenizer files, no chat template: RND1's demo uses none)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = rnd1_config(**overrides)
+    weights = random_weights(rnd1_weight_shapes(config), seed, dtype)
+    generator = torch.Generator().manual_seed(seed + 100)
+    for name in weights:
+        if name.endswith("mlp.gate.weight"):
+            weights[name] = (torch.randn(weights[name].shape, generator=generator) * 0.6).to(dtype)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    write_shards(folder, weights, num_shards, shuffle_seed=None)
     write_qwen_tokenizer(folder, "<|mask|>")
     write_card(folder, "apache-2.0")
     return config, weights

@@ -1,7 +1,7 @@
-"""`hf-mdm convert llada-moe`: tiny random checkpoints in LLaDA-MoE's Hub layout (model_type "llada", one tensor per
-expert projection, spread over shards in no order), converted and checked against our own reference implementation
-of its forward pass (tests/moe_reference.py): logits within 1e-5 in float32 with and without padding, and the same
-experts chosen for every token in every layer."""
+"""`hf-mdm convert llada-moe` and `hf-mdm convert rnd1`: tiny random checkpoints in LLaDA-MoE's Hub layout
+(model_type "llada", one tensor per expert projection, spread over shards in no order) and RND1's (Qwen3-MoE's),
+converted and checked against our own reference implementations of their forward passes (tests/moe_reference.py):
+logits within 1e-5 in float32 with and without padding, and the same experts chosen for every token in every layer."""
 
 import json
 
@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from hf_mdm import MDMLlamaForMaskedDiffusion
-from hf_mdm.convert import ConversionError, convert_llada, convert_llada_moe
+from hf_mdm.convert import ConversionError, convert_llada, convert_llada_moe, convert_rnd1
 from hf_mdm.modeling_mdm_common import MASK_LOGIT
 
 from moe_reference import MASK, llada_moe_reference_logits, make_llada_moe_checkpoint
@@ -103,7 +103,8 @@ def test_experts_are_copied_tensor_by_tensor_and_the_folder_is_hub_ready(convert
     with safe_open(str(folder / index[name]), "pt") as handle:
         assert torch.equal(handle.get_tensor(name), weights[name])
     generation = json.loads((folder / "generation_config.json").read_text())
-    assert generation["sampler"] == "confidence" and generation["block_length"] == 32
+    settings = {**generation.get("sampler_config", {}), **generation}
+    assert settings["sampler"] == "confidence" and settings["block_length"] == 32
     card = (folder / "README.md").read_text()
     assert "license: apache-2.0" in card and "| experts | 8 routed (softmax router, top 3, width 24)" in card
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -157,3 +158,50 @@ def test_the_command_line_converts_llada_moe(tmp_path, capsys):
     assert "dst" in capsys.readouterr().out
     model = MDMLlamaForMaskedDiffusion.from_pretrained(tmp_path / "dst")
     assert model.config.source_family == "llada_moe" and model.config.num_experts == 8
+
+
+# ------------------------------------------------------------------------------------------------ RND1
+
+
+def test_converted_rnd1_matches_the_reference(tmp_path):
+    from llada_dream_reference import shift_right
+    from moe_reference import make_rnd1_checkpoint, rnd1_reference_logits
+
+    config, weights = make_rnd1_checkpoint(tmp_path / "RND1-tiny", norm_topk_prob=False)  # RND1's code forces True
+    result = convert_rnd1(tmp_path / "RND1-tiny", tmp_path / "rnd1-hf")
+    assert any("norm_topk_prob=False; RND1's code runs norm_topk_prob=True" in note for note in result.notes)
+    model = MDMLlamaForMaskedDiffusion.from_pretrained(result.path).eval()
+    assert model.config.shift_logits and model.config.norm_topk_prob and model.config.num_experts == 8
+    ids = partly_masked()
+    ids[:, 0] = 5  # a shifted model predicts nothing at the first position
+    with torch.no_grad():
+        raw, their_choices = rnd1_reference_logits(config, weights, ids)
+        out = model(ids, output_router_logits=True)
+        unpadded = difference(shift_right(raw)[:, 1:], out.logits[:, 1:])
+        for ours, chosen in zip(out.router_logits, their_choices):
+            assert torch.equal(ours.topk(2, dim=-1).indices.sort(-1).values, chosen.sort(-1).values)
+        padded_ids, mask = torch.full((3, 21), 256), torch.zeros(3, 21, dtype=torch.long)
+        padded_ids[:, 3:], mask[:, 3:] = ids, 1
+        raw_padded, _ = rnd1_reference_logits(config, weights, padded_ids, mask)
+        padded = difference(shift_right(raw_padded)[:, 4:], model(padded_ids, attention_mask=mask).logits[:, 4:])
+    MEASURED["rnd1 unpadded"], MEASURED["rnd1 padded"] = unpadded, padded
+    assert unpadded <= TOLERANCE and padded <= TOLERANCE, (unpadded, padded)
+    # The comparison can fail: without renormalised experts (what config.json said) the logits move.
+    model.config.norm_topk_prob = False
+    with torch.no_grad():
+        assert difference(shift_right(raw)[:, 1:], model(ids).logits[:, 1:]) > 1e-2
+    generation = json.loads((result.path / "generation_config.json").read_text())
+    settings = {**generation.get("sampler_config", {}), **generation}
+    assert (settings["sampler"], settings["order"]) == ("confidence", "entropy")
+
+
+def test_rnd1_configs_it_cannot_be_are_refused(tmp_path):
+    from moe_reference import make_rnd1_checkpoint
+
+    make_rnd1_checkpoint(tmp_path / "causal", num_shards=1, is_causal=True)
+    with pytest.raises(ConversionError, match=r"is_causal=True is not supported \(allowed: False\)"):
+        convert_rnd1(tmp_path / "causal", tmp_path / "dst")
+    make_rnd1_checkpoint(tmp_path / "odd", num_shards=1, shared_expert_intermediate_size=20)
+    with pytest.raises(ConversionError, match="config field 'shared_expert_intermediate_size'"):
+        convert_rnd1(tmp_path / "odd", tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()

@@ -7,6 +7,7 @@
     hf-mdm convert sdar JetLM/SDAR-1.7B-Chat ./sdar-1.7b-chat-hf
     hf-mdm convert fast-dllm-v2 Efficient-Large-Model/Fast_dLLM_v2_1.5B ./fast-dllm-v2-1.5b-hf
     hf-mdm convert llada-moe inclusionAI/LLaDA-MoE-7B-A1B-Instruct ./llada-moe-7b-instruct-hf
+    hf-mdm convert rnd1 radicalnumerics/RND1-Base-0910 ./rnd1-base-hf
     hf-mdm convert bd3lm kuleshov-group/bd3lm-owt-block_size4 ./bd3lm-owt-bs4-hf
 
 `add_convert_parser(subparsers)` adds the `convert` subcommand to the `hf-mdm` parser; `main()` runs it alone
@@ -113,7 +114,8 @@ def _add_format_parsers(parser: argparse.ArgumentParser) -> None:
                                  ("dream", "Dream", "Dream-org/Dream-v0-Instruct-7B"),
                                  ("sdar", "SDAR / TraDo", "JetLM/SDAR-1.7B-Chat, Gen-Verse/TraDo-4B-Instruct"),
                                  ("fast-dllm-v2", "Fast-dLLM v2", "Efficient-Large-Model/Fast_dLLM_v2_1.5B"),
-                                 ("llada-moe", "LLaDA-MoE", "inclusionAI/LLaDA-MoE-7B-A1B-Instruct")):
+                                 ("llada-moe", "LLaDA-MoE", "inclusionAI/LLaDA-MoE-7B-A1B-Instruct"),
+                                 ("rnd1", "RND1", "radicalnumerics/RND1-Base-0910")):
         family = formats.add_parser(
             name,
             help=f"{title} ({example}): Hub-layout folder or repo id, streamed shard by shard",

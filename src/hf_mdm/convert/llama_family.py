@@ -28,6 +28,11 @@ Fast-dLLM v2 (Efficient-Large-Model/Fast_dLLM_v2_1.5B, _7B): model_type "Fast_dL
     names, `bd_size` (32) blocks, outputs predicting the next token (shifted inside hf_mdm's model); [MASK] is the
     tokenizer's `|<MASK>|` (151665).
 
+RND1 (radicalnumerics/RND1-Base-0910): model_type "rnd1", Qwen3-MoE's fields and weight names (Qwen3-30B-A3B made
+    bidirectional: 128 experts, top 8 renormalised, per-head q/k RMSNorm), per-expert tensors; its output at position i
+    predicts token i + 1 (shifted inside hf_mdm's model); [MASK] 151669. Its config class overwrites the non-shape
+    fields with fixed values when it loads; the conversion uses those values too.
+
 LLaDA-MoE (inclusionAI/LLaDA-MoE-7B-A1B-Base, -Instruct): model_type "llada" (as dense LLaDA's) with OLMoE-style
     fields (num_experts 64, num_experts_per_tok 8, expert_intermediate_size 1024, qk_layernorm, moe_layer_freq, ...)
     and Qwen3-MoE's weight names, one tensor per expert projection (mlp.experts.{e}.{gate,up,down}_proj,
@@ -398,6 +403,54 @@ def llada_moe_config(raw: dict, config_path: Path, notes: list[str]) -> dict:
     )
 
 
+# What RND1's own config class forces, whatever config.json says (its `set_config_defaults`): the values its code
+# runs. Shapes are read from config.json (and checked against the weights); these are not shapes.
+RND1_FORCED = {"norm_topk_prob": True, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "rope_scaling": False,
+               "attention_bias": False, "hidden_act": "silu", "decoder_sparse_step": 1, "mlp_only_layers": [],
+               "tie_word_embeddings": False, "use_sliding_window": False, "router_aux_loss_coef": 0.001}
+RND1_FIELDS = {
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "num_experts", "num_experts_per_tok", "moe_intermediate_size", "max_position_embeddings", "vocab_size",
+    "eos_token_id", "pad_token_id", "bos_token_id", "mask_token_id", "attention_dropout", "sliding_window",
+    "max_window_layers", "output_router_logits", "rope_parameters", "moe_backend", "num_diffusion_steps", "is_causal",
+    *RND1_FORCED,
+} | COMMON_IGNORED
+
+
+def rnd1_config(raw: dict, config_path: Path, notes: list[str]) -> dict:
+    """MDMLlamaConfig fields from RND1's config.json (model_type "rnd1"): Qwen3-MoE's layer made bidirectional,
+    softmax routing with the chosen experts renormalised, logits shifted as the autoregressive Qwen3-30B-A3B's it
+    was converted from (position i predicts token i + 1). RND1's config class overwrites the non-shape fields with
+    its own values on load; the converter does the same, noting any disagreement."""
+    if raw.get("model_type") != "rnd1":
+        raise ConversionError(f"{config_path} has model_type {raw.get('model_type')!r}; an RND1 checkpoint has 'rnd1'.")
+    _refuse_unknown(raw, RND1_FIELDS, config_path, "RND1")
+    if raw.get("is_causal"):
+        raise ConversionError(f"{config_path}: is_causal=True is not supported (allowed: False): RND1 is bidirectional.")
+    for key, forced in RND1_FORCED.items():
+        if key in raw and raw[key] != forced and not (key == "rope_scaling" and raw[key] is None):
+            notes.append(f"config.json says {key}={raw[key]!r}; RND1's code runs {key}={forced!r} whatever the file "
+                         "says, and so does the conversion")
+    if raw.get("moe_backend", "hf") != "hf":
+        notes.append(f"moe_backend={raw['moe_backend']!r} is a kernel choice; hf_mdm runs transformers' expert kernels")
+    if raw.get("num_diffusion_steps") is not None:
+        notes.append(f"num_diffusion_steps={raw['num_diffusion_steps']} is RND1's default sampling budget; hf_mdm's "
+                     "generation_config takes one token per call unless asked otherwise")
+    return dict(
+        vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], intermediate_size=raw["intermediate_size"],
+        num_hidden_layers=raw["num_hidden_layers"], num_attention_heads=raw["num_attention_heads"],
+        num_key_value_heads=raw["num_key_value_heads"], head_dim=raw.get("head_dim"),
+        rms_norm_eps=RND1_FORCED["rms_norm_eps"], max_position_embeddings=raw.get("max_position_embeddings", 40960),
+        rope_parameters={"rope_type": "default", "rope_theta": RND1_FORCED["rope_theta"]}, tie_word_embeddings=False,
+        qk_norm=True, attention_bias=False, num_experts=raw["num_experts"],
+        num_experts_per_tok=raw["num_experts_per_tok"], moe_intermediate_size=raw["moe_intermediate_size"],
+        norm_topk_prob=True, router_score_function="softmax",
+        router_aux_loss_coef=RND1_FORCED["router_aux_loss_coef"], shift_logits=True,
+        pad_token_id=raw.get("pad_token_id", 151643), eos_token_id=raw.get("eos_token_id", 151645),
+        bos_token_id=raw.get("bos_token_id"), mask_token_id=raw.get("mask_token_id", 151669), source_family="rnd1",
+    )
+
+
 def llada_moe_weight_name(name: str) -> str | None:
     """LLaDA-MoE's names are Qwen3-MoE's, but for the shared expert, which it keeps beside the MLP
     (`layers.{i}.shared_expert`) where hf_mdm keeps it inside (`layers.{i}.mlp.shared_experts`)."""
@@ -441,6 +494,12 @@ FAMILIES = {
                         "inclusionAI/LLaDA-MoE-7B-A1B-Instruct", ("<|role_end|>",),
                         "Zhu et al., *LLaDA-MoE: A Sparse MoE Diffusion Language Model*, arXiv:2509.24389",
                         dict(sampler="confidence", order="confidence", block_length=32, temperature=0.0)),
+    # RND1's README and demo: the highest-entropy positions stay masked longest, one token per call (256 steps for
+    # 256 tokens), temperature 0.01.
+    "rnd1": Family("rnd1", "RND1", rnd1_config, qwen_weight_name, "radicalnumerics/RND1-Base-0910",
+                   ("<|im_end|>", "<|endoftext|>"),
+                   "Radical Numerics, *RND1: Simple, Scalable AR-to-Diffusion Conversion*, 2025",
+                   dict(sampler="confidence", order="entropy", temperature=0.01)),
     # Fast-dLLM v2's evaluation and model card: sub-blocks of 8 in blocks of 32, threshold 0.9, greedy.
     "fast_dllm_v2": Family("fast_dllm_v2", "Fast-dLLM v2", fast_dllm_v2_config, qwen_weight_name,
                            "Efficient-Large-Model/Fast_dLLM_v2_1.5B", ("<|im_end|>",),
@@ -962,6 +1021,11 @@ def convert_llada_moe(src, dst, **kwargs) -> LlamaFamilyConversion:
     return convert_llama_family("llada_moe", src, dst, **kwargs)
 
 
+def convert_rnd1(src, dst, **kwargs) -> LlamaFamilyConversion:
+    """`convert_llama_family("rnd1", src, dst, ...)`: radicalnumerics/RND1-Base-0910."""
+    return convert_llama_family("rnd1", src, dst, **kwargs)
+
+
 def convert_fast_dllm_v2(src, dst, **kwargs) -> LlamaFamilyConversion:
     """`convert_llama_family("fast_dllm_v2", src, dst, ...)`: Efficient-Large-Model/Fast_dLLM_v2_1.5B, _7B."""
     return convert_llama_family("fast_dllm_v2", src, dst, **kwargs)
@@ -978,6 +1042,7 @@ __all__ = [
     "convert_sdar",
     "convert_fast_dllm_v2",
     "convert_llada_moe",
+    "convert_rnd1",
     "llada_weight_name",
     "expected_shapes",
     "verify_converted",
