@@ -447,12 +447,21 @@ def test_copy_safetensors_renames_without_loading(tmp_path):
     tensors = {"b": torch.arange(6, dtype=torch.bfloat16).view(2, 3), "a": torch.randn(4, dtype=torch.float32),
                "c": torch.tensor([1, 2, 3], dtype=torch.int64)}
     save_file(tensors, str(tmp_path / "in.safetensors"))
+    Piece = llama_family.Piece
     written = llama_family.copy_safetensors(tmp_path / "in.safetensors", tmp_path / "out.safetensors",
-                                            {"a": "x.a", "b": "x.b"}, chunk_bytes=5)
+                                            [Piece("a", "x.a"), Piece("b", "x.b")], chunk_bytes=5)
     out = load_file(str(tmp_path / "out.safetensors"))
     assert set(out) == {"x.a", "x.b"} and written == 4 * 4 + 6 * 2
     assert torch.equal(out["x.a"], tensors["a"]) and torch.equal(out["x.b"], tensors["b"])
     assert out["x.b"].dtype == torch.bfloat16
+    # Row ranges of one tensor become tensors of their own (LLaDA 2.x's fused query_key_value), still byte copies.
+    rows = {"qkv": torch.arange(24, dtype=torch.bfloat16).view(6, 4)}
+    save_file(rows, str(tmp_path / "fused.safetensors"))
+    llama_family.copy_safetensors(tmp_path / "fused.safetensors", tmp_path / "split.safetensors",
+                                  [Piece("qkv", "q", 0, 4), Piece("qkv", "k", 4, 5), Piece("qkv", "v", 5, 6)],
+                                  chunk_bytes=3)
+    split = load_file(str(tmp_path / "split.safetensors"))
+    assert torch.equal(torch.cat([split["q"], split["k"], split["v"]]), rows["qkv"]) and split["k"].shape == (1, 4)
 
 
 def test_a_failure_mid_write_leaves_no_half_written_destination(tmp_path, monkeypatch):

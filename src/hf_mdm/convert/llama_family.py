@@ -471,6 +471,10 @@ class Family:
     generation: dict
     # Block diffusion: stop at the end of the block with an end-of-turn token (the family's own decoders do).
     stop_at_eos: bool | None = None
+    # A source tensor hf_mdm keeps as several (LLaDA 2.x's fused query_key_value): (hf_mdm name from weight_name,
+    # config) -> [(hf_mdm name, first row, end row)], or None to keep it whole. Rows are contiguous bytes, so the
+    # pieces are still copied byte for byte.
+    split: object = None
 
 
 FAMILIES = {
@@ -606,6 +610,27 @@ def expected_shapes(config: MDMLlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+@dataclass(frozen=True)
+class Piece:
+    """One output tensor: rows [start, stop) of the source tensor `source` (all of it when stop is None)."""
+
+    source: str
+    target: str
+    start: int = 0
+    stop: int | None = None
+
+
+def _pieces(spec: "Family", config: MDMLlamaConfig, name: str) -> list[Piece] | None:
+    """The output tensors a source tensor becomes (None: not part of the architecture)."""
+    target = spec.weight_name(name)
+    if target is None:
+        return None
+    parts = spec.split(target, config) if spec.split is not None else None
+    if parts is None:
+        return [Piece(name, target)]
+    return [Piece(name, part, start, stop) for part, start, stop in parts]
+
+
 def read_llama_family_source(family: str, src: str | Path, revision: str | None = None) -> LlamaFamilySource:
     """Reads config.json, the index and every shard header of a LLaDA or Dream checkpoint, and checks them all."""
     spec = FAMILIES[family]
@@ -638,29 +663,37 @@ def read_llama_family_source(family: str, src: str | Path, revision: str | None 
                 names = list(handle.keys())
                 for name in names:
                     piece = handle.get_slice(name)
-                    target = spec.weight_name(name)
                     if ROTARY_BUFFER.match(name):
                         continue
-                    if target is None or target not in shapes and not (config.tie_word_embeddings and target == "lm_head.weight"):
+                    got = tuple(piece.get_shape())
+                    parts = _pieces(spec, config, name)
+                    if parts is None or any(part.target not in shapes for part in parts) and not (
+                            config.tie_word_embeddings and parts[0].target == "lm_head.weight"):
                         raise ConversionError(
-                            f"{path.name}: weight {name} (shape {tuple(piece.get_shape())}) is not part of the "
+                            f"{path.name}: weight {name} (shape {got}) is not part of the "
                             f"{spec.title} architecture of {config_path.name}; nothing was written."
                         )
-                    if target in seen:
-                        raise ConversionError(f"{path.name}: weight {name} is also in {seen[target]}.")
-                    got = tuple(piece.get_shape())
-                    want = shapes.get(target, shapes.get("model.embed_tokens.weight"))
-                    if got != want:
-                        raise ConversionError(
-                            f"{path.name}: weight {name} has shape {got}, but config.json implies {want} for it "
-                            f"(hf_mdm {target}); nothing was written."
-                        )
+                    target = parts[0].target
                     if config.tie_word_embeddings and target == "lm_head.weight":
+                        if got != shapes["model.embed_tokens.weight"]:
+                            raise ConversionError(f"{path.name}: weight {name} has shape {got}, but config.json "
+                                                  f"implies {shapes['model.embed_tokens.weight']}; nothing was written.")
                         stored_head = (path, name)
                         continue
+                    rows = sum((part.stop - part.start) for part in parts) if parts[0].stop is not None else got[0]
+                    for part in parts:
+                        want = shapes[part.target]
+                        have = got if part.stop is None else (part.stop - part.start, *got[1:])
+                        if have != want or rows != got[0]:
+                            raise ConversionError(
+                                f"{path.name}: weight {name} has shape {got}, but config.json implies {want} for "
+                                f"hf_mdm {part.target}; nothing was written."
+                            )
+                        if part.target in seen:
+                            raise ConversionError(f"{path.name}: weight {name} is also in {seen[part.target]}.")
+                        seen[part.target] = path.name
                     if target == "model.embed_tokens.weight":
                         embedding_at = (path, name)
-                    seen[target] = path.name
                     dtypes[piece.get_dtype()] = dtypes.get(piece.get_dtype(), 0) + math.prod(piece.get_shape())
         except ConversionError:
             raise
@@ -678,7 +711,8 @@ def read_llama_family_source(family: str, src: str | Path, revision: str | None 
         notes.append(f"the weights mix dtypes {sorted(dtypes)}: the files keep each tensor's own, and the config says "
                      f"{dtype_name} (most weights), which `dtype='auto'` loads them all in")
     if stored_head is not None:
-        same = _same_bytes(stored_head[0], embedding_at[0], stored_head[1], embedding_at[1])
+        same = _same_bytes(stored_head[0], embedding_at[0], Piece(stored_head[1], stored_head[1]),
+                           Piece(embedding_at[1], embedding_at[1]))
         notes.append(f"the embeddings are tied, so the stored {stored_head[1]} is dropped (the embedding is the head, "
                      f"as transformers ties them); it {'equals' if same else 'DIFFERS from'} the embedding")
     dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(dtype_name, torch.float32)
@@ -694,20 +728,33 @@ def read_llama_family_source(family: str, src: str | Path, revision: str | None 
 
 
 def _copied_weights(source: LlamaFamilySource, shard: Shard):
-    """(source name, hf_mdm name) of the weights of `shard` that the output keeps: not rotary buffers (recomputed)
-    nor, with tied embeddings, a stored copy of the head (the embedding is the head)."""
+    """The `Piece`s of `shard` that the output keeps: not rotary buffers (recomputed) nor, with tied embeddings, a
+    stored copy of the head (the embedding is the head)."""
     spec = FAMILIES[source.family]
     for name in shard.names:
-        target = spec.weight_name(name)
-        if ROTARY_BUFFER.match(name) or (source.config.tie_word_embeddings and target == "lm_head.weight"):
+        if ROTARY_BUFFER.match(name):
             continue
-        yield name, target
+        parts = _pieces(spec, source.config, name)
+        if source.config.tie_word_embeddings and parts[0].target == "lm_head.weight":
+            continue
+        yield from parts
 
 
-def copy_safetensors(source: Path, target: Path, names: dict[str, str], chunk_bytes: int = 64 << 20) -> int:
-    """Writes `target` holding the tensors of `source` listed in `names` (source name -> new name), their bytes
-    copied unchanged, `chunk_bytes` at a time: no tensor is ever materialised, so memory stays flat whatever the
-    shard size. Returns the bytes of tensor data written.
+def _byte_range(info: dict, piece: Piece) -> tuple[int, int, list[int]]:
+    """(first byte, end byte) of `piece` within its source tensor's data, and the piece's shape: rows of a row-major
+    tensor are contiguous bytes."""
+    begin, end = info["data_offsets"]
+    shape = list(info["shape"])
+    if piece.stop is None:
+        return begin, end, shape
+    row_bytes = (end - begin) // shape[0]
+    return begin + piece.start * row_bytes, begin + piece.stop * row_bytes, [piece.stop - piece.start, *shape[1:]]
+
+
+def copy_safetensors(source: Path, target: Path, pieces: list[Piece], chunk_bytes: int = 64 << 20) -> int:
+    """Writes `target` holding `pieces` of the tensors of `source` (whole tensors or row ranges, under new names),
+    their bytes copied unchanged, `chunk_bytes` at a time: no tensor is ever materialised, so memory stays flat
+    whatever the shard size. Returns the bytes of tensor data written.
 
     The safetensors layout: an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
     data_offsets: [begin, end]}} padded with spaces to a multiple of 8, then the tensors' bytes, contiguous.
@@ -716,21 +763,20 @@ def copy_safetensors(source: Path, target: Path, names: dict[str, str], chunk_by
         header_length = int.from_bytes(src.read(8), "little")
         header = json.loads(src.read(header_length))
         data_start = 8 + header_length
-        entries = sorted(((header[name]["data_offsets"][0], name, new_name) for name, new_name in names.items()))
+        entries = sorted((*_byte_range(header[piece.source], piece), piece.target, piece.source) for piece in pieces)
         new_header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for begin, name, new_name in entries:
-            size = header[name]["data_offsets"][1] - begin
-            new_header[new_name] = {"dtype": header[name]["dtype"], "shape": header[name]["shape"],
-                                    "data_offsets": [offset, offset + size]}
-            offset += size
+        for begin, end, shape, new_name, name in entries:
+            new_header[new_name] = {"dtype": header[name]["dtype"], "shape": shape,
+                                    "data_offsets": [offset, offset + end - begin]}
+            offset += end - begin
         encoded = json.dumps(new_header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
         with open(target, "wb") as dst:
             dst.write(len(encoded).to_bytes(8, "little"))
             dst.write(encoded)
-            for begin, name, _ in entries:
+            for begin, end, _, _, name in entries:
                 src.seek(data_start + begin)
-                remaining = header[name]["data_offsets"][1] - begin
+                remaining = end - begin
                 while remaining:
                     block = src.read(min(chunk_bytes, remaining))
                     if not block:
@@ -746,9 +792,9 @@ def _stream_weights(source: LlamaFamilySource, out: Path) -> None:
     weight_map, total = {}, 0
     for number, shard in enumerate(source.shards, start=1):
         file_name = "model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
-        names = dict(_copied_weights(source, shard))
-        total += copy_safetensors(shard.path, out / file_name, names)
-        weight_map.update({target: file_name for target in names.values()})
+        pieces = list(_copied_weights(source, shard))
+        total += copy_safetensors(shard.path, out / file_name, pieces)
+        weight_map.update({piece.target: file_name for piece in pieces})
     if count > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
@@ -883,19 +929,19 @@ the answer with EOS.) Or `hf-mdm generate path/to/this/folder --chat "Explain di
                             usage=usage)
 
 
-def _same_bytes(first: Path, second: Path, first_name: str, second_name: str, chunk_bytes: int = 64 << 20) -> bool:
-    """Whether tensor `first_name` of file `first` and `second_name` of `second` have the same dtype, shape and
-    bytes, read a chunk at a time (memory stays flat)."""
-    def locate(path, name):
+def _same_bytes(first: Path, second: Path, first_piece: Piece, second_piece: Piece, chunk_bytes: int = 64 << 20) -> bool:
+    """Whether a piece of a tensor of file `first` and one of `second` have the same dtype, shape and bytes, read a
+    chunk at a time (memory stays flat)."""
+    def locate(path, piece):
         handle = open(path, "rb")
         length = int.from_bytes(handle.read(8), "little")
-        info = json.loads(handle.read(length))[name]
-        begin, end = info["data_offsets"]
+        info = json.loads(handle.read(length))[piece.source]
+        begin, end, shape = _byte_range(info, piece)
         handle.seek(8 + length + begin)
-        return handle, (info["dtype"], info["shape"]), end - begin
+        return handle, (info["dtype"], shape), end - begin
 
-    a, a_kind, a_size = locate(first, first_name)
-    b, b_kind, b_size = locate(second, second_name)
+    a, a_kind, a_size = locate(first, first_piece)
+    b, b_kind, b_size = locate(second, second_piece)
     with a, b:
         if a_kind != b_kind or a_size != b_size:
             return False
@@ -913,10 +959,11 @@ def verify_converted(source: LlamaFamilySource, folder: Path) -> None:
     index = folder / INDEX_FILE
     weight_map = _read_json(index)["weight_map"] if index.is_file() else None
     for shard in source.shards:
-        for name, target in _copied_weights(source, shard):
-            written = folder / (weight_map[target] if weight_map else "model.safetensors")
-            if not _same_bytes(shard.path, written, name, target):
-                raise ConversionError(f"{written.name}: {target} differs from the source's {name}; please report this.")
+        for piece in _copied_weights(source, shard):
+            written = folder / (weight_map[piece.target] if weight_map else "model.safetensors")
+            if not _same_bytes(shard.path, written, piece, Piece(piece.target, piece.target)):
+                raise ConversionError(f"{written.name}: {piece.target} differs from the source's {piece.source}; "
+                                      "please report this.")
     model, info = MDMLlamaForMaskedDiffusion.from_pretrained(folder, dtype=source.dtype, output_loading_info=True)
     problems = {key: value for key, value in info.items() if value}
     if problems:
