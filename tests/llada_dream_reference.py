@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 
 def rms_norm(x, weight, eps):
-    x32 = x.float()
+    x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 at least (a float64 check stays float64)
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
 

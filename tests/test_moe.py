@@ -127,7 +127,7 @@ def test_group_limited_routing_chooses_only_from_the_best_groups():
     ("router_score_function", "relu", r"router_score_function must be one of \('softmax', 'sigmoid'\), got 'relu'"),
     ("n_group", 3, "n_group and topk_group go together"),
     ("moe_intermediate_size", None, "moe_intermediate_size must be a positive integer, got None"),
-    ("partial_rotary_factor", 0.2, r"partial_rotary_factor must be a number in \(0, 1\] that turns an even number"),
+    ("partial_rotary_factor", 0.2, r"rope_parameters\['partial_rotary_factor'\] must be a number in \(0, 1\] that turns"),
 ])
 def test_bad_expert_settings_are_refused_by_name(field, value, message):
     with pytest.raises(ValueError, match=rf"MDMLlamaConfig\.{message}"):

@@ -43,7 +43,9 @@ class MDMLlamaConfig(PreTrainedConfig):
         attention_dropout (`float`): dropout on attention weights (training only).
         max_position_embeddings (`int`): longest sequence the model accepts.
         rope_parameters (`dict`, *optional*): transformers 5's rotary settings; default `{"rope_type": "default",
-            "rope_theta": 500000.0}`. A config with a top-level `rope_theta` still loads.
+            "rope_theta": 500000.0}`. A config with a top-level `rope_theta` still loads. Its
+            `partial_rotary_factor` (a top-level one moves there, as transformers does) is the fraction of each
+            head's dimensions the rotary embedding turns, the first ones (LLaDA 2.x: 0.5); the rest pass unrotated.
         shift_logits (`bool`): True for networks initialised from an autoregressive model whose output at
             position i predicts token i + 1 (Dream). The model shifts internally, so its logits at position i are
             always the distribution of token i; the first position of a sequence then has no prediction and must
@@ -56,8 +58,6 @@ class MDMLlamaConfig(PreTrainedConfig):
             into blocks of B positions counted from each row's first real token, attention is bidirectional inside
             a block and causal across blocks, so a finished block never changes and its keys and values are cached
             exactly. `generate()` then decodes block by block.
-        partial_rotary_factor (`float`): the fraction of each head's dimensions the rotary embedding turns (the
-            first ones; LLaDA 2.x: 0.5); the rest pass unrotated.
         num_experts (`int`, *optional*): None: every MLP is dense. An int: a mixture of experts (LLaDA-MoE, LLaDA
             2.x, RND1): each MoE layer routes every token to `num_experts_per_tok` of `num_experts` SwiGLU experts of
             width `moe_intermediate_size`, plus `num_shared_experts` always-on experts (one SwiGLU MLP of width
@@ -107,7 +107,6 @@ class MDMLlamaConfig(PreTrainedConfig):
     noise_eps: float = 1e-3
     initializer_range: float = 0.02
     diffusion_block_size: int | None = None
-    partial_rotary_factor: float | int = 1.0
     num_experts: int | None = None
     num_experts_per_tok: int | None = None
     moe_intermediate_size: int | None = None
@@ -155,10 +154,10 @@ class MDMLlamaConfig(PreTrainedConfig):
                       "router_expert_bias"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"MDMLlamaConfig.{field} must be True or False, got {getattr(self, field)!r}.")
-        if not is_number(self.partial_rotary_factor) or not 0 < self.partial_rotary_factor <= 1 \
-                or int(self.head_dim * self.partial_rotary_factor) % 2 != 0:
-            raise ValueError(f"MDMLlamaConfig.partial_rotary_factor must be a number in (0, 1] that turns an even "
-                             f"number of the head's {self.head_dim} dimensions, got {self.partial_rotary_factor!r}.")
+        partial = self.rope_parameters.get("partial_rotary_factor", 1.0) if isinstance(self.rope_parameters, dict) else 1
+        if not is_number(partial) or not 0 < partial <= 1 or int(self.head_dim * partial) % 2 != 0:
+            raise ValueError(f"MDMLlamaConfig.rope_parameters['partial_rotary_factor'] must be a number in (0, 1] that "
+                             f"turns an even number of the head's {self.head_dim} dimensions, got {partial!r}.")
         if self.num_experts is not None:
             self._check_experts()
         check_shared_fields(self)

@@ -36,6 +36,7 @@ from .modeling_mdm_common import (
     eager_attention_forward,
     gather_positions,
     noisy_half,
+    upcast,
     validate_inputs,
 )
 
@@ -65,7 +66,7 @@ class MDMLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        normed = F.layer_norm(hidden_states.float(), (hidden_states.shape[-1],)) * self.weight.float()
+        normed = F.layer_norm(upcast(hidden_states), (hidden_states.shape[-1],)) * upcast(self.weight)
         return normed.to(hidden_states.dtype)
 
 

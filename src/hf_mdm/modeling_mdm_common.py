@@ -61,13 +61,20 @@ MASK_LOGIT = -1.0e4
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 at least: half precisions go up to float32, a float64 model stays in float64 (the norms, rotary
+    embeddings and routers of a float64 model are not computed in float32)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
 def apply_rotary_pos_emb(q, k, cos, sin):
-    """Rotary embedding in the rotate-half form, computed in float32 (as MDLM and LLaDA do) and cast back. With
+    """Rotary embedding in the rotate-half form, computed in float32 (as MDLM and LLaDA do; float64 for a float64
+    model) and cast back. With
     partial rotary embeddings (cos/sin narrower than a head: LLaDA 2.x) the first dimensions turn and the rest pass.
 
     q, k: (batch, heads, seq_len, head_dim); cos, sin: (batch, seq_len, rotary_dim), float32.
@@ -76,7 +83,7 @@ def apply_rotary_pos_emb(q, k, cos, sin):
     rotary_dim = cos.shape[-1]
 
     def turn(x):
-        turned = x[..., :rotary_dim].float() * cos + rotate_half(x[..., :rotary_dim].float()) * sin
+        turned = upcast(x[..., :rotary_dim]) * cos + rotate_half(upcast(x[..., :rotary_dim])) * sin
         return torch.cat([turned.to(x.dtype), x[..., rotary_dim:]], dim=-1) if rotary_dim < x.shape[-1] \
             else turned.to(x.dtype)
 
@@ -103,8 +110,8 @@ class MDMRotaryEmbedding(nn.Module):
     @staticmethod
     def compute_default_rope_parameters(config, device=None, seq_len=None, **kwargs) -> tuple[torch.Tensor, float]:
         """(rotary_dim / 2,) float32 inverse frequencies 1 / theta^(2i / rotary_dim), and no scaling; rotary_dim is
-        head_dim times `partial_rotary_factor` (1 by default)."""
-        rotary_dim = int(config.head_dim * getattr(config, "partial_rotary_factor", 1.0))
+        head_dim times the rope settings' `partial_rotary_factor` (1 by default)."""
+        rotary_dim = int(config.head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
         exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim
         return 1.0 / (float(config.rope_parameters["rope_theta"]) ** exponents), 1.0
 
@@ -112,12 +119,7 @@ class MDMRotaryEmbedding(nn.Module):
         """The inverse frequencies and the factor applied to cos/sin (1 but for scaled types such as yarn)."""
         if self.rope_type == "default":
             return self.compute_default_rope_parameters(self.config)
-        config = self.config
-        partial = getattr(config, "partial_rotary_factor", 1.0)
-        if partial != 1.0:  # transformers' scaled types read it from the rope settings
-            config = copy.copy(config)
-            config.rope_parameters = {**config.rope_parameters, "partial_rotary_factor": partial}
-        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[self.rope_type](config, None)
+        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.config, None)
         return inv_freq.float(), float(attention_scaling)
 
     @torch.no_grad()
@@ -668,7 +670,7 @@ class MDMHeadMixin:
         if output_positions is not None:
             labels, scored = labels.gather(1, output_positions), scored.gather(1, output_positions)
         targets = labels.long().masked_fill(~scored, -100)
-        total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        total = F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
         if num_items_in_batch is None:
             num_items_in_batch = scored.sum().clamp(min=1)
         elif isinstance(num_items_in_batch, torch.Tensor):

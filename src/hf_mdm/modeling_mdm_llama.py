@@ -33,6 +33,7 @@ from .modeling_mdm_common import (
     check_kwargs,
     eager_attention_forward,
     noisy_half,
+    upcast,
     validate_inputs,
 )
 
@@ -46,7 +47,8 @@ if get_checkpoint_conversion_mapping("mdm_llama") is None:
 
 
 class MDMRMSNorm(nn.Module):
-    """RMSNorm as Llama, LLaDA and Dream compute it: normalised in float32, cast back, then scaled by the weight."""
+    """RMSNorm as Llama, LLaDA and Dream compute it: normalised in float32 (float64 in a float64 model), cast back,
+    then scaled by the weight."""
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
@@ -54,7 +56,7 @@ class MDMRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = hidden_states.float()
+        x = upcast(hidden_states)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(hidden_states.dtype)
 
@@ -120,7 +122,8 @@ class MDMLlamaMLP(nn.Module):
 class MDMRouter(nn.Module):
     """Scores the experts for each token and picks `num_experts_per_tok` of them: softmax over all experts then top-k
     (LLaDA-MoE, RND1), or independent sigmoid scores with group-limited choice and a choice-only bias (LLaDA 2.x,
-    DeepSeek-V3's rule). Scores are computed in float32, so that near ties route the same way in every dtype."""
+    DeepSeek-V3's rule). Scores are computed in float32 (float64 in a float64 model), so that near ties route the
+    same way in every half precision."""
 
     def __init__(self, config: MDMLlamaConfig):
         super().__init__()
@@ -130,10 +133,10 @@ class MDMRouter(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
 
     def forward(self, hidden_states: torch.Tensor):
-        """(tokens, hidden) -> router logits (tokens, experts), float32; the chosen experts' weights (tokens, k), in
+        """(tokens, hidden) -> router logits (tokens, experts), float32 or float64; the chosen experts' weights (tokens, k), in
         the hidden states' dtype; their ids (tokens, k)."""
         config = self.config
-        logits = F.linear(hidden_states.float(), self.weight.float())
+        logits = F.linear(upcast(hidden_states), upcast(self.weight))
         scores = logits.softmax(dim=-1) if config.router_score_function == "softmax" else logits.sigmoid()
         choice = scores + self.expert_bias if config.router_expert_bias else scores
         if config.n_group is not None:
@@ -189,7 +192,11 @@ class MDMSparseMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
         _, weights, chosen = self.gate(tokens)
-        output = self.experts(tokens, chosen, weights).view_as(hidden_states)
+        if tokens.dtype == torch.float64:  # transformers' grouped-matmul kernel has no float64 path: the plain one
+            output = type(self.experts).forward.__wrapped__(self.experts, tokens, chosen, weights)
+        else:
+            output = self.experts(tokens, chosen, weights)
+        output = output.view_as(hidden_states)
         if self.shared_experts is not None:
             output = output + self.shared_experts(hidden_states)
         return output
