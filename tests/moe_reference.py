@@ -132,7 +132,8 @@ def moe_reference_logits(config: dict, weights: dict, input_ids, attention_mask,
             x = x + swiglu(h, weights, p + "mlp.")
             continue
         tokens = h.reshape(-1, d)
-        probs = (tokens.float() @ weights[p + "mlp.gate.weight"].float().T).softmax(dim=-1)
+        at_least_32 = torch.promote_types(tokens.dtype, torch.float32)
+        probs = (tokens.to(at_least_32) @ weights[p + "mlp.gate.weight"].to(at_least_32).T).softmax(dim=-1)
         top, chosen = probs.topk(k, dim=-1)
         if renormalise:  # RND1 (Qwen3-MoE's norm_topk_prob); LLaDA-MoE takes them as they are
             top = top / top.sum(dim=-1, keepdim=True)
@@ -202,4 +203,143 @@ def make_rnd1_checkpoint(folder: Path, seed: int = 0, num_shards: int = 2, dtype
     write_shards(folder, weights, num_shards, shuffle_seed=None)
     write_qwen_tokenizer(folder, "<|mask|>")
     write_card(folder, "apache-2.0")
+    return config, weights
+
+
+# ------------------------------------------------------------------------------------------------ LLaDA 2.x
+
+
+def llada2_config(**overrides) -> dict:
+    """config.json of a tiny LLaDA 2.x (the Hub's field names for LLaDA2.0-mini / 2.1-mini, Ling 2.0's layer)."""
+    config = {
+        "architectures": ["LLaDA2MoeModelLM"],
+        "auto_map": {"AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
+                     "AutoModel": "modeling_llada2_moe.LLaDA2MoeModel",
+                     "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM"},
+        "model_type": "llada2_moe", "attention_dropout": 0.0, "embedding_dropout": 0.0, "output_dropout": 0.0,
+        "first_k_dense_replace": 1, "head_dim": 16, "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02,
+        "intermediate_size": 80, "max_position_embeddings": 128, "max_window_layers": 3, "moe_intermediate_size": 16,
+        "moe_router_enable_expert_bias": True, "n_group": 4, "norm_head": False, "norm_softmax": False,
+        "norm_topk_prob": True, "num_attention_heads": 4, "num_experts": 16, "num_experts_per_tok": 4,
+        "num_hidden_layers": 3, "num_key_value_heads": 2, "num_shared_experts": 1, "output_router_logits": False,
+        "pad_token_id": 256, "eos_token_id": 256, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-06,
+        "rope_scaling": None, "rope_theta": 600000, "routed_scaling_factor": 2.5, "router_dtype": "fp32",
+        "score_function": "sigmoid", "sliding_window": 4096, "tie_word_embeddings": False, "topk_group": 2,
+        "torch_dtype": "bfloat16", "transformers_version": "4.57.1", "use_bias": False, "use_cache": False,
+        "use_qk_norm": True, "use_qkv_bias": False, "use_rmsnorm": True, "use_sliding_window": False,
+        "vocab_size": 264,
+    }
+    config.update(overrides)
+    return config
+
+
+def llada2_weight_shapes(config: dict) -> dict:
+    d, heads, kv_heads, head_dim = (config["hidden_size"], config["num_attention_heads"],
+                                    config["num_key_value_heads"], config["head_dim"])
+    vocab, width, experts = config["vocab_size"], config["moe_intermediate_size"], config["num_experts"]
+    shapes = {"model.word_embeddings.weight": (vocab, d), "model.norm.weight": (d,), "lm_head.weight": (vocab, d)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+            p + "attention.query_key_value.weight": ((heads + 2 * kv_heads) * head_dim, d),
+            p + "attention.query_layernorm.weight": (head_dim,), p + "attention.key_layernorm.weight": (head_dim,),
+            p + "attention.dense.weight": (d, heads * head_dim),
+        })
+        if i < config["first_k_dense_replace"]:
+            dense = config["intermediate_size"]
+            shapes.update({p + "mlp.gate_proj.weight": (dense, d), p + "mlp.up_proj.weight": (dense, d),
+                           p + "mlp.down_proj.weight": (d, dense)})
+            continue
+        shapes.update({p + "mlp.gate.weight": (experts, d), p + "mlp.gate.expert_bias": (experts,)})
+        for e in range(experts):
+            shapes.update({f"{p}mlp.experts.{e}.gate_proj.weight": (width, d),
+                           f"{p}mlp.experts.{e}.up_proj.weight": (width, d),
+                           f"{p}mlp.experts.{e}.down_proj.weight": (d, width)})
+        shared = width * config["num_shared_experts"]
+        shapes.update({p + "mlp.shared_experts.gate_proj.weight": (shared, d),
+                       p + "mlp.shared_experts.up_proj.weight": (shared, d),
+                       p + "mlp.shared_experts.down_proj.weight": (d, shared)})
+    return shapes
+
+
+def llada2_reference_logits(config: dict, weights: dict, input_ids, attention_mask=None, block_size: int = 32):
+    """LLaDA 2.x's forward under its block-causal mask: (B, L) -> (B, L, V) logits (no shift), and the experts each
+    token chose in each MoE layer. The fused query_key_value is read as [all query heads; all key heads; all value
+    heads]; rotary turns the first `partial_rotary_factor` of each head; routing: sigmoid scores, the expert bias for
+    choosing only, groups scored by their two best biased scores, the best `topk_group` groups kept, the chosen
+    unbiased scores renormalised and scaled by `routed_scaling_factor`."""
+    from block_diffusion_reference import block_causal_mask
+
+    d, heads, kv_heads, head_dim = (config["hidden_size"], config["num_attention_heads"],
+                                    config["num_key_value_heads"], config["head_dim"])
+    eps, k, experts = config["rms_norm_eps"], config["num_experts_per_tok"], config["num_experts"]
+    rotary = int(head_dim * config["partial_rotary_factor"])
+    batch, length = input_ids.shape
+    positions, real = row_positions(input_ids, attention_mask)
+    mask = block_causal_mask(positions, real, block_size)
+    x = F.embedding(input_ids, weights["model.word_embeddings.weight"])
+    cos, sin = rotary_tables(positions, rotary, config["rope_theta"])
+
+    def turn(t):
+        return torch.cat([t[..., :rotary] * cos + rotate_half(t[..., :rotary]) * sin, t[..., rotary:]], dim=-1)
+
+    chosen_by_layer = []
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = rms_norm(x, weights[p + "input_layernorm.weight"], eps)
+        qkv = (h @ weights[p + "attention.query_key_value.weight"].T).view(batch, length, heads + 2 * kv_heads, head_dim)
+        q, key, v = qkv.split([heads, kv_heads, kv_heads], dim=2)
+        q = turn(rms_norm(q, weights[p + "attention.query_layernorm.weight"], eps).transpose(1, 2))
+        key = turn(rms_norm(key, weights[p + "attention.key_layernorm.weight"], eps).transpose(1, 2))
+        key = key.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
+        att = F.scaled_dot_product_attention(q, key, v, attn_mask=mask)
+        x = x + att.transpose(1, 2).reshape(batch, length, heads * head_dim) @ weights[p + "attention.dense.weight"].T
+        h = rms_norm(x, weights[p + "post_attention_layernorm.weight"], eps)
+        if i < config["first_k_dense_replace"]:
+            x = x + swiglu(h, weights, p + "mlp.")
+            continue
+        tokens = h.reshape(-1, d)
+        at_least_32 = torch.promote_types(tokens.dtype, torch.float32)
+        scores = (tokens.to(at_least_32) @ weights[p + "mlp.gate.weight"].to(at_least_32).T).sigmoid()
+        biased = scores + weights[p + "mlp.gate.expert_bias"].to(at_least_32)
+        groups = biased.view(-1, config["n_group"], experts // config["n_group"])
+        best_groups = groups.topk(2, dim=-1).values.sum(-1).topk(config["topk_group"], dim=-1).indices
+        keep = torch.zeros(groups.shape[:2], dtype=torch.bool).scatter(1, best_groups, True)
+        chosen = groups.masked_fill(~keep[..., None], float("-inf")).flatten(1).topk(k, dim=-1).indices
+        chosen_by_layer.append(chosen)
+        weight = scores.gather(1, chosen)
+        weight = weight / (weight.sum(-1, keepdim=True) + 1e-20) * config["routed_scaling_factor"]
+        out = torch.zeros_like(tokens)
+        for t in range(tokens.shape[0]):
+            for slot in range(k):
+                out[t] += weight[t, slot].to(tokens.dtype) * swiglu(tokens[t], weights, f"{p}mlp.experts.{int(chosen[t, slot])}.")
+        x = x + out.view(batch, length, d) + swiglu(h, weights, p + "mlp.shared_experts.")
+    x = rms_norm(x, weights["model.norm.weight"], eps)
+    return x @ weights["lm_head.weight"].T, chosen_by_layer
+
+
+def make_llada2_checkpoint(folder: Path, seed: int = 0, num_shards: int = 2, dtype=torch.float32, sharpen=False,
+                           **overrides):
+    """A tiny LLaDA 2.x in its Hub layout; with `sharpen`, its output projection scaled up so that threshold decoding
+    commits several tokens per call, as a trained model does (its logits, ~30, are then beyond a 1e-5 float32
+    comparison)."""
+    from block_diffusion_reference import sharpened
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = llada2_config(**overrides)
+    weights = random_weights(llada2_weight_shapes(config), seed, dtype)
+    generator = torch.Generator().manual_seed(seed + 100)
+    for name in weights:
+        if name.endswith("mlp.gate.weight"):
+            weights[name] = (torch.randn(weights[name].shape, generator=generator) * 0.6).to(dtype)
+        elif name.endswith("expert_bias"):
+            weights[name] = (torch.randn(weights[name].shape, generator=generator) * 0.3).to(dtype)
+    if sharpen:
+        weights = sharpened(weights, config)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    write_shards(folder, weights, num_shards, shuffle_seed=seed)
+    write_qwen_tokenizer(folder, "<|mask|>")
+    write_card(folder, "mit")
     return config, weights

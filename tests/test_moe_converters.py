@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from hf_mdm import MDMLlamaForMaskedDiffusion
-from hf_mdm.convert import ConversionError, convert_llada, convert_llada_moe, convert_rnd1
+from hf_mdm.convert import ConversionError, convert_llada, convert_llada2, convert_llada_moe, convert_rnd1
 from hf_mdm.modeling_mdm_common import MASK_LOGIT
 
 from moe_reference import MASK, llada_moe_reference_logits, make_llada_moe_checkpoint
@@ -81,6 +81,10 @@ def test_converted_llada_moe_matches_the_reference(converted, case):
         padded = difference(theirs_padded[real], model(padded_ids, attention_mask=mask).logits[real])
     MEASURED[f"{case} unpadded"], MEASURED[f"{case} padded"] = unpadded, padded
     assert unpadded <= TOLERANCE and padded <= TOLERANCE, (unpadded, padded)
+    with torch.no_grad():  # in float64 what remains is rounding
+        exact, _ = llada_moe_reference_logits(config, {name: w.double() for name, w in weights.items()}, ids)
+        MEASURED[f"{case} float64"] = difference(exact, model.double()(ids).logits)
+    assert MEASURED[f"{case} float64"] <= 1e-10
 
 
 def test_the_reference_comparison_can_fail(converted):
@@ -186,6 +190,11 @@ def test_converted_rnd1_matches_the_reference(tmp_path):
         padded = difference(shift_right(raw_padded)[:, 4:], model(padded_ids, attention_mask=mask).logits[:, 4:])
     MEASURED["rnd1 unpadded"], MEASURED["rnd1 padded"] = unpadded, padded
     assert unpadded <= TOLERANCE and padded <= TOLERANCE, (unpadded, padded)
+    with torch.no_grad():  # in float64 what remains is rounding
+        exact, _ = rnd1_reference_logits(config, {name: w.double() for name, w in weights.items()}, ids)
+        MEASURED["rnd1 float64"] = difference(shift_right(exact)[:, 1:], model.double()(ids).logits[:, 1:])
+    model.float()
+    assert MEASURED["rnd1 float64"] <= 1e-10
     # The comparison can fail: without renormalised experts (what config.json said) the logits move.
     model.config.norm_topk_prob = False
     with torch.no_grad():
@@ -205,3 +214,121 @@ def test_rnd1_configs_it_cannot_be_are_refused(tmp_path):
     with pytest.raises(ConversionError, match="config field 'shared_expert_intermediate_size'"):
         convert_rnd1(tmp_path / "odd", tmp_path / "dst")
     assert not (tmp_path / "dst").exists()
+
+
+# ------------------------------------------------------------------------------------------------ LLaDA 2.x
+
+
+@pytest.fixture(scope="module")
+def llada2(tmp_path_factory):
+    from moe_reference import make_llada2_checkpoint
+
+    root = tmp_path_factory.mktemp("llada2")
+    config, weights = make_llada2_checkpoint(root / "LLaDA2.0-tiny", seed=4)
+    result = convert_llada2(root / "LLaDA2.0-tiny", root / "llada2-hf")
+    return config, weights, result, MDMLlamaForMaskedDiffusion.from_pretrained(result.path).eval()
+
+
+@pytest.fixture(scope="module")
+def llada2_sharp(tmp_path_factory):
+    """The same with a confident output layer, for decoding."""
+    from moe_reference import make_llada2_checkpoint
+
+    root = tmp_path_factory.mktemp("llada2_sharp")
+    config, weights = make_llada2_checkpoint(root / "LLaDA2.0-tiny", seed=6, sharpen=True)
+    result = convert_llada2(root / "LLaDA2.0-tiny", root / "llada2-hf")
+    return config, weights, result, MDMLlamaForMaskedDiffusion.from_pretrained(result.path).eval()
+
+
+def test_converted_llada2_matches_the_reference(llada2):
+    from moe_reference import llada2_reference_logits
+
+    config, weights, result, model = llada2
+    assert model.config.diffusion_block_size == 32 and model.config.rope_parameters["partial_rotary_factor"] == 0.5
+    assert (model.config.router_score_function, model.config.n_group, model.config.topk_group) == ("sigmoid", 4, 2)
+    assert model.config.router_expert_bias and model.config.first_k_dense_replace == 1
+    ids = partly_masked(length=70)  # three blocks of 32, the last partial
+    with torch.no_grad():
+        theirs, their_choices = llada2_reference_logits(config, weights, ids)
+        out = model(ids, output_router_logits=True)
+        unpadded = difference(theirs, out.logits)
+        assert len(out.router_logits) == len(their_choices) == 2
+        for ours, chosen in zip(out.router_logits, their_choices):
+            bias = model.model.layers[1].mlp.gate.expert_bias if ours is out.router_logits[0] else \
+                model.model.layers[2].mlp.gate.expert_bias
+            assert chosen.shape == (210, 4) and bias.abs().max() > 0
+        padded_ids, mask = torch.full((3, 75), 256), torch.zeros(3, 75, dtype=torch.long)
+        padded_ids[:, 5:], mask[:, 5:] = ids, 1
+        theirs_padded, _ = llada2_reference_logits(config, weights, padded_ids, mask)
+        padded = difference(theirs_padded[:, 5:], model(padded_ids, attention_mask=mask).logits[:, 5:])
+    MEASURED["llada2 unpadded"], MEASURED["llada2 padded"] = unpadded, padded
+    assert unpadded <= TOLERANCE and padded <= TOLERANCE, (unpadded, padded)
+    # In float64 both are exact up to rounding: what remains of a real difference would show here.
+    with torch.no_grad():
+        exact, _ = llada2_reference_logits(config, {name: w.double() for name, w in weights.items()}, ids)
+        double = difference(exact, model.double()(ids).logits)
+    model.float()
+    MEASURED["llada2 float64"] = double
+    assert double <= 1e-10, double
+
+
+def test_the_same_experts_are_chosen_as_llada2s_router_chooses(llada2):
+    """Routing decisions, compared directly: hf_mdm's router on the reference's own hidden states."""
+    from hf_mdm.modeling_mdm_llama import MDMRouter
+
+    config, weights, _, model = llada2
+    tokens = torch.randn(200, 64, generator=torch.Generator().manual_seed(5))
+    router = model.model.layers[1].mlp.gate
+    assert isinstance(router, MDMRouter)
+    with torch.no_grad():
+        _, ours_weights, ours = router(tokens)
+    scores = (tokens @ weights["model.layers.1.mlp.gate.weight"].T).sigmoid()
+    biased = (scores + weights["model.layers.1.mlp.gate.expert_bias"]).view(200, 4, 4)
+    best = biased.topk(2, dim=-1).values.sum(-1).topk(2, dim=-1).indices
+    keep = torch.zeros(200, 4, dtype=torch.bool).scatter(1, best, True)
+    theirs = biased.masked_fill(~keep[..., None], float("-inf")).flatten(1).topk(4, dim=-1).indices
+    assert torch.equal(ours.sort(-1).values, theirs.sort(-1).values)
+    expected = scores.gather(1, ours)
+    torch.testing.assert_close(ours_weights, expected / expected.sum(-1, keepdim=True) * 2.5)
+
+
+def test_the_fused_query_key_value_is_cut_byte_for_byte(llada2):
+    config, weights, result, _ = llada2
+    folder = result.path
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    fused = weights["model.layers.2.attention.query_key_value.weight"]
+    parts = []
+    for name in ("q_proj", "k_proj", "v_proj"):
+        key = f"model.layers.2.self_attn.{name}.weight"
+        with safe_open(str(folder / index[key]), "pt") as handle:
+            parts.append(handle.get_tensor(key))
+    assert [part.shape[0] for part in parts] == [64, 32, 32] and torch.equal(torch.cat(parts), fused)
+    settings = json.loads((folder / "generation_config.json").read_text())
+    settings = {**settings.get("sampler_config", {}), **settings}
+    assert (settings["sampler"], settings["denoising_steps"], settings["confidence_threshold"]) == ("sdar", 32, 0.95)
+    assert "license: mit" in (folder / "README.md").read_text()
+
+
+@pytest.mark.parametrize("prompt_length", [5, 32, 45])
+@pytest.mark.parametrize("threshold", [0.95, 0.5, 0.1])
+def test_llada2_decoding_is_its_own_token_for_token(llada2_sharp, prompt_length, threshold):
+    """LLaDA 2.0's generate(), greedy: blocks of 32, a quota of 32 // steps per call, every masked position above the
+    threshold if there are at least that many, else the quota's most confident; it stops after the block holding
+    EOS. Read from its code, that loop is SDAR's dynamic rule step for step, so SDAR's reference loop (from SDAR's
+    code) runs it here, on LLaDA 2.x's own reference forward."""
+    from block_diffusion_reference import sdar_reference_decode
+    from moe_reference import llada2_reference_logits
+
+    config, weights, _, model = llada2_sharp
+    prompt = partly_masked(batch=1, length=prompt_length, seed=prompt_length)[0].clamp(max=200)
+    gen = 96 - prompt_length  # the canvas ends on a block boundary, as LLaDA 2.x's does
+    with torch.no_grad():
+        theirs = sdar_reference_decode(lambda ids: llada2_reference_logits(config, weights, ids[None])[0][0],
+                                       prompt.tolist(), MASK, gen, 32, 32, "low_confidence_dynamic", threshold,
+                                       stop_ids={256})
+        for use_cache in (False, True):
+            ours = model.generate(prompt[None], max_new_tokens=gen, use_cache=use_cache, confidence_threshold=threshold,
+                                  eos_token_id=256, pad_token_id=256, return_dict_in_generate=True)
+            assert ours.sequences[0, : len(theirs)].tolist() == theirs, (use_cache, threshold)
+    if threshold == 0.1:  # the threshold commits several tokens per call: the comparison exercises it
+        assert ours.tokens_per_forward[0] > 1.5

@@ -8,6 +8,7 @@
     hf-mdm convert fast-dllm-v2 Efficient-Large-Model/Fast_dLLM_v2_1.5B ./fast-dllm-v2-1.5b-hf
     hf-mdm convert llada-moe inclusionAI/LLaDA-MoE-7B-A1B-Instruct ./llada-moe-7b-instruct-hf
     hf-mdm convert rnd1 radicalnumerics/RND1-Base-0910 ./rnd1-base-hf
+    hf-mdm convert llada2 inclusionAI/LLaDA2.0-mini ./llada2-mini-hf
     hf-mdm convert bd3lm kuleshov-group/bd3lm-owt-block_size4 ./bd3lm-owt-bs4-hf
 
 `add_convert_parser(subparsers)` adds the `convert` subcommand to the `hf-mdm` parser; `main()` runs it alone
@@ -115,7 +116,8 @@ def _add_format_parsers(parser: argparse.ArgumentParser) -> None:
                                  ("sdar", "SDAR / TraDo", "JetLM/SDAR-1.7B-Chat, Gen-Verse/TraDo-4B-Instruct"),
                                  ("fast-dllm-v2", "Fast-dLLM v2", "Efficient-Large-Model/Fast_dLLM_v2_1.5B"),
                                  ("llada-moe", "LLaDA-MoE", "inclusionAI/LLaDA-MoE-7B-A1B-Instruct"),
-                                 ("rnd1", "RND1", "radicalnumerics/RND1-Base-0910")):
+                                 ("rnd1", "RND1", "radicalnumerics/RND1-Base-0910"),
+                                 ("llada2", "LLaDA 2.0 / 2.1", "inclusionAI/LLaDA2.0-mini")):
         family = formats.add_parser(
             name,
             help=f"{title} ({example}): Hub-layout folder or repo id, streamed shard by shard",

@@ -28,6 +28,14 @@ Fast-dLLM v2 (Efficient-Large-Model/Fast_dLLM_v2_1.5B, _7B): model_type "Fast_dL
     names, `bd_size` (32) blocks, outputs predicting the next token (shifted inside hf_mdm's model); [MASK] is the
     tokenizer's `|<MASK>|` (151665).
 
+LLaDA 2.0 / 2.1 (inclusionAI/LLaDA2.0-mini, -flash, LLaDA2.1-mini, -flash): model_type "llada2_moe", Ling 2.0
+    (BailingMoeV2) layers: model.word_embeddings, attention.query_key_value (every query head, then every key head,
+    then every value head: cut into q/k/v_proj on conversion, byte ranges of the one tensor), query_layernorm /
+    key_layernorm (per head), dense; rotary on the first partial_rotary_factor (0.5) of each head; layer 0 a dense
+    MLP, then MoE layers: mlp.gate (sigmoid scores, mlp.gate.expert_bias for choosing only, 8 groups of which 4 are
+    kept, top 8 renormalised and scaled by 2.5), per-expert mlp.experts.{e}, mlp.shared_experts; no logit shift;
+    decoded as block diffusion in blocks of 32 (hf_mdm's diffusion_block_size); [MASK] 156895 (`<|mask|>`).
+
 RND1 (radicalnumerics/RND1-Base-0910): model_type "rnd1", Qwen3-MoE's fields and weight names (Qwen3-30B-A3B made
     bidirectional: 128 experts, top 8 renormalised, per-head q/k RMSNorm), per-expert tensors; its output at position i
     predicts token i + 1 (shifted inside hf_mdm's model); [MASK] 151669. Its config class overwrites the non-shape
@@ -210,13 +218,14 @@ DREAM_FIELDS = {
 } | COMMON_IGNORED
 
 
-def _rope_parameters(raw: dict) -> dict:
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling")
-    if not rope:
-        return {"rope_type": "default", "rope_theta": float(raw.get("rope_theta", 10000.0))}
-    rope = dict(rope)
+def _rope_parameters(raw: dict, partial: float | None = None) -> dict:
+    """transformers 5's rope settings from a source config: its rope_parameters / rope_scaling, rope_theta, and the
+    share of each head that turns (`partial`, when not the whole)."""
+    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
     rope.setdefault("rope_type", rope.pop("type", "default"))
     rope.setdefault("rope_theta", float(raw.get("rope_theta", 10000.0)))
+    if partial is not None and partial != 1:
+        rope["partial_rotary_factor"] = float(partial)
     return rope
 
 
@@ -392,7 +401,7 @@ def llada_moe_config(raw: dict, config_path: Path, notes: list[str]) -> dict:
         num_hidden_layers=layers, num_attention_heads=raw["num_attention_heads"],
         num_key_value_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
         rms_norm_eps=raw.get("rms_norm_eps", 1e-5), max_position_embeddings=raw.get("max_position_embeddings", 4096),
-        rope_parameters=_rope_parameters(raw), partial_rotary_factor=float(raw.get("partial_rotary_factor") or 1.0),
+        rope_parameters=_rope_parameters(raw, partial=raw.get("partial_rotary_factor")),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings")), qk_norm=bool(raw.get("qk_layernorm", True)),
         num_experts=raw["num_experts"], num_experts_per_tok=raw["num_experts_per_tok"], moe_intermediate_size=width,
         num_shared_experts=(shared or 0) // width, first_k_dense_replace=dense_first, norm_topk_prob=False,
@@ -451,6 +460,97 @@ def rnd1_config(raw: dict, config_path: Path, notes: list[str]) -> dict:
     )
 
 
+LLADA2_FIELDS = {
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "vocab_size", "rms_norm_eps", "rope_theta", "rope_scaling", "partial_rotary_factor", "rotary_dim",
+    "max_position_embeddings", "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id",
+    "hidden_act", "num_experts", "num_experts_per_tok", "num_shared_experts", "moe_intermediate_size",
+    "first_k_dense_replace", "n_group", "topk_group", "routed_scaling_factor", "score_function", "norm_topk_prob",
+    "moe_router_enable_expert_bias", "router_dtype", "use_qk_norm", "use_qkv_bias", "use_bias", "use_rmsnorm",
+    "norm_head", "norm_softmax", "using_split_qkv_in_self_attention", "embedding_dropout", "attention_dropout",
+    "output_dropout", "use_sliding_window", "sliding_window", "max_window_layers", "output_router_logits",
+    "router_aux_loss_coef",
+} | COMMON_IGNORED
+LLADA2_BLOCK = 32  # LLaDA 2.x's generate() decodes blocks of 32 (block_length); its config names none
+
+
+def llada2_config(raw: dict, config_path: Path, notes: list[str]) -> dict:
+    """MDMLlamaConfig fields from LLaDA 2.0's / 2.1's config.json (model_type "llada2_moe"; Ling 2.0 layers): a fused
+    query_key_value (split on conversion), per-head q/k RMSNorm, rotary on the first half of each head, a dense
+    first layer, sigmoid routing over groups with a choice-only expert bias, a shared expert; block diffusion with
+    blocks of 32, no logit shift."""
+    if raw.get("model_type") not in ("llada2_moe", "llada2_moe_veomni"):
+        raise ConversionError(f"{config_path} has model_type {raw.get('model_type')!r}; a LLaDA 2.x checkpoint has "
+                              "'llada2_moe'.")
+    _refuse_unknown(raw, LLADA2_FIELDS, config_path, "LLaDA 2.x")
+    _require(raw, "hidden_act", ("silu", None), config_path, "every MLP and expert is silu(gate_proj(x)) * up_proj(x)")
+    for key, why in (("use_qkv_bias", "the fused query_key_value has no bias"), ("use_bias", "no projection has one"),
+                     ("norm_head", "the head is not normalised"), ("norm_softmax", "the softmax is not normalised"),
+                     ("using_split_qkv_in_self_attention", "query, key and value come fused"),
+                     ("use_sliding_window", "attention is not windowed")):
+        _require(raw, key, (False, None), config_path, why)
+    _require(raw, "use_rmsnorm", (True, None), config_path, "the norms are RMSNorm")
+    _require(raw, "use_qk_norm", (True, None), config_path, "hf_mdm converts the per-head q/k RMSNorm layout")
+    _require(raw, "score_function", ("sigmoid", "softmax", None), config_path, "the router scores are sigmoid or softmax")
+    head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
+    partial = raw.get("partial_rotary_factor")
+    if raw.get("rotary_dim") is not None:
+        if partial is not None and int(head_dim * partial) != raw["rotary_dim"]:
+            raise ConversionError(f"{config_path}: rotary_dim={raw['rotary_dim']} contradicts partial_rotary_factor="
+                                  f"{partial} of head_dim {head_dim}; nothing was written.")
+        partial = raw["rotary_dim"] / head_dim
+    if raw.get("router_dtype") not in (None, "fp32"):
+        notes.append(f"router_dtype={raw['router_dtype']!r}: hf_mdm always routes in float32")
+    for key in ("embedding_dropout", "attention_dropout", "output_dropout"):
+        if raw.get(key):
+            notes.append(f"{key}={raw[key]} (training only) is not kept")
+    notes.append(f"the config names no block size: {LLADA2_BLOCK}, LLaDA 2.x's generate() block_length")
+    return dict(
+        vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], intermediate_size=raw["intermediate_size"],
+        num_hidden_layers=raw["num_hidden_layers"], num_attention_heads=raw["num_attention_heads"],
+        num_key_value_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"], head_dim=head_dim,
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6), max_position_embeddings=raw.get("max_position_embeddings", 16384),
+        rope_parameters=_rope_parameters(raw, partial=partial),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings")), qk_norm=True, attention_bias=False,
+        num_experts=raw["num_experts"], num_experts_per_tok=raw["num_experts_per_tok"],
+        moe_intermediate_size=raw["moe_intermediate_size"], num_shared_experts=raw.get("num_shared_experts") or 0,
+        first_k_dense_replace=raw.get("first_k_dense_replace") or 0,
+        router_score_function=raw.get("score_function") or "softmax", norm_topk_prob=bool(raw.get("norm_topk_prob")),
+        routed_scaling_factor=float(raw.get("routed_scaling_factor") or 1.0), n_group=raw.get("n_group"),
+        topk_group=raw.get("topk_group"), router_expert_bias=bool(raw.get("moe_router_enable_expert_bias")),
+        router_aux_loss_coef=float(raw.get("router_aux_loss_coef") or 0.0), shift_logits=False,
+        diffusion_block_size=LLADA2_BLOCK, pad_token_id=raw.get("pad_token_id"), eos_token_id=raw.get("eos_token_id"),
+        bos_token_id=raw.get("bos_token_id"), source_family="llada2",
+        mask_token_id=_mask_token_id(raw, config_path, notes, ("<|mask|>",), 156895, "LLaDA 2.x"),
+    )
+
+
+LLADA2_NAMES = {"attention.query_layernorm.": "self_attn.q_norm.", "attention.key_layernorm.": "self_attn.k_norm.",
+                "attention.dense.": "self_attn.o_proj.", "attention.query_key_value.": "self_attn.qkv."}
+
+
+def llada2_weight_name(name: str) -> str | None:
+    """LLaDA 2.x's names: Ling's attention (word_embeddings, attention.{query_key_value,query_layernorm,
+    key_layernorm,dense}) and Qwen-MoE's MLPs and experts. The fused query_key_value becomes a placeholder
+    `self_attn.qkv`, which `llada2_split` cuts into q_proj, k_proj and v_proj."""
+    if name == "model.word_embeddings.weight":
+        return "model.embed_tokens.weight"
+    for theirs, ours in LLADA2_NAMES.items():
+        if f".{theirs}" in name:
+            return name.replace(theirs, ours)
+    return name
+
+
+def llada2_split(target: str, config: MDMLlamaConfig):
+    """The fused query_key_value's rows: every query head, then every key head, then every value head."""
+    if not target.endswith("self_attn.qkv.weight"):
+        return None
+    prefix = target.removesuffix("qkv.weight")
+    queries, keys = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    return [(prefix + "q_proj.weight", 0, queries), (prefix + "k_proj.weight", queries, queries + keys),
+            (prefix + "v_proj.weight", queries + keys, queries + 2 * keys)]
+
+
 def llada_moe_weight_name(name: str) -> str | None:
     """LLaDA-MoE's names are Qwen3-MoE's, but for the shared expert, which it keeps beside the MLP
     (`layers.{i}.shared_expert`) where hf_mdm keeps it inside (`layers.{i}.mlp.shared_experts`)."""
@@ -502,8 +602,15 @@ FAMILIES = {
     # 256 tokens), temperature 0.01.
     "rnd1": Family("rnd1", "RND1", rnd1_config, qwen_weight_name, "radicalnumerics/RND1-Base-0910",
                    ("<|im_end|>", "<|endoftext|>"),
-                   "Radical Numerics, *RND1: Simple, Scalable AR-to-Diffusion Conversion*, 2025",
+                   "Radical Numerics, *RND1* (github.com/RadicalNumerics/RND1)",
                    dict(sampler="confidence", order="entropy", temperature=0.01)),
+    # LLaDA 2.0's generate(): blocks of 32, 32 steps per block, every token above 0.95 (else the step's quota of
+    # the most confident), greedy: SDAR's dynamic low-confidence rule, the same computation.
+    "llada2": Family("llada2", "LLaDA 2.x", llada2_config, llada2_weight_name, "inclusionAI/LLaDA2.0-mini",
+                     ("<|role_end|>", "<|endoftext|>"),
+                     "inclusionAI, *LLaDA2.0* technical report (github.com/inclusionAI/LLaDA2.X)",
+                     dict(sampler="sdar", remasking_strategy="low_confidence_dynamic", denoising_steps=32,
+                          confidence_threshold=0.95, temperature=0.0), stop_at_eos=True, split=llada2_split),
     # Fast-dLLM v2's evaluation and model card: sub-blocks of 8 in blocks of 32, threshold 0.9, greedy.
     "fast_dllm_v2": Family("fast_dllm_v2", "Fast-dLLM v2", fast_dllm_v2_config, qwen_weight_name,
                            "Efficient-Large-Model/Fast_dLLM_v2_1.5B", ("<|im_end|>",),
@@ -1068,6 +1175,11 @@ def convert_llada_moe(src, dst, **kwargs) -> LlamaFamilyConversion:
     return convert_llama_family("llada_moe", src, dst, **kwargs)
 
 
+def convert_llada2(src, dst, **kwargs) -> LlamaFamilyConversion:
+    """`convert_llama_family("llada2", src, dst, ...)`: inclusionAI/LLaDA2.0-mini, -flash, LLaDA2.1-mini, -flash."""
+    return convert_llama_family("llada2", src, dst, **kwargs)
+
+
 def convert_rnd1(src, dst, **kwargs) -> LlamaFamilyConversion:
     """`convert_llama_family("rnd1", src, dst, ...)`: radicalnumerics/RND1-Base-0910."""
     return convert_llama_family("rnd1", src, dst, **kwargs)
@@ -1090,6 +1202,7 @@ __all__ = [
     "convert_fast_dllm_v2",
     "convert_llada_moe",
     "convert_rnd1",
+    "convert_llada2",
     "llada_weight_name",
     "expected_shapes",
     "verify_converted",
