@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from block_diffusion_reference import row_positions, write_qwen_tokenizer
+from block_diffusion_reference import row_positions, without_mask, write_qwen_tokenizer
 from llada_dream_reference import random_weights, rms_norm, rotary_tables, rotate_half, write_card, write_shards
 
 MASK = 259  # `<|mask|>` in the test tokenizer (LLaDA-MoE's own is 156895)
@@ -343,3 +343,44 @@ def make_llada2_checkpoint(folder: Path, seed: int = 0, num_shards: int = 2, dty
     write_qwen_tokenizer(folder, "<|mask|>")
     write_card(folder, "mit")
     return config, weights
+
+
+def llada21_reference_decode(logits_of, prompt: list[int], mask_id: int, gen_length: int, block_length: int,
+                             threshold: float, editing_threshold: float, max_post_steps: int,
+                             num_to_transfer: int = 1) -> list[int]:
+    """LLaDA 2.1's generate() with token editing, greedy, one sequence (read from its Hub code as vendored by
+    lingjiechen2/dllm, with dllm's fix of its attention mask: block-causal, as its model is trained): blocks of
+    `block_length` from position 0, the first one holding the prompt's end; in each block, every iteration
+    (1) counts a post-fill iteration when the block has no [MASK] at its start, and stops past `max_post_steps` of
+    them, before calling; (2) calls the model on the canvas up to the block's end; (3) mask to token: the masked
+    positions whose greedy probability exceeds `threshold` if at least `num_to_transfer`, else the most confident
+    `num_to_transfer`; token to token: every non-mask, non-prompt position of the block whose argmax differs from its
+    token with probability above `editing_threshold`; (4) stops when the block had no [MASK] at the start and nothing
+    was edited. No end-of-sequence stop (its eos_early_stop is off by default). Returns the whole canvas."""
+    P, B = len(prompt), block_length
+    num_blocks = -(-(P + gen_length) // B)
+    x = list(prompt) + [mask_id] * (num_blocks * B - P)
+    for b in range(P // B, num_blocks):
+        start, end = b * B, (b + 1) * B
+        post = 0
+        while True:
+            old = x[start:end]
+            active = [token == mask_id for token in old]
+            if not any(active):
+                post += 1
+            if post > max_post_steps:
+                break
+            probs = torch.softmax(without_mask(logits_of(torch.tensor(x[:end]))[start:end], mask_id), dim=-1)
+            tokens, confidence = probs.argmax(-1).tolist(), probs.max(-1).values.tolist()
+            fill = []
+            if any(active):
+                sure = [i for i in range(B) if active[i] and confidence[i] > threshold]
+                ranked = sorted((i for i in range(B) if active[i]), key=lambda i: -confidence[i])
+                fill = sure if len(sure) >= num_to_transfer else ranked[:num_to_transfer]
+            editable = [not active[i] and start + i >= P for i in range(B)]
+            edits = [i for i in range(B) if editable[i] and confidence[i] > editing_threshold and tokens[i] != old[i]]
+            for i in fill + edits:
+                x[start + i] = tokens[i]
+            if not any(active) and not edits:
+                break
+    return x

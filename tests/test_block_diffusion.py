@@ -148,6 +148,7 @@ STRATEGY_SETTINGS = {
     "sdar_sequential": dict(sampler="sdar", remasking_strategy="sequential"),
     "sdar_entropy_bounded": dict(sampler="sdar", remasking_strategy="entropy_bounded", entropy_bound=2.0),
     "fast_dllm_v2": dict(sampler="fast_dllm_v2", block_length=2, confidence_threshold=0.3),
+    "token_editing": dict(sampler="token_editing", confidence_threshold=0.3, editing_threshold=0.2, max_post_steps=3),
 }
 
 

@@ -156,7 +156,7 @@ def test_help_lists_every_command(capsys):
 
 @pytest.mark.parametrize("command", [["demo"], ["generate"], ["train"], ["evaluate"], ["convert"], ["publish"],
                                      ["convert", "sdar"], ["convert", "fast-dllm-v2"], ["convert", "mdlm"],
-                                     ["convert", "bd3lm"], ["convert", "llada-moe"], ["convert", "rnd1"]])
+                                     ["convert", "bd3lm"], ["convert", "llada-moe"], ["convert", "rnd1"], ["convert", "llada2"]])
 def test_every_commands_help_prints(command, capsys):
     """argparse formats help strings with %: a literal one in a flag's help (train's "~30% more compute") once
     crashed `hf-mdm train --help`."""

@@ -332,3 +332,44 @@ def test_llada2_decoding_is_its_own_token_for_token(llada2_sharp, prompt_length,
             assert ours.sequences[0, : len(theirs)].tolist() == theirs, (use_cache, threshold)
     if threshold == 0.1:  # the threshold commits several tokens per call: the comparison exercises it
         assert ours.tokens_per_forward[0] > 1.5
+
+
+@pytest.mark.parametrize("prompt_length", [5, 40])
+@pytest.mark.parametrize("threshold, editing_threshold, max_post_steps", [
+    (0.95, 0.9, 16),  # its generate()'s defaults
+    (0.7, 0.5, 16),  # "quality" mode
+    (0.5, 0.0, 16),  # "speed" mode: every changed argmax is taken
+    (0.3, 0.0, 2),
+])
+def test_llada21_token_editing_is_its_own_token_for_token(llada2_sharp, prompt_length, threshold, editing_threshold,
+                                                          max_post_steps):
+    from moe_reference import llada21_reference_decode, llada2_reference_logits
+
+    config, weights, _, model = llada2_sharp
+    prompt = partly_masked(batch=1, length=prompt_length, seed=prompt_length)[0].clamp(max=200)
+    gen = 96 - prompt_length
+    settings = dict(confidence_threshold=threshold, editing_threshold=editing_threshold, max_post_steps=max_post_steps)
+
+    def reference(editing):
+        return llada21_reference_decode(lambda ids: llada2_reference_logits(config, weights, ids[None])[0][0],
+                                        prompt.tolist(), MASK, gen, 32, threshold, editing, max_post_steps)
+
+    with torch.no_grad():
+        theirs = reference(editing_threshold)
+        for use_cache in (False, True):
+            ours = model.generate(prompt[None], max_new_tokens=gen, sampler="token_editing", temperature=0.0,
+                                  use_cache=use_cache, stop_at_eos=False, **settings)
+            assert ours[0].tolist() == theirs, (use_cache, settings)
+        assert theirs != reference(1.0)  # the edits change the text: the comparison would catch their absence
+
+
+def test_a_llada21_checkpoint_gets_token_editing_as_its_decoding(tmp_path):
+    """LLaDA 2.1 shares 2.0's layout; its name tells them apart, and its generation_config is its own decoding."""
+    from moe_reference import make_llada2_checkpoint
+
+    make_llada2_checkpoint(tmp_path / "LLaDA2.1-mini", num_shards=1)
+    result = convert_llada2(tmp_path / "LLaDA2.1-mini", tmp_path / "dst")
+    settings = json.loads((result.path / "generation_config.json").read_text())
+    settings = {**settings.get("sampler_config", {}), **settings}
+    assert (settings["sampler"], settings["editing_threshold"], settings["max_post_steps"]) == ("token_editing", 0.9, 16)
+    assert "sampler='token_editing'" in (result.path / "README.md").read_text()

@@ -1101,6 +1101,95 @@ class FastDllmV2Sampler(DecodingStrategy):
         return commit(state, rows, positions, chosen, sampled, confidence=probability)
 
 
+@dataclass
+class TokenEditingSettings(StrategySettings):
+    """LLaDA 2.1's decoding (its generate(): threshold 0.95, editing_threshold 0.9, max_post_steps 16,
+    num_to_transfer 1; its "quality" mode 0.7 / 0.5, "speed" mode 0.5 / 0): confidence_threshold in (0, 1],
+    editing_threshold in [0, 1] (0 takes every changed token), max_post_steps >= 0 calls a block may take after
+    its last [MASK] is filled, num_to_transfer >= 1 masks filled per call at least."""
+
+    confidence_threshold: float = 0.95
+    editing_threshold: float = 0.9
+    max_post_steps: int = 16
+    num_to_transfer: int = 1
+
+    def validate(self):
+        check_threshold("confidence_threshold", self.confidence_threshold, allow_one=True)
+        if not isinstance(self.editing_threshold, (int, float)) or isinstance(self.editing_threshold, bool) \
+                or not 0 <= self.editing_threshold <= 1:
+            raise ValueError(f"editing_threshold must be a number in [0, 1], got {self.editing_threshold!r}.")
+        check_count("max_post_steps", self.max_post_steps, minimum=0)
+        check_count("num_to_transfer", self.num_to_transfer)
+
+
+@register_strategy("token_editing")
+class TokenEditingSampler(DecodingStrategy):
+    """LLaDA 2.1's decoding with token editing: an APPROXIMATION that fills masks and also rewrites tokens it wrote.
+
+    Each call draws a token at every generated position of the row's active block (the categorical sampler;
+    greedy in LLaDA 2.1's evaluations) and scores each by its probability (the softmax when greedy). Mask to token:
+    the masked positions above `confidence_threshold` if at least `num_to_transfer` of them, else the
+    `num_to_transfer` most confident. Token to token: every earlier-filled position of the block (never the prompt,
+    never a finished block) whose draw differs from its token with probability above `editing_threshold`. Once the
+    block has no [MASK] left the row stays in it, editing, until a call changes nothing or `max_post_steps` calls
+    have been made; then it moves on. With a block-diffusion model the finished blocks never change, so the cache
+    stays exact."""
+
+    Settings = TokenEditingSettings
+    supports_blocks = True
+
+    @classmethod
+    def describe(cls, settings):
+        return f"token_editing thr {settings.confidence_threshold:g} edit {settings.editing_threshold:g}"
+
+    def step_limit(self, state: DiffusionState) -> int:
+        return int(state.masked.sum(dim=1).max()) + state.num_blocks * (self.settings.max_post_steps + 1)
+
+    def counters(self, state: DiffusionState) -> tuple[torch.LongTensor, torch.BoolTensor]:
+        """(batch,) calls each row has made in its active block since the block's last [MASK] was filled, and
+        whether its last such call changed nothing; reset when a row enters a new block."""
+        scratch = state.scratch or {}
+        zeros = torch.zeros_like(state.active_block)
+        block, post, settled = scratch.get("editing", (zeros - 1, zeros, zeros.bool()))
+        same = block == state.active_block
+        return post.where(same, zeros), settled & same
+
+    def holds_block(self, state: DiffusionState) -> torch.BoolTensor:
+        post, settled = self.counters(state)
+        filled = ~candidates(state).any(dim=1)
+        return (state.active_block >= 0) & filled & ~settled & (post < self.settings.max_post_steps)
+
+    def step(self, state: DiffusionState, denoise: Denoiser) -> DiffusionState:
+        settings = self.settings
+        post, settled = self.counters(state)
+        rows = (state.masked.any(dim=1) | self.holds_block(state)).nonzero().squeeze(1)
+        in_block = state.generated[rows] & (state.block[rows] == state.active_block[rows, None])
+        positions, valid = candidate_positions(in_block)
+        masked = valid & state.masked[rows].gather(1, positions)
+        filled = ~masked.any(dim=1)
+        state = self.expected_time(state, rows, candidates(state)[rows])
+        logits = denoise(rows, state.tokens[rows], positions, state.time[rows])
+        probs = self.categorical.probabilities(logits)
+        sampled = self.categorical.choose(probs)
+        confidence = self.categorical.confidence_probabilities(logits, tempered=True).gather(
+            -1, sampled[..., None])[..., 0]
+        # Mask to token.
+        count = masked.sum(dim=1).clamp(max=settings.num_to_transfer)
+        sure = masked & (confidence > settings.confidence_threshold)
+        most_confident = masked & (ranks(confidence.masked_fill(~masked, float("-inf"))) < count[:, None])
+        unmask = torch.where((sure.sum(dim=1) >= count)[:, None], sure, most_confident)
+        # Token to token.
+        current = state.tokens[rows].gather(1, positions)
+        edit = valid & ~masked & (confidence > settings.editing_threshold) & (sampled != current)
+        post, settled = post.clone(), settled.clone()
+        post[rows] += filled.long()
+        settled[rows] = filled & ~edit.any(dim=1)
+        probability = probs.gather(-1, sampled[..., None])[..., 0]
+        after = commit(state, rows, positions, unmask | edit, sampled, confidence=probability,
+                       scratch={**(state.scratch or {}), "editing": (state.active_block.clone(), post, settled)})
+        return replace(after, pending=self.holds_block(after))
+
+
 def noise_removal_mode(value) -> str | None:
     """The `noise_removal` setting as a mode: None (off), "mdlm" (also True) or "last_step_argmax"."""
     if value is False:

@@ -575,6 +575,8 @@ class Family:
     # config) -> [(hf_mdm name, first row, end row)], or None to keep it whole. Rows are contiguous bytes, so the
     # pieces are still copied byte for byte.
     split: object = None
+    # Versions that share the layout but decode otherwise, told apart by the source's name: {regex: generation}.
+    versions: dict = field(default_factory=dict)
 
 
 FAMILIES = {
@@ -610,7 +612,10 @@ FAMILIES = {
                      ("<|role_end|>", "<|endoftext|>"),
                      "inclusionAI, *LLaDA2.0* technical report (github.com/inclusionAI/LLaDA2.X)",
                      dict(sampler="sdar", remasking_strategy="low_confidence_dynamic", denoising_steps=32,
-                          confidence_threshold=0.95, temperature=0.0), stop_at_eos=True, split=llada2_split),
+                          confidence_threshold=0.95, temperature=0.0), stop_at_eos=True, split=llada2_split,
+                     # LLaDA 2.1's generate(): the same blocks, with token editing (its defaults).
+                     versions={r"(?i)llada-?2\.1": dict(sampler="token_editing", confidence_threshold=0.95,
+                                                         editing_threshold=0.9, max_post_steps=16, temperature=0.0)}),
     # Fast-dLLM v2's evaluation and model card: sub-blocks of 8 in blocks of 32, threshold 0.9, greedy.
     "fast_dllm_v2": Family("fast_dllm_v2", "Fast-dLLM v2", fast_dllm_v2_config, qwen_weight_name,
                            "Efficient-Large-Model/Fast_dLLM_v2_1.5B", ("<|im_end|>",),
@@ -966,10 +971,18 @@ def _generation_config(source: LlamaFamilySource, tokenizer) -> MDMGenerationCon
                 stops.append(token_id)
     eos = stops[0] if len(stops) == 1 else (stops or None)
     new_tokens = min(128, config.max_position_embeddings // 2)  # 128, or half the context of a small model
-    spec = FAMILIES[source.family]
     return MDMGenerationConfig(sampling_dtype="float64", max_new_tokens=new_tokens,
                                bos_token_id=config.bos_token_id, eos_token_id=eos, pad_token_id=config.pad_token_id,
-                               stop_at_eos=spec.stop_at_eos, **spec.generation)
+                               stop_at_eos=FAMILIES[source.family].stop_at_eos, **family_generation(source))
+
+
+def family_generation(source: LlamaFamilySource) -> dict:
+    """The family's own decoding settings, or those of the version the source's name says it is (LLaDA 2.1)."""
+    spec = FAMILIES[source.family]
+    for pattern, generation in spec.versions.items():
+        if re.search(pattern, f"{source.name} {source.folder.name}"):
+            return generation
+    return spec.generation
 
 
 def _write_card(folder: Path, source: LlamaFamilySource, license: str, notes: list[str], tokenizer_saved: bool) -> Path:
@@ -979,7 +992,7 @@ def _write_card(folder: Path, source: LlamaFamilySource, license: str, notes: li
     spec = FAMILIES[source.family]
     config = source.config
     revision = f" (revision {source.revision})" if source.revision else ""
-    generation = ", ".join(f"{key}={value!r}" for key, value in spec.generation.items())
+    generation = ", ".join(f"{key}={value!r}" for key, value in family_generation(source).items())
     shift = (f"{spec.title}'s network predicts token i + 1 at position i (it was initialised from an autoregressive "
              "Qwen model); hf_mdm shifts its logits inside the model, so logits at position i are the distribution of "
              "token i and the first position of every sequence must be a real token (a prompt, or BOS)."
