@@ -149,19 +149,34 @@ def moe_reference_logits(config: dict, weights: dict, input_ids, attention_mask,
     return x @ weights["lm_head.weight"].T, chosen_by_layer
 
 
-def make_llada_moe_checkpoint(folder: Path, seed: int = 0, num_shards: int = 3, dtype=torch.float32, **overrides):
-    """A tiny LLaDA-MoE in its Hub layout (experts spread over the shards in no order); returns (config, weights)."""
+def write_moe_checkpoint(folder: Path, config: dict, shapes: dict, seed: int, num_shards: int, dtype, shuffle: bool,
+                         license: str, sharpen: bool = False):
+    """Random weights for `shapes` (routers that clearly prefer some experts, as trained ones do; expert biases
+    where the layout has them; with `sharpen` a confident output layer) written in the Hub layout; returns them."""
+    from block_diffusion_reference import sharpened
+
     folder.mkdir(parents=True, exist_ok=True)
-    config = llada_moe_config(**overrides)
-    weights = random_weights(llada_moe_weight_shapes(config), seed, dtype)
+    weights = random_weights(shapes, seed, dtype)
     generator = torch.Generator().manual_seed(seed + 100)
-    for name in weights:  # a router that prefers some experts clearly, as a trained one does
+    for name in weights:
         if name.endswith("mlp.gate.weight"):
             weights[name] = (torch.randn(weights[name].shape, generator=generator) * 0.6).to(dtype)
+        elif name.endswith("expert_bias"):
+            weights[name] = (torch.randn(weights[name].shape, generator=generator) * 0.3).to(dtype)
+    if sharpen:
+        weights = sharpened(weights, config)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    write_shards(folder, weights, num_shards, shuffle_seed=seed)
+    write_shards(folder, weights, num_shards, shuffle_seed=seed if shuffle else None)
     write_qwen_tokenizer(folder, "<|mask|>")
-    write_card(folder, "apache-2.0")
+    write_card(folder, license)
+    return weights
+
+
+def make_llada_moe_checkpoint(folder: Path, seed: int = 0, num_shards: int = 3, dtype=torch.float32, **overrides):
+    """A tiny LLaDA-MoE in its Hub layout (experts spread over the shards in no order); returns (config, weights)."""
+    config = llada_moe_config(**overrides)
+    weights = write_moe_checkpoint(folder, config, llada_moe_weight_shapes(config), seed, num_shards, dtype,
+                                   shuffle=True, license="apache-2.0")
     return config, weights
 
 
@@ -192,17 +207,9 @@ def rnd1_weight_shapes(config: dict) -> dict:
 
 def make_rnd1_checkpoint(folder: Path, seed: int = 0, num_shards: int = 2, dtype=torch.float32, **overrides):
     """A tiny RND1 in its Hub layout (Qwen3's tokenizer files, no chat template: RND1's demo uses none)."""
-    folder.mkdir(parents=True, exist_ok=True)
     config = rnd1_config(**overrides)
-    weights = random_weights(rnd1_weight_shapes(config), seed, dtype)
-    generator = torch.Generator().manual_seed(seed + 100)
-    for name in weights:
-        if name.endswith("mlp.gate.weight"):
-            weights[name] = (torch.randn(weights[name].shape, generator=generator) * 0.6).to(dtype)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    write_shards(folder, weights, num_shards, shuffle_seed=None)
-    write_qwen_tokenizer(folder, "<|mask|>")
-    write_card(folder, "apache-2.0")
+    weights = write_moe_checkpoint(folder, config, rnd1_weight_shapes(config), seed, num_shards, dtype,
+                                   shuffle=False, license="apache-2.0")
     return config, weights
 
 
@@ -325,23 +332,9 @@ def make_llada2_checkpoint(folder: Path, seed: int = 0, num_shards: int = 2, dty
     """A tiny LLaDA 2.x in its Hub layout; with `sharpen`, its output projection scaled up so that threshold decoding
     commits several tokens per call, as a trained model does (its logits, ~30, are then beyond a 1e-5 float32
     comparison)."""
-    from block_diffusion_reference import sharpened
-
-    folder.mkdir(parents=True, exist_ok=True)
     config = llada2_config(**overrides)
-    weights = random_weights(llada2_weight_shapes(config), seed, dtype)
-    generator = torch.Generator().manual_seed(seed + 100)
-    for name in weights:
-        if name.endswith("mlp.gate.weight"):
-            weights[name] = (torch.randn(weights[name].shape, generator=generator) * 0.6).to(dtype)
-        elif name.endswith("expert_bias"):
-            weights[name] = (torch.randn(weights[name].shape, generator=generator) * 0.3).to(dtype)
-    if sharpen:
-        weights = sharpened(weights, config)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    write_shards(folder, weights, num_shards, shuffle_seed=seed)
-    write_qwen_tokenizer(folder, "<|mask|>")
-    write_card(folder, "mit")
+    weights = write_moe_checkpoint(folder, config, llada2_weight_shapes(config), seed, num_shards, dtype,
+                                   shuffle=True, license="mit", sharpen=sharpen)
     return config, weights
 
 
