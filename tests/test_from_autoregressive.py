@@ -172,3 +172,33 @@ def test_train_init_from_a_causal_lm_into_block_diffusion(tmp_path, family):
     out = model.generate(prompt, max_new_tokens=8, use_cache=True, stop_at_eos=False,
                          generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, prompt.shape[1] + 8) and not (out == tokenizer.mask_token_id).any()
+
+
+def test_lora_adapts_the_experts_of_a_mixture_of_experts(tmp_path):
+    """LoRA on an MoE diffusion model: the attention projections and every MoE layer's stacked experts (peft's
+    parameter LoRA); the adapter loads with peft and merges to the same logits."""
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    corpus = write_corpus(tmp_path)
+    folder, _ = causal_lm_folder(tmp_path, "qwen3_moe")
+    train(tiny_run(corpus, tmp_path / "base", train_tokenizer=None, model_config=None, init_from=str(folder),
+                   diffusion_block_size=4, max_steps=2, block_size=32))
+    base_folder = tmp_path / "base" / "model"
+    train(tiny_run(corpus, tmp_path / "lora", train_tokenizer=None, model_config=None, init_from=str(base_folder),
+                   max_steps=10, block_size=32, lora_r=4, lr=2e-2))
+    with safe_open(str(tmp_path / "lora" / "adapter" / "adapter_model.safetensors"), "pt") as handle:
+        names = list(handle.keys())
+    assert any("experts" in name and "lora_A" in name for name in names), names[:5]
+    assert any("self_attn.q_proj.lora_A" in name for name in names)
+    adapted = PeftModel.from_pretrained(AutoModel.from_pretrained(base_folder), tmp_path / "lora" / "adapter").eval()
+    merged = AutoModel.from_pretrained(tmp_path / "lora" / "model").eval()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids[:, ::3] = merged.config.mask_token_id
+    with torch.no_grad():
+        original = AutoModel.from_pretrained(base_folder)(ids).logits
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-4, atol=1e-4)
+        assert (merged(ids).logits - original).abs().max() > 1e-3  # the adapter learned something
+    with pytest.raises(ValueError, match="--lora-dropout 0.1 cannot apply to stacked expert weights"):
+        train(tiny_run(corpus, tmp_path / "bad", train_tokenizer=None, model_config=None, init_from=str(base_folder),
+                       lora_r=4, lora_dropout=0.1))

@@ -95,6 +95,9 @@ class TrainConfig:
     lora_dropout: float = setting(0.0, "dropout on the LoRA branch")
     lora_target_modules: list[str] | None = setting(None, "module names LoRA adapts (default: every attention and MLP "
                                                    "projection of the backbone)")
+    lora_target_parameters: list[str] | None = setting(None, "stacked expert weights LoRA adapts (default: every MoE "
+                                                        "layer's mlp.experts.gate_up_proj and down_proj; none for a "
+                                                        "dense model)")
     # optimisation
     batch_size: int = setting(32, "GLOBAL batch: sequences per optimizer step, over all processes and micro-steps")
     grad_accum: int = setting(1, "accumulation micro-steps per optimizer step")
@@ -195,8 +198,9 @@ def check_settings(config: TrainConfig, num_processes: int) -> int:
         raise ValueError("--objective sft reads chat jsonl files: give --train-files.")
     if (config.prompt_field is None) != (config.response_field is None):
         raise ValueError("--prompt-field and --response-field go together.")
-    if config.lora_r < 0 or (config.lora_r == 0 and (config.lora_alpha is not None or config.lora_target_modules)):
-        raise ValueError("--lora-alpha and --lora-target-modules need --lora-r >= 1.")
+    if config.lora_r < 0 or (config.lora_r == 0 and (config.lora_alpha is not None or config.lora_target_modules
+                                                     or config.lora_target_parameters)):
+        raise ValueError("--lora-alpha, --lora-target-modules and --lora-target-parameters need --lora-r >= 1.")
     if config.lora_r and config.objective == "ar":
         raise ValueError("--lora-r adapts an MDM; the AR baseline trains fully.")
     if config.train_tokenizer is not None and config.train_files is None:
@@ -335,6 +339,13 @@ def enable_gradient_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def default_lora_parameters(model) -> list[str]:
+    """The stacked expert weights of a mixture of experts (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`),
+    which LoRA adapts as parameters (peft's target_parameters): a rank-r update per expert. None in a dense model."""
+    return sorted({name.split(".layers.")[-1].split(".", 1)[1] for name, _ in model.named_parameters()
+                   if re.search(r"\.mlp\.experts\.(gate_up_proj|down_proj)$", name)})
+
+
 def apply_lora(model, config: TrainConfig):
     """The model wrapped by peft's LoRA; a target that matches no module is an error naming it."""
     try:
@@ -347,8 +358,16 @@ def apply_lora(model, config: TrainConfig):
         if not any(name == target or name.endswith("." + target) for name in names):
             raise ValueError(f"--lora-target-modules {target!r} matches no module of the model (its linear layers: "
                              f"{sorted({n.split('.')[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})}).")
+    parameters = config.lora_target_parameters or default_lora_parameters(model)
+    for target in parameters:
+        if not any(name.endswith("." + target) for name, _ in model.named_parameters()):
+            raise ValueError(f"--lora-target-parameters {target!r} matches no parameter of the model (its stacked "
+                             f"expert weights: {default_lora_parameters(model) or 'none'}).")
+    if parameters and config.lora_dropout:
+        raise ValueError(f"--lora-dropout {config.lora_dropout} cannot apply to stacked expert weights (peft's "
+                         "parameter LoRA has no dropout): use --lora-dropout 0, or --lora-target-parameters to choose.")
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha or 2 * config.lora_r, lora_dropout=config.lora_dropout,
-                      target_modules=targets, bias="none")
+                      target_modules=targets, target_parameters=parameters or None, bias="none")
     return get_peft_model(model, lora)
 
 
