@@ -202,3 +202,34 @@ def test_lora_adapts_the_experts_of_a_mixture_of_experts(tmp_path):
     with pytest.raises(ValueError, match="--lora-dropout 0.1 cannot apply to stacked expert weights"):
         train(tiny_run(corpus, tmp_path / "bad", train_tokenizer=None, model_config=None, init_from=str(base_folder),
                        lora_r=4, lora_dropout=0.1))
+
+
+@pytest.mark.slow
+def test_fsdp_trains_a_mixture_of_experts_as_one_process_does(tmp_path):
+    """FSDP2 on two CPU processes (each MDMLlamaBlock a unit, its experts sharded with it) gives the training and
+    validation losses of one process, the routers' load-balancing loss included."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from training_scripts.common import cli_args, subprocess_env
+
+    corpus = write_corpus(tmp_path)
+    folder, _ = causal_lm_folder(tmp_path, "qwen3_moe")
+    train(tiny_run(corpus, tmp_path / "base", train_tokenizer=None, model_config=None, init_from=str(folder),
+                   diffusion_block_size=4, max_steps=2, block_size=32))
+    settings = dict(train_tokenizer=None, model_config=None, init_from=str(tmp_path / "base" / "model"), block_size=32,
+                    batch_size=4, max_steps=6, eval_every=3, eval_blocks=8, warmup_steps=2)
+    script = Path(__file__).parent / "training_scripts" / "fsdp_cpu.py"
+    commands = {"one": [sys.executable, "-m", "hf_mdm.training.cli"],
+                "fsdp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]}
+    for name, command in commands.items():
+        result = subprocess.run([*command, *cli_args(corpus, tmp_path / name, **settings)], capture_output=True,
+                                text=True, timeout=300, env={**subprocess_env(), "FSDP_BLOCK_CLASS": "MDMLlamaBlock"})
+        assert result.returncode == 0, result.stderr[-3000:]
+    for key in ("train/nats_per_token", "val/nats_per_token"):
+        one, two = read_log(tmp_path / "one", key), read_log(tmp_path / "fsdp", key)
+        assert one.keys() == two.keys() and len(one) >= 3
+        assert list(two.values()) == pytest.approx(list(one.values()), rel=1e-4), key
+    assert os.path.isfile(tmp_path / "fsdp" / "model" / "config.json")
