@@ -220,7 +220,7 @@ def test_fsdp_trains_a_mixture_of_experts_as_one_process_does(tmp_path):
     train(tiny_run(corpus, tmp_path / "base", train_tokenizer=None, model_config=None, init_from=str(folder),
                    diffusion_block_size=4, max_steps=2, block_size=32))
     settings = dict(train_tokenizer=None, model_config=None, init_from=str(tmp_path / "base" / "model"), block_size=32,
-                    batch_size=4, max_steps=6, eval_every=3, eval_blocks=8, warmup_steps=2)
+                    batch_size=4, max_steps=6, eval_every=3, eval_blocks=8, warmup_steps=2, save_every=3)
     script = Path(__file__).parent / "training_scripts" / "fsdp_cpu.py"
     commands = {"one": [sys.executable, "-m", "hf_mdm.training.cli"],
                 "fsdp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]}
@@ -233,3 +233,6 @@ def test_fsdp_trains_a_mixture_of_experts_as_one_process_does(tmp_path):
         assert one.keys() == two.keys() and len(one) >= 3
         assert list(two.values()) == pytest.approx(list(one.values()), rel=1e-4), key
     assert os.path.isfile(tmp_path / "fsdp" / "model" / "config.json")
+    from hf_mdm.training.checkpointing import latest_checkpoint  # sharded checkpoints: FSDP was on, not DDP
+
+    assert any(p.name.startswith("pytorch_model_fsdp") for p in latest_checkpoint(tmp_path / "fsdp").iterdir())
