@@ -377,3 +377,40 @@ def llada21_reference_decode(logits_of, prompt: list[int], mask_id: int, gen_len
             if not any(active) and not edits:
                 break
     return x
+
+
+def rnd1_reference_decode(raw_logits_of, canvas: list[int], mask_id: int, num_steps: int) -> tuple[list[int], int]:
+    """RND1's `diffusion_sample` with its default schedule, greedy at temperature 1, one sequence (read from
+    RadicalNumerics/RND1 `rnd/sampling.py`): `canvas` is its layout (prompt, [MASK] x (N - 1), the reserved last
+    slot), the masked positions the maskable ones. A call gives position i the raw logits at i - 1 (its shift);
+    step = N - 1, ..., 1: keep masked the floor(n * step / N) maskable positions of highest entropy (n the maskable
+    count at the start; the product in float32, as its tensors compute it), write the argmax at the other maskable
+    ones, call again if any is left; finally fill what is left from the last call. Returns the canvas and the
+    number of calls."""
+    x = list(canvas)
+    maskable = [token == mask_id for token in x]
+    total = sum(maskable)
+
+    def scores():
+        raw = without_mask(raw_logits_of(torch.tensor(x)), mask_id)
+        logp = torch.log_softmax(raw, dim=-1)
+        prediction = [x[0]] + logp.argmax(-1).tolist()[:-1]
+        entropy = [0.0] + (-(logp.exp() * logp.clamp(min=-1e30)).sum(-1)).tolist()[:-1]  # [MASK]'s 0 log 0 = 0
+        return prediction, entropy
+
+    prediction, entropy = scores()
+    calls = 1
+    for step in range(num_steps - 1, 0, -1):
+        keep = int((torch.tensor(total) * (step / num_steps)).long())
+        candidates = sorted((i for i in range(len(x)) if maskable[i]), key=lambda i: -entropy[i])
+        kept = set(candidates[:keep])
+        for i in candidates:
+            if i not in kept:
+                x[i], maskable[i] = prediction[i], False
+        if any(maskable):
+            prediction, entropy = scores()
+            calls += 1
+    for i in range(len(x)):
+        if maskable[i]:
+            x[i] = prediction[i]
+    return x, calls

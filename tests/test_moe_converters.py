@@ -200,8 +200,7 @@ def test_converted_rnd1_matches_the_reference(tmp_path):
     with torch.no_grad():
         assert difference(shift_right(raw)[:, 1:], model(ids).logits[:, 1:]) > 1e-2
     generation = json.loads((result.path / "generation_config.json").read_text())
-    settings = {**generation.get("sampler_config", {}), **generation}
-    assert (settings["sampler"], settings["order"]) == ("confidence", "entropy")
+    assert generation["sampler"] == "rnd1" and generation["temperature"] == 0.01
 
 
 def test_rnd1_configs_it_cannot_be_are_refused(tmp_path):
@@ -373,3 +372,23 @@ def test_a_llada21_checkpoint_gets_token_editing_as_its_decoding(tmp_path):
     settings = {**settings.get("sampler_config", {}), **settings}
     assert (settings["sampler"], settings["editing_threshold"], settings["max_post_steps"]) == ("token_editing", 0.9, 16)
     assert "sampler='token_editing'" in (result.path / "README.md").read_text()
+
+
+@pytest.mark.parametrize("prompt_length, new_tokens, num_steps", [(4, 12, 12), (7, 16, 6), (5, 20, 40)])
+def test_rnd1_decoding_is_its_own_token_for_token(tmp_path, prompt_length, new_tokens, num_steps):
+    """RND1's sampler (sampler="rnd1"), greedy, on its canvas: the prompt, N - 1 masks and its reserved last slot
+    (padding), given to generate() as an infilling canvas; num_steps = new tokens (one per call), fewer (several a
+    call) and more (calls that commit nothing, as RND1 makes them)."""
+    from moe_reference import make_rnd1_checkpoint, rnd1_reference_decode, rnd1_reference_logits
+
+    config, weights = make_rnd1_checkpoint(tmp_path / "RND1-tiny", seed=3)
+    model = MDMLlamaForMaskedDiffusion.from_pretrained(convert_rnd1(tmp_path / "RND1-tiny", tmp_path / "hf").path).eval()
+    prompt = torch.randint(0, 256, (prompt_length,), generator=torch.Generator().manual_seed(prompt_length))
+    canvas = torch.cat([prompt, torch.full((new_tokens - 1,), MASK), torch.tensor([256])])
+    with torch.no_grad():
+        theirs, calls = rnd1_reference_decode(lambda ids: rnd1_reference_logits(config, weights, ids[None])[0][0],
+                                              canvas.tolist(), MASK, num_steps)
+        out = model.generate(canvas[None], attention_mask=torch.ones(1, len(canvas), dtype=torch.long), max_new_tokens=0,
+                             sampler="rnd1", steps=num_steps, temperature=0.0,
+                             return_dict_in_generate=True)
+    assert out.sequences[0].tolist() == theirs and out.nfe == calls  # the same calls too, idle ones included

@@ -1190,6 +1190,50 @@ class TokenEditingSampler(DecodingStrategy):
         return replace(after, pending=self.holds_block(after))
 
 
+@dataclass
+class Rnd1Settings(StrategySettings):
+    """RND1's sampler (RadicalNumerics/RND1 `rnd/sampling.py`, its default schedule): steps is its
+    num_diffusion_steps N (256 in its demo); None: one more than the row's masked positions, one token per call."""
+
+    steps: int | None = None
+
+    def validate(self):
+        check_count("steps", self.steps, minimum=2)
+
+
+@register_strategy("rnd1")
+class Rnd1Sampler(DecodingStrategy):
+    """RND1's decoding: an APPROXIMATION that leaves the most uncertain positions for last.
+
+    Each call draws a token at every masked position (the categorical sampler) and scores each position by the
+    entropy of the distribution it drew from (the softmax when greedy). Call j of N = `steps` keeps the
+    floor(n (N - 1 - j) / N) highest-entropy positions masked, n being the row's masked positions at the start
+    (computed in float32, as RND1 does), and commits the draws at the others; call N - 1 commits everything left.
+    So N calls at most, and some commit nothing when N exceeds n + 1 (RND1 makes those calls too)."""
+
+    Settings = Rnd1Settings
+
+    def step_limit(self, state: DiffusionState) -> int:
+        return self.settings.steps or int(state.masked.sum(dim=1).max()) + 1
+
+    def step(self, state: DiffusionState, denoise: Denoiser) -> DiffusionState:
+        scratch = dict(state.scratch or {})
+        total = scratch.setdefault("rnd1_masked_at_start", state.masked.sum(dim=1))
+        rows = state.masked.any(dim=1).nonzero().squeeze(1)
+        positions, valid = candidate_positions(state.masked[rows])
+        logits = denoise(rows, state.tokens[rows], positions, state.time[rows])
+        probs = self.categorical.probabilities(logits)
+        sampled = self.categorical.choose(probs)
+        spread = entropies(self.categorical.confidence_probabilities(logits, tempered=True)
+                           if self.categorical.greedy else probs).masked_fill(~valid, float("-inf"))
+        steps = torch.full_like(total[rows], self.settings.steps) if self.settings.steps else total[rows] + 1
+        rate = ((steps - 1 - state.step).clamp(min=0).double() / steps.double()).float()
+        keep = (total[rows].float() * rate).long()
+        unmask = valid & (ranks(spread) >= keep[:, None])
+        probability = probs.gather(-1, sampled[..., None])[..., 0]
+        return commit(state, rows, positions, unmask, sampled, confidence=probability, scratch=scratch)
+
+
 def noise_removal_mode(value) -> str | None:
     """The `noise_removal` setting as a mode: None (off), "mdlm" (also True) or "last_step_argmax"."""
     if value is False:

@@ -600,12 +600,12 @@ FAMILIES = {
                         "inclusionAI/LLaDA-MoE-7B-A1B-Instruct", ("<|role_end|>",),
                         "Zhu et al., *LLaDA-MoE: A Sparse MoE Diffusion Language Model*, arXiv:2509.24389",
                         dict(sampler="confidence", order="confidence", block_length=32, temperature=0.0)),
-    # RND1's README and demo: the highest-entropy positions stay masked longest, one token per call (256 steps for
-    # 256 tokens), temperature 0.01.
+    # RND1's README and demo: its sampler (the highest-entropy positions stay masked longest), 256 steps for 256
+    # tokens, temperature 0.01.
     "rnd1": Family("rnd1", "RND1", rnd1_config, qwen_weight_name, "radicalnumerics/RND1-Base-0910",
                    ("<|im_end|>", "<|endoftext|>"),
                    "Radical Numerics, *RND1* (github.com/RadicalNumerics/RND1)",
-                   dict(sampler="confidence", order="entropy", temperature=0.01)),
+                   dict(sampler="rnd1", temperature=0.01)),
     # LLaDA 2.0's generate(): blocks of 32, 32 steps per block, every token above 0.95 (else the step's quota of
     # the most confident), greedy: SDAR's dynamic low-confidence rule, the same computation.
     "llada2": Family("llada2", "LLaDA 2.x", llada2_config, llada2_weight_name, "inclusionAI/LLaDA2.0-mini",
