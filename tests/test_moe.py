@@ -161,18 +161,23 @@ def test_the_load_balancing_loss_is_switch_transformers_and_joins_the_loss_with_
     torch.testing.assert_close(out.loss, plain.loss + 0.25 * expected)
 
 
-def test_training_adds_the_weighted_load_balancing_loss_and_validation_does_not():
+@pytest.mark.parametrize("objective_name, block_size", [("mdm", None), ("mdm", 4), ("sft", None)])
+def test_training_adds_the_weighted_load_balancing_loss_and_validation_does_not(objective_name, block_size):
+    """Pretraining (bidirectional and block diffusion) and SFT alike."""
     from hf_mdm.training.objectives import get_objective
 
     model = randomized(MDMLlamaForMaskedDiffusion(MDMLlamaConfig(**SIZES, **MOE, router_aux_loss_coef=0.5,
-                                                                 mask_token_id=63)), seed=7)
-    objective = get_objective("mdm", model.config)
+                                                                 mask_token_id=63, diffusion_block_size=block_size)),
+                       seed=7)
+    objective = get_objective(objective_name, model.config)
     ids = torch.randint(0, 63, (4, 16), generator=torch.Generator().manual_seed(8))
     noise = objective.draw_noise(torch.Generator().manual_seed(9), 4, 16)
+    extras = {"prompt_lengths": torch.tensor([3, 5, 4, 6])} if objective_name == "sft" else {}
     with torch.no_grad():
-        bound = objective.training_loss(model.eval(), ids, noise)
-        assert not objective.auxiliary_losses and torch.allclose(bound, objective.sequence_losses(model, ids, noise).mean())
-        trained = objective.training_loss(model.train(), ids, noise)
+        bound = objective.training_loss(model.eval(), ids, noise, **extras)
+        assert not objective.auxiliary_losses
+        assert torch.allclose(bound, objective.sequence_losses(model, ids, noise, **extras).mean())
+        trained = objective.training_loss(model.train(), ids, noise, **extras)
     (auxiliary,) = objective.auxiliary_losses
     assert auxiliary > 0.5  # 0.5 times a Switch loss of at least 1
     torch.testing.assert_close(trained, bound + auxiliary)

@@ -392,3 +392,20 @@ def test_rnd1_decoding_is_its_own_token_for_token(tmp_path, prompt_length, new_t
                              sampler="rnd1", steps=num_steps, temperature=0.0,
                              return_dict_in_generate=True)
     assert out.sequences[0].tolist() == theirs and out.nfe == calls  # the same calls too, idle ones included
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(score_function="relu"), r"score_function='relu' is not supported"),
+    (dict(use_qkv_bias=True), r"use_qkv_bias=True is not supported"),
+    (dict(rotary_dim=48), r"rotary_dim=48 contradicts partial_rotary_factor=0.5 of head_dim 16"),
+    (dict(num_experts_per_tok=20), r"num_experts_per_tok \(20\) must be at most num_experts \(16\)"),
+    (dict(n_group=5), r"n_group \(5\) must divide num_experts \(16\)"),
+    (dict(num_nextn_predict_layers=1), r"config field 'num_nextn_predict_layers' \(= 1\) is not part of the LLaDA 2.x"),
+])
+def test_bad_llada2_configs_are_refused_before_anything_is_written(tmp_path, overrides, message):
+    from moe_reference import make_llada2_checkpoint
+
+    make_llada2_checkpoint(tmp_path / "src", num_shards=1, **overrides)
+    with pytest.raises(ConversionError, match=message):
+        convert_llada2(tmp_path / "src", tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
