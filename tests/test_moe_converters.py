@@ -116,17 +116,30 @@ def test_experts_are_copied_tensor_by_tensor_and_the_folder_is_hub_ready(convert
     assert any("[MASK] is the tokenizer's '<|mask|>'" in note for note in result.notes)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(moe_router_enable_expert_bias=True), r"moe_router_enable_expert_bias=True is not supported"),
-    (dict(moe_layer_freq=[1, 0, 1]), r"moe_layer_freq=\[1, 0, 1\] is not supported"),
-    (dict(shared_expert_intermediate_size=30), r"shared_expert_intermediate_size=30 is not supported"),
-    (dict(num_experts_per_tok=9), r"num_experts_per_tok \(9\) must be at most num_experts \(8\)"),
-    (dict(router_jitter_noise=0.1), r"config field 'router_jitter_noise' \(= 0.1\) is not part of the LLaDA-MoE"),
-])
-def test_bad_llada_moe_configs_are_refused_before_anything_is_written(tmp_path, overrides, message):
-    make_llada_moe_checkpoint(tmp_path / "src", num_shards=1, **overrides)
+BAD_CONFIGS = [
+    ("llada-moe", dict(moe_router_enable_expert_bias=True), r"moe_router_enable_expert_bias=True is not supported"),
+    ("llada-moe", dict(moe_layer_freq=[1, 0, 1]), r"moe_layer_freq=\[1, 0, 1\] is not supported"),
+    ("llada-moe", dict(shared_expert_intermediate_size=30), r"shared_expert_intermediate_size=30 is not supported"),
+    ("llada-moe", dict(num_experts_per_tok=9), r"num_experts_per_tok \(9\) must be at most num_experts \(8\)"),
+    ("llada-moe", dict(router_jitter_noise=0.1), r"config field 'router_jitter_noise' \(= 0.1\) is not part of the LLaDA-MoE"),
+    ("llada2", dict(score_function="relu"), r"score_function='relu' is not supported"),
+    ("llada2", dict(use_qkv_bias=True), r"use_qkv_bias=True is not supported"),
+    ("llada2", dict(rotary_dim=48), r"rotary_dim=48 contradicts partial_rotary_factor=0.5 of head_dim 16"),
+    ("llada2", dict(num_experts_per_tok=20), r"num_experts_per_tok \(20\) must be at most num_experts \(16\)"),
+    ("llada2", dict(n_group=5), r"n_group \(5\) must divide num_experts \(16\)"),
+    ("llada2", dict(num_nextn_predict_layers=1), r"config field 'num_nextn_predict_layers' \(= 1\) is not part of the LLaDA 2.x"),
+]
+
+
+@pytest.mark.parametrize("family, overrides, message", BAD_CONFIGS)
+def test_bad_moe_configs_are_refused_before_anything_is_written(tmp_path, family, overrides, message):
+    from moe_reference import make_llada2_checkpoint
+
+    make, convert = {"llada-moe": (make_llada_moe_checkpoint, convert_llada_moe),
+                     "llada2": (make_llada2_checkpoint, convert_llada2)}[family]
+    make(tmp_path / "src", num_shards=1, **overrides)
     with pytest.raises(ConversionError, match=message):
-        convert_llada_moe(tmp_path / "src", tmp_path / "dst")
+        convert(tmp_path / "src", tmp_path / "dst")
     assert not (tmp_path / "dst").exists()
 
 
@@ -392,20 +405,3 @@ def test_rnd1_decoding_is_its_own_token_for_token(tmp_path, prompt_length, new_t
                              sampler="rnd1", steps=num_steps, temperature=0.0,
                              return_dict_in_generate=True)
     assert out.sequences[0].tolist() == theirs and out.nfe == calls  # the same calls too, idle ones included
-
-
-@pytest.mark.parametrize("overrides, message", [
-    (dict(score_function="relu"), r"score_function='relu' is not supported"),
-    (dict(use_qkv_bias=True), r"use_qkv_bias=True is not supported"),
-    (dict(rotary_dim=48), r"rotary_dim=48 contradicts partial_rotary_factor=0.5 of head_dim 16"),
-    (dict(num_experts_per_tok=20), r"num_experts_per_tok \(20\) must be at most num_experts \(16\)"),
-    (dict(n_group=5), r"n_group \(5\) must divide num_experts \(16\)"),
-    (dict(num_nextn_predict_layers=1), r"config field 'num_nextn_predict_layers' \(= 1\) is not part of the LLaDA 2.x"),
-])
-def test_bad_llada2_configs_are_refused_before_anything_is_written(tmp_path, overrides, message):
-    from moe_reference import make_llada2_checkpoint
-
-    make_llada2_checkpoint(tmp_path / "src", num_shards=1, **overrides)
-    with pytest.raises(ConversionError, match=message):
-        convert_llada2(tmp_path / "src", tmp_path / "dst")
-    assert not (tmp_path / "dst").exists()
