@@ -272,7 +272,7 @@ def test_sampler_settings_cross_product_and_errors():
     assert all(s.settings.steps is None for s in settings if s.sampler == "first_hitting")
     assert parse_setting("sampler=ancestral,steps=256,sampling_dtype=float32") == SamplerSetting(
         "ancestral", steps=256, sampling_dtype="float32")
-    with pytest.raises(ValueError, match=r"sampler must be one of \('first_hitting', 'confidence', 'dream', 'sdar', 'fast_dllm_v2', 'ancestral', 'ancestral_cache', 'remdm'\).*got 'ddpm'"):
+    with pytest.raises(ValueError, match=r"sampler must be one of \('first_hitting', 'confidence', 'dream', 'sdar', 'fast_dllm_v2', 'token_editing', 'rnd1', 'ancestral', 'ancestral_cache', 'remdm'\).*got 'ddpm'"):
         expand_settings(["ddpm"])
     with pytest.raises(ValueError, match="sampling_dtype must be .*float64"):
         expand_settings(["first_hitting"], sampling_dtypes=["float8"])
