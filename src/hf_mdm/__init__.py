@@ -1,8 +1,8 @@
 """hf_mdm: masked diffusion language models as first-class Hugging Face citizens.
 
 Importing the package registers every family of `hf_mdm.constants.FAMILIES` (model_types "mdm": MDLM's DiT,
-"mdm_llama": LLaDA, Dream, SDAR, Fast-dLLM v2; "mdm_gpt2": GPT-2 causal LMs adapted into diffusion) with AutoConfig, AutoModel and AutoModelForMaskedLM, and with AutoModelForCausalLM,
-which is what transformers' text-generation pipeline loads a folder with (an MDM is not causal; its generate() is the
+"mdm_llama": LLaDA, Dream, SDAR, Fast-dLLM v2 and the mixtures of experts; "mdm_gpt2": GPT-2 causal LMs adapted into
+diffusion) with AutoConfig, AutoModel and AutoModelForMaskedLM, and with AutoModelForCausalLM, which is what transformers' text-generation pipeline loads a folder with (an MDM is not causal; its generate() is the
 diffusion sampler). Decoding strategies are classes registered by name: `register_strategy`, `STRATEGIES`.
 """
 

@@ -133,8 +133,8 @@ class MDMRouter(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
 
     def forward(self, hidden_states: torch.Tensor):
-        """(tokens, hidden) -> router logits (tokens, experts), float32 or float64; the chosen experts' weights (tokens, k), in
-        the hidden states' dtype; their ids (tokens, k)."""
+        """(tokens, hidden) -> router logits (tokens, experts), float32 or float64; the chosen experts' weights
+        (tokens, k), in the hidden states' dtype; their ids (tokens, k)."""
         config = self.config
         logits = F.linear(upcast(hidden_states), upcast(self.weight))
         scores = logits.softmax(dim=-1) if config.router_score_function == "softmax" else logits.sigmoid()

@@ -8,7 +8,8 @@ BD3-LM's.
     convert_llada("GSAI-ML/LLaDA-8B-Instruct", "llada-8b-instruct-hf")
     convert_dream("Dream-org/Dream-v0-Instruct-7B", "dream-7b-instruct-hf")
 
-Command line: `hf-mdm convert {mdlm,bd3lm,llada,dream,sdar,fast-dllm-v2,llada-moe,llada2,rnd1} SRC DST` (see `hf_mdm.convert.cli`).
+Command line: `hf-mdm convert {mdlm,bd3lm,llada,dream,sdar,fast-dllm-v2,llada-moe,llada2,rnd1} SRC DST` (see
+`hf_mdm.convert.cli`).
 """
 
 from .llama_family import (

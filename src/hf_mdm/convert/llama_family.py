@@ -44,8 +44,8 @@ RND1 (radicalnumerics/RND1-Base-0910): model_type "rnd1", Qwen3-MoE's fields and
 LLaDA-MoE (inclusionAI/LLaDA-MoE-7B-A1B-Base, -Instruct): model_type "llada" (as dense LLaDA's) with OLMoE-style
     fields (num_experts 64, num_experts_per_tok 8, expert_intermediate_size 1024, qk_layernorm, moe_layer_freq, ...)
     and Qwen3-MoE's weight names, one tensor per expert projection (mlp.experts.{e}.{gate,up,down}_proj,
-    mlp.gate the router; an optional shared expert beside the MLP, layers.{i}.shared_expert); bidirectional, softmax routing whose top-k probabilities are not renormalised, no logit
-    shift; [MASK] 156895 (`<|mask|>`). The experts stay one tensor each in the output (hf_mdm's folders keep them so;
+    mlp.gate the router; an optional shared expert beside the MLP, layers.{i}.shared_expert); bidirectional, softmax
+    routing whose top-k probabilities are not renormalised, no logit shift; [MASK] 156895 (`<|mask|>`). The experts stay one tensor each in the output (hf_mdm's folders keep them so;
     loading stacks them), so streaming never holds a layer's experts twice.
 
 The conversion, `convert_llama_family`:
