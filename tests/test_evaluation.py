@@ -262,6 +262,16 @@ def test_every_module_loads_offline(tmp_path):
 # ---------------------------------------------------------------------------------------------- sweep settings
 
 
+def test_a_block_models_cache_is_labelled_as_its_exact_block_cache():
+    """Fast-dLLM's prefix cache approximates a bidirectional model; a block-diffusion model's cache is exact, and the
+    tables say which ran."""
+    cached = parse_setting("sampler=first_hitting,use_cache=true")
+    assert cached.label == cached.describe(block_diffusion=False) == "FHS k=1 prefix cache float64"
+    assert cached.describe(block_diffusion=True) == "FHS k=1 block cache float64"
+    dual = parse_setting("sampler=confidence,block_length=8,use_cache=true,cache_mode=dual")
+    assert dual.label.endswith("blocks 8 dual cache float64")
+
+
 def test_sampler_settings_cross_product_and_errors():
     settings = expand_settings(["first_hitting", "ancestral"], steps=[8, 32], tokens_per_step=[1, 2],
                                sampling_dtypes=["float64", "float32"], temperatures=[1.0])

@@ -197,7 +197,8 @@ def run_evaluate(args: argparse.Namespace) -> dict | None:
 
     # 2. Generate every set of samples (all processes; each set gathered on every process).
     sample_sets = []
-    jobs = [("mdm", setting.label, setting, mdm_sampler(model, setting, length, show_progress=main))
+    block_model = getattr(model.config, "diffusion_block_size", None) is not None
+    jobs = [("mdm", setting.describe(block_model), setting, mdm_sampler(model, setting, length, show_progress=main))
             for setting in settings]
     if ar_model is not None:
         jobs += [("ar", f"T={t:g}", {"temperature": t}, ar_sampler(ar_model, start_id, t, length))

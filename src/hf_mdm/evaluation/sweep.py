@@ -65,11 +65,16 @@ class SamplerSetting:
     def label(self) -> str:
         """A short name for tables and plots, e.g. "FHS k=1 float64", "ancestral 256 steps float32 T=0.9" or
         "confidence 64 calls blocks 32 cache float64": the strategy's own description, then the sweep fields."""
+        return self.describe()
+
+    def describe(self, block_diffusion: bool = False) -> str:
+        """`label`, for a model of the given kind: a block-diffusion model's cache is its exact block cache, not
+        Fast-dLLM's prefix or dual approximation."""
         name = get_strategy(self.sampler).describe(self.settings)
         if self.fields["block_length"]:
             name += f" blocks {self.fields['block_length']}"
         if self.fields["use_cache"]:
-            name += f" {self.fields['cache_mode'] or 'prefix'} cache"
+            name += " block cache" if block_diffusion else f" {self.fields['cache_mode'] or 'prefix'} cache"
         name += f" {self.fields['sampling_dtype']}"
         temperature = self.fields["temperature"]
         return name + (f" T={temperature:g}" if temperature != 1.0 else "")
