@@ -96,52 +96,36 @@ def main():
     parser.add_argument("--family", default="llada", choices=("llada", "llada2"))
     parser.add_argument("--experts", type=int, default=32, help="routed experts per layer (llada2)")
     args = parser.parse_args()
-    if args.family == "llada2":
-        return llada2_table(args)
-    rows = []
-    extra_rows = (126464 - 32768) * 4096 * 2  # LLaDA's embedding and head rows beyond this vocabulary
-    for mode in ("full", "lora", "lora+gc"):
-        one, two = measure(1, mode, args.seq_len), measure(2, mode, args.seq_len)
-        per_block = two["peak_gb"] - one["peak_gb"]
-        bytes_per_embedding = 16 if mode == "full" else 4
-        implied = two["peak_gb"] + 30 * per_block + extra_rows * bytes_per_embedding / GB
-        rows.append(dict(mode=mode, peak_1_block_gb=one["peak_gb"], peak_2_blocks_gb=two["peak_gb"],
-                         per_block_gb=per_block, trainable_2_blocks=two["trainable"], parameters_2_blocks=two["parameters"],
-                         implied_llada_8b_gb=implied))
-    print(f"LLaDA-8B block shapes, vocabulary 32768, float32 weights, AdamW, 1 sequence of {args.seq_len} tokens")
-    print("| setting | trainable (2 blocks) | peak, 1 block | peak, 2 blocks | per block | implied LLaDA-8B |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for row in rows:
-        print(f"| {row['mode']} | {row['trainable_2_blocks'] / 1e6:.1f} M of {row['parameters_2_blocks'] / 1e6:.0f} M | "
-              f"{row['peak_1_block_gb']:.2f} GB | {row['peak_2_blocks_gb']:.2f} GB | {row['per_block_gb']:.2f} GB | "
-              f"{row['implied_llada_8b_gb']:.0f} GB |")
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(dict(seq_len=args.seq_len, rows=rows), handle, indent=2)
-
-
-def llada2_table(args):
+    llada = args.family == "llada"
+    unit, title, target = ("block", "LLaDA-8B block shapes", "llada_8b") if llada else (
+        "layer", f"LLaDA2.0-mini's MoE layers with {args.experts} of its 256 experts", "llada2_mini")
     rows = []
     for mode in ("full", "lora", "lora+gc"):
-        one = measure(1, mode, args.seq_len, "llada2", args.experts)
-        two = measure(2, mode, args.seq_len, "llada2", args.experts)
-        per_layer = two["peak_gb"] - one["peak_gb"]
-        layer_parameters = two["parameters"] - one["parameters"]
-        implied = two["peak_gb"] + per_layer / layer_parameters * (LLADA2_MINI_PARAMETERS - two["parameters"])
-        rows.append(dict(mode=mode, peak_1_layer_gb=one["peak_gb"], peak_2_layers_gb=two["peak_gb"],
-                         per_layer_gb=per_layer, trainable_2_layers=two["trainable"],
-                         parameters_2_layers=two["parameters"], implied_llada2_mini_gb=implied))
-    print(f"LLaDA2.0-mini's MoE layers with {args.experts} of its 256 experts, vocabulary 32768, float32 weights, AdamW, "
-          f"1 sequence of {args.seq_len} tokens")
-    print("| setting | trainable (2 layers) | peak, 1 layer | peak, 2 layers | per layer | implied LLaDA2.0-mini |")
+        one = measure(1, mode, args.seq_len, args.family, args.experts)
+        two = measure(2, mode, args.seq_len, args.family, args.experts)
+        per_unit = two["peak_gb"] - one["peak_gb"]
+        if llada:  # 30 more blocks, and LLaDA's embedding and head rows beyond this vocabulary
+            extra_rows = (126464 - 32768) * 4096 * 2
+            implied = two["peak_gb"] + 30 * per_unit + extra_rows * (16 if mode == "full" else 4) / GB
+        else:  # the measured cost of a layer, per parameter
+            implied = two["peak_gb"] + per_unit / (two["parameters"] - one["parameters"]) * (
+                LLADA2_MINI_PARAMETERS - two["parameters"])
+        rows.append({"mode": mode, f"peak_1_{unit}_gb": one["peak_gb"], f"peak_2_{unit}s_gb": two["peak_gb"],
+                     f"per_{unit}_gb": per_unit, f"trainable_2_{unit}s": two["trainable"],
+                     f"parameters_2_{unit}s": two["parameters"], f"implied_{target}_gb": implied})
+    print(f"{title}, vocabulary 32768, float32 weights, AdamW, 1 sequence of {args.seq_len} tokens")
+    print(f"| setting | trainable (2 {unit}s) | peak, 1 {unit} | peak, 2 {unit}s | per {unit} | implied "
+          f"{'LLaDA-8B' if llada else 'LLaDA2.0-mini'} |")
     print("|---|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['mode']} | {row['trainable_2_layers'] / 1e6:.1f} M of {row['parameters_2_layers'] / 1e6:.0f} M | "
-              f"{row['peak_1_layer_gb']:.2f} GB | {row['peak_2_layers_gb']:.2f} GB | {row['per_layer_gb']:.2f} GB | "
-              f"{row['implied_llada2_mini_gb']:.0f} GB |")
+        print(f"| {row['mode']} | {row[f'trainable_2_{unit}s'] / 1e6:.1f} M of {row[f'parameters_2_{unit}s'] / 1e6:.0f} M "
+              f"| {row[f'peak_1_{unit}_gb']:.2f} GB | {row[f'peak_2_{unit}s_gb']:.2f} GB | {row[f'per_{unit}_gb']:.2f} GB | "
+              f"{row[f'implied_{target}_gb']:.0f} GB |")
     if args.out:
+        summary = dict(seq_len=args.seq_len, rows=rows) if llada else dict(family="llada2", experts=args.experts,
+                                                                           seq_len=args.seq_len, rows=rows)
         with open(args.out, "w") as handle:
-            json.dump(dict(family="llada2", experts=args.experts, seq_len=args.seq_len, rows=rows), handle, indent=2)
+            json.dump(summary, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -281,7 +281,7 @@ def backbone_inputs(model: nn.Module, input_ids, inputs_embeds, attention_mask, 
         hidden_states = torch.cat([hidden_states, model.embed_tokens(clean_input_ids)], dim=1)
         position_ids = torch.cat([position_ids, position_ids], dim=1)
         attention_mask = torch.cat([attention_mask, attention_mask], dim=1) if attention_mask is not None else None
-    if hasattr(model, "rotary_emb"):
+    if uses_rotary(model.config):
         position_embeddings = model.rotary_emb(hidden_states, position_ids)
     else:  # learned positions (GPT-2): the vectors the backbone adds to its token embeddings
         position_embeddings = model.embed_positions(position_ids)
