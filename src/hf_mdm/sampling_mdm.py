@@ -683,6 +683,15 @@ def ranks(scores: torch.Tensor) -> torch.Tensor:
     return scores.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
 
 
+def above_threshold_or_most_confident(confidence: torch.Tensor, candidates: torch.BoolTensor, count: torch.LongTensor,
+                                      threshold: float) -> torch.BoolTensor:
+    """(R, c): the candidates whose confidence exceeds `threshold` if they are at least `count` (per row), else the
+    `count` most confident (SDAR's low_confidence_dynamic, LLaDA 2.x's mask-to-token rule)."""
+    sure = candidates & (confidence > threshold)
+    most_confident = candidates & (ranks(confidence.masked_fill(~candidates, float("-inf"))) < count[:, None])
+    return torch.where((sure.sum(dim=1) >= count)[:, None], sure, most_confident)
+
+
 def confidence_scores(order: str, probs: torch.Tensor, sampled: torch.LongTensor) -> torch.Tensor:
     """How sure the model is at each position, higher = surer (probs: (..., V) in the sampling dtype):
 
@@ -1044,11 +1053,10 @@ class SdarSampler(DecodingStrategy):
             chosen = valid & (order < within[:, None])
         else:
             confidence = self.categorical.confidence_probabilities(logits, tempered=True).gather(
-                -1, sampled[..., None])[..., 0].masked_fill(~valid, float("-inf"))
-            chosen = valid & (ranks(confidence) < count[:, None])
-            if settings.remasking_strategy == "low_confidence_dynamic":
-                sure = valid & (confidence > settings.confidence_threshold)
-                chosen = torch.where((sure.sum(dim=1) >= count)[:, None], sure, chosen)
+                -1, sampled[..., None])[..., 0]
+            threshold = settings.confidence_threshold if settings.remasking_strategy == "low_confidence_dynamic" \
+                else float("inf")  # static: never above it, so the `count` most confident
+            chosen = above_threshold_or_most_confident(confidence, valid, count, threshold)
         probability = probs.gather(-1, sampled[..., None])[..., 0]
         return commit(state, rows, positions, chosen, sampled, confidence=probability)
 
@@ -1175,9 +1183,7 @@ class TokenEditingSampler(DecodingStrategy):
             -1, sampled[..., None])[..., 0]
         # Mask to token.
         count = masked.sum(dim=1).clamp(max=settings.num_to_transfer)
-        sure = masked & (confidence > settings.confidence_threshold)
-        most_confident = masked & (ranks(confidence.masked_fill(~masked, float("-inf"))) < count[:, None])
-        unmask = torch.where((sure.sum(dim=1) >= count)[:, None], sure, most_confident)
+        unmask = above_threshold_or_most_confident(confidence, masked, count, settings.confidence_threshold)
         # Token to token.
         current = state.tokens[rows].gather(1, positions)
         edit = valid & ~masked & (confidence > settings.editing_threshold) & (sampled != current)
