@@ -734,23 +734,8 @@ class MDMGenerationMixin:
             raise ValueError(f"generate() got arguments it does not know: {sorted(rest)}. Allowed: MDMGenerationConfig "
                              f"fields and the settings of sampler={config.sampler!r}.")
         mask_id = self.config.mask_token_id
-        schedule = get_noise_schedule(self.config.noise_schedule, self.config.noise_eps)
-        categorical = CategoricalSampler(
-            SAMPLING_DTYPES[config.sampling_dtype], config.temperature, config.top_k, config.top_p, generator,
-            mask_token_id=mask_id,
-        )
-        strategy = build_strategy(config.sampler, config.sampler_config, schedule=schedule, categorical=categorical,
-                                  mask_token_id=mask_id, time_conditioned=self.config.time_conditioning)
-        if strategy.time_agnostic_only and self.config.time_conditioning:
-            raise ValueError(
-                f"sampler={config.sampler!r} reuses network outputs across time steps, which is only valid for a "
-                "time-agnostic model; this model has time_conditioning=True. Use 'first_hitting' or 'ancestral'."
-            )
+        strategy, schedule = self._build_strategy(config, generator)
         block_size = getattr(self.config, "diffusion_block_size", None)
-        if block_size is not None:
-            config.block_length = block_diffusion_block_length(config, strategy, block_size)
-        elif config.block_length is not None and not strategy.supports_blocks:
-            raise ValueError(f"block_length: sampler={config.sampler!r} with these settings does not decode in blocks.")
         stop_at_eos = config.stop_at_eos if config.stop_at_eos is not None else block_size is not None
         eos_ids = config.eos_token_id if config.eos_token_id is not None else self.config.eos_token_id
         pad_id = next((i for i in (config.pad_token_id, self.config.pad_token_id, eos_ids) if isinstance(i, int)), 0)
@@ -818,6 +803,30 @@ class MDMGenerationMixin:
         tokens_per_forward = generated / denoiser.nfe_per_sequence.clamp(min=1)
         return MDMGenerationOutput(sequences=sequences, nfe=denoiser.nfe, nfe_per_sequence=denoiser.nfe_per_sequence,
                                    tokens_per_forward=tokens_per_forward, history=history)
+
+    def _build_strategy(self, config: MDMGenerationConfig, generator: torch.Generator | None = None):
+        """(strategy, noise schedule) for a resolved config, after the checks that depend on this model: its time
+        input and its blocks (a block-diffusion model's `block_length` is set here). Builds no canvas and runs no
+        network, so callers (the RL trainer) use it to refuse a setting before any expensive work."""
+        mask_id = self.config.mask_token_id
+        schedule = get_noise_schedule(self.config.noise_schedule, self.config.noise_eps)
+        categorical = CategoricalSampler(
+            SAMPLING_DTYPES[config.sampling_dtype], config.temperature, config.top_k, config.top_p, generator,
+            mask_token_id=mask_id,
+        )
+        strategy = build_strategy(config.sampler, config.sampler_config, schedule=schedule, categorical=categorical,
+                                  mask_token_id=mask_id, time_conditioned=self.config.time_conditioning)
+        if strategy.time_agnostic_only and self.config.time_conditioning:
+            raise ValueError(
+                f"sampler={config.sampler!r} reuses network outputs across time steps, which is only valid for a "
+                "time-agnostic model; this model has time_conditioning=True. Use 'first_hitting' or 'ancestral'."
+            )
+        block_size = getattr(self.config, "diffusion_block_size", None)
+        if block_size is not None:
+            config.block_length = block_diffusion_block_length(config, strategy, block_size)
+        elif config.block_length is not None and not strategy.supports_blocks:
+            raise ValueError(f"block_length: sampler={config.sampler!r} with these settings does not decode in blocks.")
+        return strategy, schedule
 
     def _prepare_canvas(self, input_ids, attention_mask, config):
         """Returns (tokens, attention_mask or None, prompt_length or None, region_start); checks ids and lengths
