@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 from transformers.modeling_outputs import MaskedLMOutput
 
-from conftest import tiny_config, tiny_llama_model, tiny_model
+from conftest import tiny_config, tiny_gpt2_model, tiny_llama_model, tiny_model
 from hf_mdm import MDMForMaskedDiffusion
 from hf_mdm.modeling_mdm_common import MASK_LOGIT
 from hf_mdm.rl import CoupledEstimator, build_estimator, completion_logps
@@ -222,10 +222,12 @@ def test_the_loss_gradient_equals_the_hand_computed_one(tmp_path):
     torch.testing.assert_close(model.table.grad, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_each_pass_scores_the_old_and_reference_policies_on_its_own_copies(tmp_path):
+@pytest.mark.parametrize("lora", [False, True])
+def test_each_pass_scores_the_old_and_reference_policies_on_its_own_copies(tmp_path, lora):
     """num_iterations = 3 with new copies on each pass and lr 0: the policy never changes, so on every pass the
     current log-probabilities equal the old and reference ones exactly; scored on another pass's copies they would
-    not (the test checks the passes' copies differ)."""
+    not (the test checks the passes' copies differ). With LoRA the reference is the model with its adapter off
+    (equal to the policy: a new adapter's B matrices are zero)."""
     seen = []
 
     class Recording(MDMGRPOTrainer):
@@ -237,7 +239,10 @@ def test_each_pass_scores_the_old_and_reference_policies_on_its_own_copies(tmp_p
     model = tiny_model(vocab_size=8, max_position_embeddings=16)
     args = grpo_config(tmp_path, estimator="elbo", elbo_samples=2, num_iterations=3, learning_rate=0.0, beta=0.05,
                        max_steps=3, epsilon=1e-4)
-    trainer = Recording(model, share_of(3), args, train_dataset=prompts_dataset(), processing_class=word_tokenizer(8))
+    peft_config = pytest.importorskip("peft").LoraConfig(r=4, lora_alpha=8) if lora else None
+    trainer = Recording(model, share_of(3), args, train_dataset=prompts_dataset(), processing_class=word_tokenizer(8),
+                        peft_config=peft_config)
+    assert (trainer.ref_model is None) == lora
     trainer.train()
     assert len(seen) == 3
     old = seen[0]["old_per_token_logps_by_pass"]
@@ -261,6 +266,8 @@ def test_bad_input_is_refused_before_any_rollout(tmp_path, monkeypatch):
 
     with pytest.raises(ValueError, match="estimator='exact' is not"):
         make(estimator="exact")
+    with pytest.raises(ValueError, match="elbo_samples must be an integer >= 1"):
+        make(estimator="elbo", elbo_samples=0)
     with pytest.raises(ValueError, match="returned 1 values for 2 completions"):
         make(reward=lambda completions, **kwargs: [0.0])
     with pytest.raises(ValueError, match=r"returned nan for completion 0"):
@@ -328,3 +335,34 @@ def test_two_processes_train_one_model_on_their_own_rollouts(tmp_path):
     first = ranks[0]["rewards"][0] + ranks[1]["rewards"][0]
     logged = next(entry["reward"] for entry in ranks[0]["log"] if "reward" in entry)
     assert logged == pytest.approx(sum(first) / len(first), abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["dit", "llada", "dream", "gpt2", "block"])
+def test_the_estimate_reads_each_familys_own_conditionals(family):
+    """diffu_grpo with no prompt masking scores each completion token with the completion masked: the model's own
+    log-probabilities on that input (left padding included), and for a block-diffusion model those of each block
+    given the clean earlier blocks, as the model decodes it."""
+    model = {"dit": lambda: tiny_model(), "llada": lambda: tiny_llama_model(), "dream": lambda: tiny_llama_model(dream=True),
+             "gpt2": lambda: tiny_gpt2_model(), "block": lambda: tiny_llama_model(diffusion_block_size=2)}[family]()
+    mask_id = model.config.mask_token_id
+    ids = torch.randint(2, 40, (2, 10), generator=torch.Generator().manual_seed(0))
+    attention = torch.ones_like(ids)
+    if family != "block":
+        attention[1, 0] = 0  # a padded prompt
+    logps, _, _ = completion_logps(model, build_estimator("diffu_grpo", p_mask_prompt=0.0), ids, attention, 6,
+                                   torch.arange(2), temperature=0.5)
+    expected = torch.zeros(2, 6)
+    with torch.no_grad():
+        if family == "block":
+            for start in (4, 6, 8):  # each block of 2 after the 4-token prompt, given the clean blocks before it
+                noisy = ids[:, : start + 2].clone()
+                noisy[:, start:] = mask_id
+                block_logits = model(noisy).logits[:, start:] / 0.5
+                expected[:, start - 4 : start - 2] = block_logits.log_softmax(-1).gather(
+                    -1, ids[:, start : start + 2, None])[..., 0]
+        else:
+            noisy = ids.clone()
+            noisy[:, 4:] = mask_id
+            logits = model(noisy, attention_mask=attention).logits[:, 4:] / 0.5
+            expected = logits.log_softmax(-1).gather(-1, ids[:, 4:, None])[..., 0]
+    torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-5)

@@ -15,7 +15,7 @@ seeded by the caller, so the old policy, the reference model and the current pol
   the factorised (mean-field) one-step model, not log p(y | c): biased, by how much the completion's tokens depend
   on each other (and more with prompt masking); cheap (one pass) and of low variance (only the prompt mask is
   random).
-- `coupled` (DiffuCoder's coupled-GRPO, Gong et al. 2025, arXiv:2506.20639): t ~ U[t_low, t_high] per row, a
+- `coupled` (DiffuCoder's coupled-GRPO, Gong et al. 2025, arXiv:2506.20639): t ~ U(`coupled_time_range`) per row, a
   uniform u_j per completion token; copy 1 masks the tokens with u_j < t (weight 1/t), copy 2 exactly the others
   (weight 1/(1 - t)), so every completion token is scored exactly once across the pair; DiffuCoder's code also adds
   the fully masked copy and averages: logp_j = (log p(y_j | all masked) + w_j log p(y_j | its pair copy)) / 2.
@@ -32,6 +32,7 @@ rate.
 """
 
 import hashlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,8 @@ class DiffuGRPOEstimator(LogProbEstimator):
     copies_per_row = 1
 
     def __init__(self, p_mask_prompt: float = 0.15):
+        if not 0.0 <= p_mask_prompt < 1.0:
+            raise ValueError(f"p_mask_prompt must lie in [0, 1), got {p_mask_prompt!r}.")
         self.p_mask_prompt = p_mask_prompt
 
     def copies(self, scored, prompt, generators):
@@ -79,8 +82,11 @@ class CoupledEstimator(LogProbEstimator):
     name = "coupled"
     copies_per_row = 3
 
-    def __init__(self, t_low: float = 0.2, t_high: float = 0.8):
-        self.t_low, self.t_high = t_low, t_high
+    def __init__(self, coupled_time_range: tuple[float, float] = (0.2, 0.8)):
+        low, high = coupled_time_range
+        if not 0.0 < low <= high < 1.0:
+            raise ValueError(f"coupled_time_range must satisfy 0 < low <= high < 1, got {tuple(coupled_time_range)}.")
+        self.t_low, self.t_high = low, high
 
     def copies(self, scored, prompt, generators):
         t = torch.stack([self.t_low + (self.t_high - self.t_low) * torch.rand((), generator=g, dtype=torch.float64)
@@ -95,8 +101,10 @@ class CoupledEstimator(LogProbEstimator):
 class ELBOEstimator(LogProbEstimator):
     name = "elbo"
 
-    def __init__(self, draws: int = 8):
-        self.copies_per_row = draws
+    def __init__(self, elbo_samples: int = 8):
+        if not isinstance(elbo_samples, int) or isinstance(elbo_samples, bool) or elbo_samples < 1:
+            raise ValueError(f"elbo_samples must be an integer >= 1, got {elbo_samples!r}.")
+        self.copies_per_row = elbo_samples
 
     def copies(self, scored, prompt, generators):
         draws = self.copies_per_row
@@ -115,26 +123,19 @@ class ELBOEstimator(LogProbEstimator):
         return NoisyCopies(masked, weights, rates)
 
 
-ESTIMATORS = {"diffu_grpo": DiffuGRPOEstimator, "coupled": CoupledEstimator, "elbo": ELBOEstimator}
+# A new estimator is one class: a LogProbEstimator whose __init__ takes (and checks) its settings by the name of
+# their MDMGRPOConfig fields, registered here.
+ESTIMATORS = {cls.name: cls for cls in (DiffuGRPOEstimator, CoupledEstimator, ELBOEstimator)}
 
 
-def build_estimator(name: str, p_mask_prompt: float = 0.15, coupled_time_range: tuple[float, float] = (0.2, 0.8),
-                    elbo_samples: int = 8) -> LogProbEstimator:
-    """The estimator `name` with its settings, checked (ValueError naming the field and the allowed values)."""
+def build_estimator(name: str, **settings) -> LogProbEstimator:
+    """The estimator `name`, given the settings its class takes (others are ignored: a config holds every
+    estimator's); bad values raise ValueError naming the field and what is allowed."""
     if name not in ESTIMATORS:
         raise ValueError(f"estimator={name!r} is not a log-probability estimator; allowed: {sorted(ESTIMATORS)}.")
-    if name == "diffu_grpo":
-        if not 0.0 <= p_mask_prompt < 1.0:
-            raise ValueError(f"p_mask_prompt must lie in [0, 1), got {p_mask_prompt!r}.")
-        return DiffuGRPOEstimator(p_mask_prompt)
-    if name == "coupled":
-        low, high = coupled_time_range
-        if not 0.0 < low <= high < 1.0:
-            raise ValueError(f"coupled_time_range must satisfy 0 < low <= high < 1, got {tuple(coupled_time_range)}.")
-        return CoupledEstimator(low, high)
-    if not isinstance(elbo_samples, int) or isinstance(elbo_samples, bool) or elbo_samples < 1:
-        raise ValueError(f"elbo_samples must be an integer >= 1, got {elbo_samples!r}.")
-    return ELBOEstimator(elbo_samples)
+    cls = ESTIMATORS[name]
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{key: value for key, value in settings.items() if key in accepted})
 
 
 def row_generators(seeds: torch.Tensor, iteration: int = 0) -> list[torch.Generator]:

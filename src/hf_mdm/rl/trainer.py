@@ -32,6 +32,7 @@ from transformers import AutoModel, PreTrainedModel, TrainerState
 from trl import GRPOConfig, GRPOTrainer
 from trl.models import unwrap_model_for_generation
 from trl.trainer import grpo_trainer as trl_grpo_trainer
+from trl.trainer.utils import use_adapter
 
 from .estimators import ESTIMATORS, build_estimator, completion_logps
 
@@ -53,6 +54,14 @@ class MDMGRPOConfig(GRPOConfig):
     resample_masks: bool = field(default=True, metadata={
         "help": "with num_iterations > 1, draw new noisy copies on each pass over a rollout (d1's random masking); "
                 "otherwise every pass scores the same copies."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.log_prob_estimator()  # an unknown estimator or a bad setting fails here, with the field's name
+
+    def log_prob_estimator(self):
+        return build_estimator(self.estimator, p_mask_prompt=self.p_mask_prompt,
+                               coupled_time_range=tuple(self.coupled_time_range), elbo_samples=self.elbo_samples)
 
 
 class MDMGRPOTrainer(GRPOTrainer):
@@ -76,8 +85,7 @@ class MDMGRPOTrainer(GRPOTrainer):
         if args.use_vllm or args.use_transformers_continuous_batching:
             raise ValueError("use_vllm and use_transformers_continuous_batching generate autoregressively; a masked "
                              "diffusion model is sampled by its own generate(): leave them False.")
-        self.estimator = build_estimator(args.estimator, args.p_mask_prompt, tuple(args.coupled_time_range),
-                                         args.elbo_samples)
+        self.estimator = args.log_prob_estimator()
         if isinstance(model, str):
             model = AutoModel.from_pretrained(model, **(args.model_init_kwargs or {}))
         policy = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -165,9 +173,11 @@ class MDMGRPOTrainer(GRPOTrainer):
         return output
 
     def reference_adapter(self, scorer, key):
-        """With PEFT and no reference model, the reference is the policy with its adapter off (as TRL scores it)."""
+        """With PEFT and no reference model, the reference is the policy with its adapter off, or the initial copy of
+        an adapter being trained again (named "ref"), as TRL scores it."""
         if key == "ref_per_token_logps" and scorer is None:
-            return self.accelerator.unwrap_model(self.model).disable_adapter()
+            model = self.accelerator.unwrap_model(self.model)
+            return use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None)
         return contextlib.nullcontext()
 
     def _compute_loss(self, model, inputs):
