@@ -32,7 +32,7 @@ from transformers import AutoModel, PreTrainedModel, TrainerState
 from trl import GRPOConfig, GRPOTrainer
 from trl.models import unwrap_model_for_generation
 from trl.trainer import grpo_trainer as trl_grpo_trainer
-from trl.trainer.utils import use_adapter
+from trl.trainer.utils import pad, use_adapter
 
 from .estimators import ESTIMATORS, build_estimator, completion_logps
 
@@ -98,15 +98,17 @@ class MDMGRPOTrainer(GRPOTrainer):
             from ..training.loop import default_lora_targets
 
             peft_config.target_modules = default_lora_targets(policy)
-        reward_funcs = [checked_reward_function(f) if is_plain_function(f) else f
-                        for f in (reward_funcs if isinstance(reward_funcs, list) else [reward_funcs])]
-        if train_dataset is not None:
+        if reward_funcs is not None:
+            reward_funcs = [checked_reward_function(f) if is_plain_function(f) else f
+                            for f in (reward_funcs if isinstance(reward_funcs, list) else [reward_funcs])]
+        if train_dataset is not None and reward_funcs is not None:
             probe_reward_functions(reward_funcs, train_dataset)
 
         copies_policy = args.beta != 0.0 and peft_config is None and policy is model
         with reference_as_copy(policy if copies_policy else None):
             super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, processing_class,
                              reward_processing_classes, callbacks, optimizers, peft_config=peft_config, **kwargs)
+        # Each process its own rollouts and masks, repeatable from `seed` (distinct multipliers: distinct streams).
         process = self.accelerator.process_index
         self._seed_generator = torch.Generator().manual_seed(args.seed * 1_000_003 + process)
         self._rollout_generator = torch.Generator(self.accelerator.device).manual_seed(args.seed * 7_919 + process)
@@ -115,14 +117,10 @@ class MDMGRPOTrainer(GRPOTrainer):
     # Rollouts.
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
         device = self.accelerator.device
-        pad_id = self._tokenizer.pad_token_id
-        width = max(len(ids) for ids in prompt_ids)
-        input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros(len(prompt_ids), width, dtype=torch.long)
-        for row, ids in enumerate(prompt_ids):
-            if ids:
-                input_ids[row, width - len(ids):] = torch.tensor(ids)
-                attention_mask[row, width - len(ids):] = 1
+        prompts = [torch.tensor(ids, dtype=torch.long) for ids in prompt_ids]
+        input_ids = pad(prompts, padding_value=self._tokenizer.pad_token_id, padding_side="left")
+        attention_mask = pad([torch.ones_like(ids) for ids in prompts], padding_value=0, padding_side="left")
+        width = input_ids.shape[1]
         summon = getattr(getattr(self, "_dist", None), "summon_full_params", None)
         with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,
                                           gather_deepspeed3_params=self.args.ds3_gather_for_generation) as unwrapped,
@@ -162,13 +160,14 @@ class MDMGRPOTrainer(GRPOTrainer):
             for key, scorer in models.items():
                 if output.get(key) is None:
                     continue
-                by_pass = [output[key]]
-                for self._mask_pass in range(1, passes):
+                by_pass = [output[key]]  # pass 0: what TRL just computed
+                for later_pass in range(1, passes):
+                    self._mask_pass = later_pass
                     with torch.no_grad(), self.reference_adapter(scorer, key):
                         by_pass.append(self._get_per_token_logps_and_entropies(
                             scorer if scorer is not None else self.model, ids, mask, length,
                             self.args.per_device_train_batch_size)[0])
-                output[f"{key}_by_pass"] = torch.stack(by_pass, dim=1)
+                output[f"{key}_by_pass"] = torch.stack(by_pass, dim=1)  # (rows, passes, completion length)
             self._mask_pass = 0
         return output
 
