@@ -2,7 +2,7 @@
 
 Samples are text: whatever model produced them, they are decoded first and retokenized with the judge's own
 tokenizer (with its default special tokens), so that MDMs and AR models with different vocabularies are scored by
-one yardstick (GPT-2 Large in the literature, docs/mdm-math.md section 5).
+one yardstick (GPT-2 Large in the literature, docs/concepts/elbo.md).
 
 Generative perplexity, per text of n judge tokens:
     1. cut the tokens into consecutive chunks of the judge's context C (`n_positions` / `max_position_embeddings`);
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..pretrained import MDM_MODEL_TYPES
+from ..pretrained import MDM_MODEL_TYPES, shipped_or_given
 from ..training.objectives import token_cross_entropy
 
 
@@ -86,7 +86,8 @@ class Judge:
 
 def load_judge(judge: "str | Judge" = DEFAULT_JUDGE, device: str | torch.device | None = None,
                dtype: torch.dtype | str = torch.float32) -> Judge:
-    """A `Judge` from a local folder or a Hub id (default "gpt2-large", which needs the Hub or its cache).
+    """A `Judge` from a local folder, a shipped name ("shakespeare-ar") or a Hub id (default "gpt2-large", which
+    needs the Hub or its cache).
 
     A `Judge` passes through (moved to `device` if one is given). `dtype` is float32 by default, whatever the
     checkpoint stores: scores are computed in the judge's dtype, and a float16 checkpoint (such as the shipped
@@ -96,6 +97,7 @@ def load_judge(judge: "str | Judge" = DEFAULT_JUDGE, device: str | torch.device 
         if device is not None:
             judge.model.to(resolve_device(device))
         return judge
+    name, judge = str(judge), shipped_or_given(judge)
     try:
         tokenizer = AutoTokenizer.from_pretrained(judge)
         model = AutoModelForCausalLM.from_pretrained(judge, dtype=dtype)
@@ -107,7 +109,7 @@ def load_judge(judge: "str | Judge" = DEFAULT_JUDGE, device: str | torch.device 
     if model.config.model_type in MDM_MODEL_TYPES:  # AutoModelForCausalLM loads MDMs too (for pipelines)
         raise ValueError(f"the judge {judge!r} is a masked diffusion model; a judge scores next-token likelihoods, "
                          "so it must be autoregressive (e.g. shakespeare-ar, gpt2-large).")
-    return Judge(model.to(resolve_device(device)).eval(), tokenizer, str(judge))
+    return Judge(model.to(resolve_device(device)).eval(), tokenizer, name)
 
 
 def _padded_batches(sequences: Sequence[Sequence[int]], batch_size: int, pad_token_id: int, device):

@@ -13,6 +13,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from ..training.data import load_documents, tokenize_and_pack
 from ..training.objectives import ValidationResult, validation_nelbo
+from ..pretrained import shipped_or_given
 from .judge import resolve_device
 
 
@@ -44,7 +45,8 @@ def mdm_nelbo(model, texts: Sequence[str] | None = None, input_ids: torch.Tensor
     """Validation NELBO (nats per token) and perplexity bound of an MDM on texts or on ready blocks.
 
     Args:
-        model: an `MDMForMaskedDiffusion`, or the path of a checkpoint folder (its tokenizer is loaded from it too).
+        model: an `MDMForMaskedDiffusion`, or a checkpoint folder or shipped name ("shakespeare-mdm"; its tokenizer
+            is loaded from it too).
         texts: held-out texts, packed into blocks of `block_size` (default: the model's max_position_embeddings).
         input_ids (`torch.LongTensor` of shape `(num_blocks, seq_len)`): or blocks already packed.
         tokenizer: the MDM's tokenizer, needed with `texts` when `model` is not a path.
@@ -52,6 +54,7 @@ def mdm_nelbo(model, texts: Sequence[str] | None = None, input_ids: torch.Tensor
     """
     if (texts is None) == (input_ids is None):
         raise ValueError("give either texts or input_ids.")
+    model = shipped_or_given(model)
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
         model = AutoModel.from_pretrained(model)

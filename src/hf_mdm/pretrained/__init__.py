@@ -35,6 +35,14 @@ def pretrained_path(name: str = DEFAULT_MDM) -> Path:
 
 
 
+def shipped_or_given(name_or_path):
+    """A shipped checkpoint's name becomes its folder; anything else (a folder, a Hub id, a model) is returned as it
+    is: what Python entry points that take a checkpoint do first, so that shipped names work there as in the CLI."""
+    if isinstance(name_or_path, str) and name_or_path in PRETRAINED:
+        return str(pretrained_path(name_or_path))
+    return name_or_path
+
+
 def resolve_checkpoint(name_or_path: str, require_mdm: bool = False) -> str:
     """A shipped checkpoint's name becomes its folder; a local folder is returned as it is, a Hub id unchanged.
 

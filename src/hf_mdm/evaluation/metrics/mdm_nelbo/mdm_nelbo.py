@@ -41,7 +41,7 @@ class MDMNelbo(evaluate.Metric):
     def _compute(self, predictions, model=None, tokenizer=None, block_size=None, batch_size=8, num_passes=1, seed=0,
                  discrete=False, device=None):
         if model is None:
-            raise ValueError("mdm_nelbo needs model=... (a checkpoint folder or an MDMForMaskedDiffusion).")
+            raise ValueError("mdm_nelbo needs model=... (a checkpoint folder, a shipped name or an MDMForMaskedDiffusion).")
         as_texts = are_texts(predictions)
         result = mdm_nelbo(
             model,
