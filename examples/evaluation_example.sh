@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The example in docs/evaluation.md, end to end and offline: train a small MDM, a small GPT-2 baseline and a larger
+# The example in docs/guides/evaluate.md, end to end and offline: train a small MDM, a small GPT-2 baseline and a larger
 # GPT-2 judge on the Shakespeare corpus (examples/shakespeare/prepare.py makes data/shakespeare), then run
 # `hf-mdm evaluate`. Sized for a CPU: about 50 minutes on 2 busy cores, half of it ancestral sampling. On a GPU
 # raise STEPS, LENGTH, the model sizes, NUM_SAMPLES and ANCESTRAL_STEPS, and set PRECISION=bf16.
 #
-#   bash docs/evaluation_example.sh            # writes runs/eval-example/eval/{results.json,results.md,plot.png}
+#   bash examples/evaluation_example.sh            # writes runs/eval-example/eval/{results.json,results.md,plot.png}
 set -euo pipefail
 
 DATA=${DATA:-data/shakespeare}

@@ -1,6 +1,6 @@
 """The test suite's own reference implementation of MDLM's published DiT forward, and writers of MDLM's two formats.
 
-Written from the description in docs/mdm-math.md section 6 (and MDLM's paper, arXiv:2406.07524), not from
+Written from the description in docs/concepts/mdlm-dit.md (and MDLM's paper, arXiv:2406.07524), not from
 hf_mdm's code, in plain float32 torch with eager attention and no flash-attn, so that the conversion tests compare
 two independent implementations:
 

@@ -89,7 +89,7 @@ def _race_counts(pi: np.ndarray, dtype: torch.dtype, rows: int, seed: int, chunk
 
 
 def test_float32_truncation_closed_form_at_paper_scale():
-    """V = 4096 Zipf(1.1) tokens scaled by 1/N with N = 5000, [MASK] near 1 (docs/mdm-math.md section 4)."""
+    """V = 4096 Zipf(1.1) tokens scaled by 1/N with N = 5000, [MASK] near 1 (docs/concepts/precision.md)."""
     pi = ancestral_step_categorical(vocab=4096, steps=5000)
 
     def conditional_entropy(q):

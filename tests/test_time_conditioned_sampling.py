@@ -1,4 +1,4 @@
-"""Exact first-hitting sampling for time-conditioned networks (docs/mdm-math.md section 3.2).
+"""Exact first-hitting sampling for time-conditioned networks (docs/concepts/first-hitting.md).
 
 For a network that reads the noise level, the distribution of the final sequences is not the model's joint at
 any single time: it is defined by the reverse process itself, in which a masked position unmasks at time tau

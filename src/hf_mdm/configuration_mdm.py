@@ -44,7 +44,7 @@ class MDMConfig(PreTrainedConfig):
             (arXiv:2409.02908, section 3), so the default is False and the conditioning input is zero.
         noise_schedule (`str`): one of "loglinear" (MDLM's), "linear", "cosine": alpha_t used in training
             and sampling. "cosine" is alpha_t = cos(pi t / 2) (MDLM's cosine, without its eps), not md4's
-            1 - sin(pi t / 2) (0.71 against 0.29 at t = 0.5; see docs/mdm-math.md section 1).
+            1 - sin(pi t / 2) (0.71 against 0.29 at t = 0.5; see docs/concepts/time-agnostic.md).
         noise_eps (`float`): the log-linear schedule's eps, alpha_t = 1 - (1 - eps) t.
         initializer_range (`float`): std of the normal initialisation of linear and embedding weights.
         tie_word_embeddings (`bool`): share the token embedding with the output projection's weight (MDLM's DiT

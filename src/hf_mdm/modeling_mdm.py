@@ -1,4 +1,4 @@
-"""MDLM's diffusion transformer (DiT; arXiv:2310.07524, hf_mdm's docs/mdm-math.md section 6) as a transformers model.
+"""MDLM's diffusion transformer (DiT; arXiv:2406.07524, hf_mdm's docs/concepts/mdlm-dit.md) as a transformers model.
 
 `MDMForMaskedDiffusion` is, weight for weight, MDLM's released network: weight-only float32 LayerNorm, adaLN
 modulation from a timestep embedding, rotary q/k, bias-free attention projections, GELU(tanh) MLP, adaLN output
@@ -47,7 +47,7 @@ TIMESTEP_FREQUENCY_SIZE = 256
 
 def zero_initialized(linear: nn.Linear) -> nn.Linear:
     """Marks a layer that starts at zero (DiT's adaLN-zero: every block starts as the identity and the output layer
-    at zero; docs/mdm-math.md section 6). `_init_weights` sees the layer itself: transformers initialises only
+    at zero; docs/concepts/mdlm-dit.md). `_init_weights` sees the layer itself: transformers initialises only
     modules that hold parameters of their own."""
     linear.zero_init = True
     return linear

@@ -9,7 +9,7 @@ with `state` a `DiffusionState` (tokens, which positions are still masked, per-r
 `denoise(rows, tokens, positions, times) -> logits` the network, so `generate()` has no per-strategy special cases:
 it builds the strategy named by `sampler`, binds the network into `denoise` and steps until nothing is masked.
 Equations cite Zheng et al., arXiv:2409.02908 ("FHS" = first-hitting sampler, section 4) and MDLM,
-arXiv:2310.07524 (ancestral "ddpm" sampler). See hf_mdm's docs/mdm-math.md, sections 1, 3 and 4.
+arXiv:2406.07524 (ancestral "ddpm" sampler). See hf_mdm's docs/concepts/time-agnostic.md, first-hitting.md and precision.md.
 
 This file travels with every saved checkpoint as remote code: it imports only numpy, torch and transformers.
 """
@@ -65,7 +65,7 @@ class NoiseSchedule:
         return -torch.log(self.alpha(t).clamp(min=1e-12))
 
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
-        """NELBO weight -alpha'_t / (1 - alpha_t) (docs/mdm-math.md section 2); 1/t for the linear and log-linear schedules."""
+        """NELBO weight -alpha'_t / (1 - alpha_t) (docs/concepts/time-agnostic.md); 1/t for the linear and log-linear schedules."""
         return -self.alpha_derivative(t) / (1 - self.alpha(t))
 
     def first_hitting_time(self, t: torch.Tensor, num_masked: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -620,7 +620,7 @@ class FirstHittingSettings(StrategySettings):
 
 @register_strategy("first_hitting")
 class FirstHittingSampler(DecodingStrategy):
-    """First-hitting sampler (FHS, arXiv:2409.02908 section 4; docs/mdm-math.md section 3.2).
+    """First-hitting sampler (FHS, arXiv:2409.02908 section 4; docs/concepts/first-hitting.md).
 
     With `tokens_per_step = 1` (the default) it is exact: each step draws the next unmasking time of every row
     (tau <- alpha^{-1}(1 - u^(1/n)(1 - alpha_tau)), in float64), unmasks one uniformly chosen masked position,
@@ -1302,8 +1302,7 @@ class ReuseUnchangedOutputs:
 
 @register_strategy("ancestral")
 class AncestralSampler(DecodingStrategy):
-    """MDLM's ancestral sampler ("ddpm") on a uniform grid of `steps` times from 1 down to 0 (docs/mdm-math.md
-    section 3.1).
+    """MDLM's ancestral sampler ("ddpm") on a uniform grid of `steps` times from 1 down to 0 (docs/concepts/first-hitting.md).
 
     From t to s < t every masked position independently becomes token x with probability
     ((alpha_s - alpha_t) / (1 - alpha_t)) p(x | x_t), or stays masked with probability

@@ -1,6 +1,6 @@
 """Convert MDLM checkpoints (Sahoo et al., arXiv:2406.07524) into hf_mdm checkpoints with identical outputs.
 
-MDLM's DiT and hf_mdm's `MDMForMaskedDiffusion` are the same network (docs/mdm-math.md section 6), so the
+MDLM's DiT and hf_mdm's `MDMForMaskedDiffusion` are the same network (docs/concepts/mdlm-dit.md), so the
 conversion renames weights one for one and checks every name and shape. Two source formats:
 
 Hub layout (`kuleshov-group/mdlm-owt`): a folder with `config.json` (model_type "mdlm"; vocab_size, model_length,

@@ -1,4 +1,4 @@
-"""Token entropy: the diversity half of the quality/diversity pair (docs/mdm-math.md section 5).
+"""Token entropy: the diversity half of the quality/diversity pair (docs/concepts/elbo.md).
 
 For one sample of L token ids, p_k = (count of token k) / L and H = -sum_k p_k log p_k in nats; the corpus value is
 the mean over samples. Real OpenWebText at L = 1024 (GPT-2 tokens) gives about 5.6-5.7; low-temperature or float32

@@ -1,7 +1,7 @@
 """Likelihoods of continuations under an MDM, by a Monte-Carlo estimate of its ELBO (what benchmark harnesses need).
 
 For a context c and a continuation y of m tokens, the MDM's bound (over the number of masked tokens; paper
-Prop. 3.1, docs/mdm-math.md sections 2 and 7) is
+Prop. 3.1, docs/concepts/time-agnostic.md and elbo.md) is
 
     -log p(y | c) <= E_l E_S [ (m / l) * sum over j in S of -log p_theta(y_j | c, y outside S) ],
 

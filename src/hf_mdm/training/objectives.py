@@ -1,5 +1,5 @@
 """Training objectives, all in nats per token: the MDM NELBO (continuous time or over the number of masked
-tokens) and next-token cross-entropy for an autoregressive baseline. See docs/mdm-math.md section 2.
+tokens) and next-token cross-entropy for an autoregressive baseline. See docs/concepts/time-agnostic.md.
 
 Every objective turns a batch of clean blocks, plus noise drawn for the whole global batch, into one loss per
 sequence:
@@ -84,7 +84,7 @@ class Noise:
 
 
 def antithetic_times(u: float, batch_size: int) -> torch.Tensor:
-    """t_i = (u + i) / B mod 1 for i = 0..B-1 (docs/mdm-math.md section 2): one time in each stratum [i / B, (i + 1) / B)."""
+    """t_i = (u + i) / B mod 1 for i = 0..B-1 (docs/concepts/time-agnostic.md): one time in each stratum [i / B, (i + 1) / B)."""
     return ((u + torch.arange(batch_size, dtype=torch.float64)) / batch_size) % 1.0
 
 
@@ -100,7 +100,7 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 
 class MaskedDiffusionObjective:
-    """Continuous-time MDM NELBO (docs/mdm-math.md section 2), per token:
+    """Continuous-time MDM NELBO (docs/concepts/time-agnostic.md), per token:
 
         NELBO = E_t [ w(t) * sum over masked l of -log p_theta(x0_l | x_t) ] / L,   w(t) = -alpha'_t / (1 - alpha_t),
 
@@ -195,7 +195,7 @@ class MaskedDiffusionObjective:
 
 
 class DiscreteMaskedDiffusionObjective(MaskedDiffusionObjective):
-    """The same NELBO over the number of masked tokens (paper Prop. 3.1, docs/mdm-math.md section 2):
+    """The same NELBO over the number of masked tokens (paper Prop. 3.1, docs/concepts/time-agnostic.md):
 
         n ~ Uniform{1..L},  mask n positions chosen uniformly,  NELBO = E_n [ (L / n) * sum of masked CE ] / L,
 
@@ -222,7 +222,7 @@ class DiscreteMaskedDiffusionObjective(MaskedDiffusionObjective):
 
 
 class SupervisedObjective(MaskedDiffusionObjective):
-    """Supervised fine-tuning on chat examples (LLaDA's SFT recipe): rows [prompt][response][EOS padding] with the
+    """Supervised fine-tuning on chat examples (LLaDA's SFT recipe): rows `[prompt][response][EOS padding]` with the
     response starting at `prompt_lengths`. Per example,
 
         loss = w(t) * (sum over masked response positions of -log p_theta(x0_l | x_t)) / m,
