@@ -22,6 +22,7 @@ Errors are one line and exit code 2; `hf-mdm --debug COMMAND ...` (or HF_MDM_DEB
 
 import argparse
 import importlib.util
+import json
 import os
 import re
 import socket
@@ -79,8 +80,28 @@ def hub_unreachable(argv: list[str]) -> bool:
     return False
 
 
+def cached_help(argv: list[str]) -> str | None:
+    """`hf-mdm COMMAND [SUBCOMMAND] --help` from hf_mdm/command_help.json (written from the full parsers, checked
+    against them by the tests), so a command's help needs neither torch nor the package: None when not cached."""
+    words = [word for word in argv if word != "--debug"]
+    if len(words) < 2 or words[-1] not in ("-h", "--help") or any(word.startswith("-") for word in words[:-1]):
+        return None
+    key = " ".join(words[:-1])
+    if key == "lm-eval" and importlib.util.find_spec("lm_eval") is None:
+        return None  # the command then says lm-eval is not installed
+    try:
+        texts = json.loads((Path(CONSTANTS.__file__).parent / "command_help.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return texts.get(key)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    text = cached_help(argv)
+    if text is not None:
+        sys.stdout.write(text)
+        raise SystemExit(0)
     if not argv or argv[0] in ("-h", "--help", "--version"):
         parser, commands = top_level_parser()
         for name, text in COMMANDS.items():

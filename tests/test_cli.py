@@ -170,3 +170,30 @@ def test_generate_command_rejects_bad_settings_before_loading(tmp_path, capsys):
         main(["generate", str(tmp_path / "missing"), "--sampler", "dpm"])
     assert exit_info.value.code == 2
     assert "sampler must be one of" in capsys.readouterr().err
+
+
+def test_the_help_cache_is_what_the_parsers_print():
+    """hf_mdm/command_help.json, which `hf-mdm COMMAND --help` prints without importing torch, is exactly what the
+    full parsers print (at HELP_COLUMNS columns). After changing a flag: python -c "import hf_mdm.cli as c;
+    c.write_help_cache()"."""
+    import json
+
+    from hf_mdm.cli import HELP_CACHE, command_help_texts
+    from hf_mdm_cli import top_level_parser
+
+    fresh = command_help_texts(top_level_parser)
+    assert json.loads(HELP_CACHE.read_text()) == fresh
+    assert {"train", "generate", "evaluate", "convert", "convert llada", "convert dream", "publish", "demo"} <= set(fresh)
+
+
+@pytest.mark.parametrize("command", ["train", "convert llada", "evaluate", "lm-eval"])
+def test_the_console_prints_a_commands_help_from_the_cache(command, capsys):
+    import json
+
+    import hf_mdm_cli
+    from hf_mdm.cli import HELP_CACHE
+
+    with pytest.raises(SystemExit) as exit_info:
+        hf_mdm_cli.main([*command.split(), "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == json.loads(HELP_CACHE.read_text())[command]

@@ -5,6 +5,7 @@ call the same entry point in-process (each subprocess costs an import of torch a
 """
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -104,8 +105,11 @@ def test_train_mistakes_are_one_line_and_write_nothing(flags, tmp_path, capsys):
 
 
 def test_help_and_version_do_not_import_torch():
+    """Nor does any command's --help (hf_mdm_cli.cached_help): each answers in a fraction of a second."""
+    commands = json.loads((Path(hf_mdm_cli.CONSTANTS.__file__).parent / "command_help.json").read_text())
+    helps = [[*key.split(), "--help"] for key in commands]
     code = ("import sys, hf_mdm_cli\n"
-            "for argv in (['--help'], ['--version']):\n"
+            f"for argv in (['--help'], ['--version'], *{helps!r}):\n"
             "    try:\n        hf_mdm_cli.main(argv)\n    except SystemExit as e:\n        assert e.code == 0, e.code\n"
             "print(sorted(m for m in ('torch', 'transformers', 'hf_mdm') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

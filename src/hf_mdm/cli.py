@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import time
+from pathlib import Path
 
 
 DEMO_PROMPT = "ROMEO.\nBut soft, what light"
@@ -274,10 +275,9 @@ def run_publish(args: argparse.Namespace) -> None:
     print(f"{'would upload' if args.dry_run else 'uploaded'} {len(files)} files to {url}")
 
 
-def main(argv: list[str], top_level_parser) -> None:
-    """Runs `hf-mdm ARGV` on the parser `top_level_parser()` makes (the console script's)."""
-    from hf_mdm.console import run_command
-    from hf_mdm.constants import COMMANDS, DEBUG_ENV, DEFAULT_MDM
+def build_parser(top_level_parser) -> argparse.ArgumentParser:
+    """The full `hf-mdm` parser, built on the console script's top-level one."""
+    from hf_mdm.constants import COMMANDS, DEFAULT_MDM
     from hf_mdm.convert.cli import add_convert_parser
     from hf_mdm.evaluation.cli import add_evaluate_parser
     from hf_mdm.generation_options import add_generation_flags
@@ -315,13 +315,75 @@ def main(argv: list[str], top_level_parser) -> None:
     add_convert_parser(commands)
     add_publish_parser(commands)
     commands.add_parser("lm-eval", add_help=False, help=COMMANDS["lm-eval"])
+    return parser
+
+
+# Every command's --help, as the full parsers print it, shipped beside this module: the console script prints it
+# without importing torch (under a second, where building the parsers imports the package: seconds).
+# tests/test_cli.py checks it against the parsers; after changing a flag, write it again with
+# `python -c "import hf_mdm.cli as c; c.write_help_cache()"`.
+HELP_CACHE = Path(__file__).with_name("command_help.json")
+HELP_COLUMNS = "100"
+
+
+def command_help_texts(top_level_parser) -> dict[str, str]:
+    """{"train": ..., "convert llada": ..., "lm-eval": ...}: every command's help at HELP_COLUMNS columns."""
+    import contextlib
+    import io
+
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = HELP_COLUMNS
+    try:
+        texts = {}
+
+        def walk(parser, words):
+            for action in parser._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    for name, child in action.choices.items():
+                        if name != "lm-eval":
+                            texts[" ".join([*words, name])] = child.format_help()
+                            walk(child, [*words, name])
+
+        walk(build_parser(top_level_parser), [])
+        try:
+            from hf_mdm.evaluation.harness import main as lm_eval_main
+
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+                lm_eval_main(["--help"])
+            texts["lm-eval"] = out.getvalue()
+        except ImportError:
+            pass
+        return texts
+    finally:
+        if columns is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = columns
+
+
+def write_help_cache() -> None:
+    import json
+
+    from hf_mdm_cli import top_level_parser
+
+    HELP_CACHE.write_text(json.dumps(command_help_texts(top_level_parser), indent=1, sort_keys=True) + "\n")
+
+
+def main(argv: list[str], top_level_parser) -> None:
+    """Runs `hf-mdm ARGV` on the parser `top_level_parser()` makes (the console script's)."""
+    from hf_mdm.console import run_command
+    from hf_mdm.constants import DEBUG_ENV
+
     debug = argv[:1] == ["--debug"] or bool(os.environ.get(DEBUG_ENV))
     argv = argv[1:] if argv[:1] == ["--debug"] else argv
     if argv[:1] == ["lm-eval"]:  # lm-eval parses its own flags
         try:
             from hf_mdm.evaluation.harness import main as lm_eval_main
         except ImportError as error:
-            parser.exit(2, f"hf-mdm lm-eval: error: lm-eval is not installed ({error}); pip install 'hf_mdm[lm-eval]'.\n")
-        return lm_eval_main(argv[1:])
+            top_level_parser()[0].exit(
+                2, f"hf-mdm lm-eval: error: lm-eval is not installed ({error}); pip install 'hf_mdm[lm-eval]'.\n")
+        return run_command("lm-eval", lm_eval_main, argv[1:], debug=debug)
+    parser = build_parser(top_level_parser)
     args = parser.parse_args(argv)
     run_command(getattr(args, "command_label", args.command), args.func, args, debug=debug)

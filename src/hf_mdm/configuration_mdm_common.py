@@ -76,13 +76,15 @@ def check_rope_parameters(config) -> None:
 
 def auto_map(config_class: type, model_module: str, model_class: str) -> dict:
     """The same model class for every Auto class, so that a saved folder loads through remote code with AutoConfig,
-    AutoModel and AutoModelForMaskedLM alike. Always today's file layout: a config read from a folder an earlier
+    AutoModel and AutoModelForMaskedLM alike, and with AutoModelForCausalLM, which transformers' text-generation
+    pipeline loads a folder with (the model's generate() is the diffusion sampler). Always today's file layout: a config read from a folder an earlier
     release saved (with other file names) is saved with the files save_pretrained writes now."""
     config_module = config_class.__module__.rsplit(".", 1)[-1]
     return {
         "AutoConfig": f"{config_module}.{config_class.__name__}",
         "AutoModel": f"{model_module}.{model_class}",
         "AutoModelForMaskedLM": f"{model_module}.{model_class}",
+        "AutoModelForCausalLM": f"{model_module}.{model_class}",
     }
 
 

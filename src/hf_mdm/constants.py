@@ -32,9 +32,9 @@ PRETRAINED = {
     "shakespeare-bd3lm": "block-diffusion LM (BD3-LM, blocks of 4), fine-tuned from shakespeare-mdm, exact KV cache",
 }
 DEFAULT_MDM = "shakespeare-mdm"
-# The judge of generative perplexity and MAUVE: the literature's (GPT-2 Large, from the Hub) by default, and the
-# shipped one for the shipped model and offline work.
-DEFAULT_JUDGE = "gpt2-large"
+# The judge of generative perplexity and MAUVE: the literature's (GPT-2 Large, from the Hub, by its owner/name id)
+# by default, and the shipped one for the shipped model and offline work.
+DEFAULT_JUDGE = "openai-community/gpt2-large"
 SHIPPED_JUDGE = "shakespeare-ar"
 
 # owner/name on the Hugging Face Hub.

@@ -728,6 +728,9 @@ class MDMGenerationMixin:
                 `sampling_dtype`, `max_new_tokens`.
         """
         # 1. Resolve the generation config and build the strategy.
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), got "
+                             f"{type(generator).__name__}.")
         config, rest = self._resolve_generation_config(generation_config, kwargs)
         rest.pop("tokenizer", None)
         if rest:
@@ -852,9 +855,16 @@ class MDMGenerationMixin:
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{low}, {high}].")
         if attention_mask is not None:
-            attention_mask = attention_mask.to(device).long()
             if attention_mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}.")
+            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+                raise ValueError("attention_mask must hold only 0 (padding) and 1 (a real token).")
+            attention_mask = attention_mask.to(device).long()
+            runs = attention_mask[:, :1] + (attention_mask[:, 1:] > attention_mask[:, :-1]).sum(dim=1, keepdim=True)
+            holes = (runs > 1).flatten().nonzero().flatten().tolist()
+            if holes:
+                raise ValueError(f"attention_mask rows {holes} have padding between real tokens; padding goes on the "
+                                 "left or the right of a prompt (to infill, put [MASK] tokens in input_ids).")
             empty = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
             if empty and input_ids.shape[1]:
                 logger.warning(f"rows {empty} of attention_mask are all 0: those rows have no prompt (every position "

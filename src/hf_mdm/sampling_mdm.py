@@ -178,6 +178,8 @@ class CategoricalSampler:
     """
 
     def __init__(self, dtype=torch.float64, temperature=1.0, top_k=0, top_p=1.0, generator=None, mask_token_id=None):
+        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}.")
         self.dtype = dtype
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.mask_token_id = mask_token_id

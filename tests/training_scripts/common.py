@@ -57,7 +57,8 @@ def tiny_run(corpus: Path, output_dir: Path, **overrides) -> TrainConfig:
 
 def subprocess_env() -> dict:
     """One OpenMP thread per process: with more, two processes on two cores spin-wait on each other (~50x slower)."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "1"}
+    # No ACCELERATE_USE_CPU: a CPU-only torchrun launch must join one job by itself, as the docs say it does.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def cli_args(corpus: Path, output_dir: Path, **overrides) -> list[str]:

@@ -1,6 +1,6 @@
 """`hf-mdm evaluate`: sample a checkpoint under a sweep of sampler settings and judge the samples.
 
-    hf-mdm evaluate runs/owt/model --judge gpt2-large --reference-files owt_valid.txt \\
+    hf-mdm evaluate runs/owt/model --judge openai-community/gpt2-large --reference-files owt_valid.txt \\
         --samplers first_hitting ancestral --steps 256 1024 --sampling-dtypes float64 float32 \\
         --num-samples 256 --batch-size 32 --ar-model runs/owt-ar/model --ar-temperatures 0.8 0.9 1.0 \\
         --output-dir eval/owt
@@ -14,6 +14,7 @@ setting are split across the processes and gathered on the main one, which compu
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -111,8 +112,8 @@ def check_arguments(args: argparse.Namespace) -> list[SamplerSetting]:
         raise ValueError(f"--length must be >= 2, got {args.length}.")
     if args.num_references is not None and args.num_references < 0:
         raise ValueError(f"--num-references must be >= 0 (0: all), got {args.num_references}.")
-    if any(t < 0 for t in args.ar_temperatures):
-        raise ValueError(f"--ar-temperatures must be >= 0 (0 is greedy), got {args.ar_temperatures}.")
+    if not all(math.isfinite(t) and t >= 0 for t in args.ar_temperatures):
+        raise ValueError(f"--ar-temperatures must be finite numbers >= 0 (0 is greedy), got {args.ar_temperatures}.")
     if args.nelbo and not args.reference_files:
         raise ValueError("--nelbo evaluates the MDM on reference texts: give --reference-files.")
     if args.reference_files:
@@ -152,7 +153,7 @@ def judge_label(name: str) -> str:
 
 def run_evaluate(args: argparse.Namespace) -> dict | None:
     """Runs the evaluation; returns the results (on the main process; None on the others)."""
-    from accelerate import Accelerator
+    from ..distributed import make_accelerator
     from tqdm.auto import tqdm
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -164,7 +165,7 @@ def run_evaluate(args: argparse.Namespace) -> dict | None:
     # 1. Check everything that can be checked without a model, then load (the judge first: it is the likeliest to
     #    be missing, and only the main process needs it).
     settings = check_arguments(args)
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     main = accelerator.is_main_process
     output_dir = Path(args.output_dir)
     judge = load_judge(args.judge, args.judge_device or accelerator.device) if main else None

@@ -67,13 +67,13 @@ class MDMHarnessLM(LM):
             raise ValueError(f"hf_mdm model_args: batch_size must be >= 1, got {batch_size}.")
         MDMGenerationConfig(**generation)  # bad generation defaults fail here, naming the field
 
-        from accelerate import Accelerator
+        from ..distributed import make_accelerator
         from transformers import AutoModel, AutoTokenizer
 
         import hf_mdm  # noqa: F401  (registers the model types)
         from hf_mdm.pretrained import resolve_checkpoint
 
-        self.accelerator = Accelerator()
+        self.accelerator = make_accelerator()
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         if isinstance(pretrained, torch.nn.Module):  # a model object (Python use): then `tokenizer` is required
             if tokenizer is None:
@@ -243,7 +243,13 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
     parser = HarnessCLI()
-    parser.execute(parser.parse_args())
+    args = parser.parse_args()
+    if getattr(args, "device", "given") is None and not getattr(args, "config", None) and \
+            not torch.cuda.is_available():
+        # lm-eval's own default device is cuda:0, which it then reports as "asked, but not available": on a machine
+        # without CUDA, a run that names no device runs on the CPU (an explicit --device cuda still warns).
+        args.device = "cpu"
+    parser.execute(args)
 
 
 if __name__ == "__main__":

@@ -21,16 +21,17 @@ MAUVE features: the judge's final hidden state at the last token of each text, t
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..constants import DEFAULT_JUDGE
 from ..pretrained import MDM_MODEL_TYPES, shipped_or_given
 from ..training.objectives import token_cross_entropy
 
 
-DEFAULT_JUDGE = "gpt2-large"
 # Config fields that hold a causal LM's context length, in the order transformers' model families use them.
 CONTEXT_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx", "seq_length")
 
@@ -86,7 +87,7 @@ class Judge:
 
 def load_judge(judge: "str | Judge" = DEFAULT_JUDGE, device: str | torch.device | None = None,
                dtype: torch.dtype | str = torch.float32) -> Judge:
-    """A `Judge` from a local folder, a shipped name ("shakespeare-ar") or a Hub id (default "gpt2-large", which
+    """A `Judge` from a local folder, a shipped name ("shakespeare-ar") or a Hub id (default "openai-community/gpt2-large", which
     needs the Hub or its cache).
 
     A `Judge` passes through (moved to `device` if one is given). `dtype` is float32 by default, whatever the
@@ -102,13 +103,19 @@ def load_judge(judge: "str | Judge" = DEFAULT_JUDGE, device: str | torch.device 
         tokenizer = AutoTokenizer.from_pretrained(judge)
         model = AutoModelForCausalLM.from_pretrained(judge, dtype=dtype)
     except OSError as error:
+        from huggingface_hub import constants as hub
+
+        if hub.HF_HUB_OFFLINE and not Path(str(judge)).exists():
+            raise OSError(f"the judge {name!r} is a Hub id, hf_mdm is working offline (HF_HUB_OFFLINE=1, or "
+                          "huggingface.co cannot be reached) and it is not in the Hugging Face cache: download it once "
+                          "online, or give a local folder or the shipped judge (shakespeare-ar).") from None
         raise OSError(
             f"Could not load the judge {judge!r} as a causal LM with its tokenizer ({error}). Give a local folder, or "
             "a Hub id while online (or already in the Hugging Face cache)."
         ) from error
     if model.config.model_type in MDM_MODEL_TYPES:  # AutoModelForCausalLM loads MDMs too (for pipelines)
         raise ValueError(f"the judge {judge!r} is a masked diffusion model; a judge scores next-token likelihoods, "
-                         "so it must be autoregressive (e.g. shakespeare-ar, gpt2-large).")
+                         "so it must be autoregressive (e.g. shakespeare-ar, openai-community/gpt2-large).")
     return Judge(model.to(resolve_device(device)).eval(), tokenizer, name)
 
 

@@ -59,8 +59,9 @@ def resolve_checkpoint(name_or_path: str, require_mdm: bool = False) -> str:
     if not folder.exists():
         if HUB_ID.match(name_or_path) and not name_or_path.startswith("."):
             return name_or_path
+        hint = "" if "/" in name_or_path else " (a Hub id has an owner: openai-community/gpt2-large, not gpt2-large)"
         raise ValueError(f"{name_or_path!r} is not a folder, a shipped name ({', '.join(sorted(PRETRAINED))}) or a "
-                         "Hub id (owner/name).")
+                         f"Hub id (owner/name){hint}.")
     if not folder.is_dir():
         raise ValueError(f"{name_or_path!r} is a file; a checkpoint is a folder (with config.json and its weights).")
     if require_mdm:

@@ -2,6 +2,7 @@
 flags override. Runs unchanged under `accelerate launch` and `torchrun`.
 
     hf-mdm train --train-files corpus.txt --train-tokenizer 4096 --model-config tiny --max-steps 200
+    hf-mdm train --output-dir runs/my-mdm --resume           # the run's saved settings; flags given again override
     python -m hf_mdm.training.cli --config run.yaml --resume
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from ..console import run_command
 from ..constants import COMMANDS
+from .checkpointing import RUN_CONFIG_FILE
 from .loop import TrainConfig, train
 
 
@@ -40,9 +42,18 @@ def read_config_file(path: str) -> dict:
     if Path(path).suffix in (".yaml", ".yml"):
         import yaml  # only needed for YAML config files
 
-        values = yaml.safe_load(text) or {}
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            raise ValueError(f"--config {path!r} is not valid YAML{where}: {getattr(error, 'problem', error)}.") from None
     else:
-        values = json.loads(text)
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--config {path!r} is not valid JSON (line {error.lineno}, column {error.colno}): "
+                             f"{error.msg}.") from None
     if not isinstance(values, dict):
         raise ValueError(f"--config {path!r} must hold a mapping of settings.")
     values = {key.replace("-", "_"): value for key, value in values.items()}
@@ -66,9 +77,19 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's settings: --config, then the flags. With --resume and a run in --output-dir, the run's own saved
+    settings come first, so the folder alone resumes it; flags given again override them, and the output-directory
+    check then refuses those a resumed run may not change."""
     values = read_config_file(args.config) if args.config else {}
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values.update({k: v for k, v in vars(args).items() if k in names})
+    saved = Path(values.get("output_dir", TrainConfig.output_dir)) / RUN_CONFIG_FILE
+    if values.get("resume") and saved.is_file():
+        try:
+            run = json.loads(saved.read_text())
+        except json.JSONDecodeError:
+            raise ValueError(f"{saved} is not valid JSON: the run's settings cannot be read to resume it.") from None
+        values = {**{key: value for key, value in run.items() if key in names}, **values}
     return TrainConfig(**values)
 
 

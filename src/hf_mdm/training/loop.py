@@ -28,6 +28,7 @@ from accelerate.tracking import GeneralTracker
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
+from ..distributed import make_accelerator
 from ..files import FolderLock
 from ..pretrained import resolve_checkpoint
 
@@ -203,6 +204,9 @@ def check_settings(config: TrainConfig, num_processes: int) -> int:
         raise ValueError("--lora-alpha, --lora-target-modules and --lora-target-parameters need --lora-r >= 1.")
     if config.lora_r and config.objective == "ar":
         raise ValueError("--lora-r adapts an MDM; the AR baseline trains fully.")
+    if config.lora_r and config.init_from is None:
+        raise ValueError("--lora-r adapts a trained model, and this run builds one from scratch (random weights): give "
+                         "--init-from MODEL, or leave out --lora-r to train every weight.")
     if config.train_tokenizer is not None and config.train_files is None:
         raise ValueError("--train-tokenizer learns from --train-files; with --dataset-name give --tokenizer.")
     if config.objective not in OBJECTIVES:
@@ -268,7 +272,7 @@ def load_tokenizer(config: TrainConfig, output_dir: Path, accelerator: Accelerat
                 accelerator.print(f"the causal LM's tokenizer has no mask token: added {tokenizer.mask_token!r} "
                                   f"(id {tokenizer.mask_token_id})")
         elif config.tokenizer is not None:
-            tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
+            tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(config.tokenizer))
         elif (saved / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(saved)  # trained by the main process, or before a resume
         else:
@@ -438,7 +442,7 @@ def run_training(config: TrainConfig, output_dir: Path) -> dict:
         run_config = dataclasses.asdict(config)
         if config.model_config is None and config.init_from is None:
             run_config["model_config"] = "tiny"  # the default, spelled as runs before --init-from saved it
-        accelerator = Accelerator(
+        accelerator = make_accelerator(
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.grad_accum,
             # We call scheduler.step() once per optimizer step ourselves; by default Accelerate would step it once

@@ -23,7 +23,7 @@ token entropy beside it.
 _KWARGS_DESCRIPTION = """
 Args:
     predictions (`list` of `str`): decoded samples.
-    judge (`str` or `hf_mdm.evaluation.judge.Judge`, defaults to "gpt2-large"): a causal LM folder or Hub id, or
+    judge (`str` or `hf_mdm.evaluation.judge.Judge`, defaults to "openai-community/gpt2-large"): a causal LM folder or Hub id, or
         a judge already loaded with `load_judge`.
     batch_size (`int`, defaults to 8): chunks per forward pass.
     device (`str`, *optional*): "cpu", "cuda", ...; default: cuda when available.

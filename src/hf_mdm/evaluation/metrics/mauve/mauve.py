@@ -25,7 +25,7 @@ Args:
     predictions (`list` of `str`, or `list` of `list` of `float`): generated texts, or their features.
     reference_texts (`list` of `str`): reference texts; or
     reference_features (`list` of `list` of `float`): their features. One of the two is required.
-    judge (`str` or `Judge`, defaults to "gpt2-large"): featurizes whichever side is given as texts.
+    judge (`str` or `Judge`, defaults to "openai-community/gpt2-large"): featurizes whichever side is given as texts.
     batch_size (`int`, defaults to 8), device (`str`, *optional*), max_length (`int`, defaults to 1024 tokens).
     num_buckets ("auto" or `int`), seed (`int`, defaults to 25), kmeans_num_redo, kmeans_max_iter,
     kmeans_explained_var, mauve_scaling_factor: as in mauve-text's `compute_mauve`.
