@@ -22,8 +22,10 @@ multiply by the number of steps of a whole run. This keeps the benchmark to minu
 """
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -128,6 +130,10 @@ def small_model_ratios(args):
     step = fhs32 / nfe
     print(f"| (c) one float64 draw minus one float32 draw, as a share of a step | {(draw[torch.float64] - draw[torch.float32]) / step:.4f} "
           f"| ({draw[torch.float64] * 1e3:.2f} - {draw[torch.float32] * 1e3:.2f} ms) / {step * 1e3:.0f} ms |")
+    return {"(a) FHS generate / (NFE x bare forward)": fhs64 / (nfe * forward),
+            f"(b) ancestral {length} steps / FHS": length * step_anc / (length * step_fhs),
+            f"(b) ancestral {4 * length} steps / FHS": 4 * length * step_anc / (length * step_fhs),
+            "(c) FHS float64 / FHS float32": dtype_ratio}
 
 
 def paper_shape_ratio(args):
@@ -141,6 +147,27 @@ def paper_shape_ratio(args):
     print("| measure | ratio | seconds (per-step x steps) |")
     print("|---|---|---|")
     print(f"| (d) ancestral 1000 steps / FHS {length} steps | {anc_total / fhs_total:.1f} | {anc_total:.1f} / {fhs_total:.1f} |")
+    return {f"(d) paper shapes: ancestral 1000 steps / FHS {length}": anc_total / fhs_total}
+
+
+def plot(ratios: dict, path: Path, title: str) -> None:
+    """The ratios as bars on a log scale, 1 marked: what each sampler costs against exact first hitting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(ratios)[::-1]
+    figure, axis = plt.subplots(figsize=(7, 0.5 * len(names) + 1.2))
+    axis.barh(names, [ratios[name] for name in names], color="tab:blue")
+    axis.axvline(1.0, color="black", linewidth=0.8)
+    axis.set_xscale("log")
+    for y, name in enumerate(names):
+        axis.text(ratios[name], y, f" {ratios[name]:.2f}", va="center", fontsize=8)
+    axis.set_xlabel("time ratio (same run)")
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def main():
@@ -150,10 +177,18 @@ def main():
     parser.add_argument("--skip-paper", action="store_true")
     parser.add_argument("--sample-steps", type=int, default=8, help="steps timed per strategy for (b) and (d)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated after a prompt for (a), (c)")
+    parser.add_argument("--output", type=Path, default=None, help="a folder for results.json and plot.png")
     args = parser.parse_args()
-    small_model_ratios(args)
+    ratios = small_model_ratios(args)
     if not args.skip_paper:
-        paper_shape_ratio(args)
+        ratios.update(paper_shape_ratio(args))
+    if args.output:
+        args.output.mkdir(parents=True, exist_ok=True)
+        (args.output / "results.json").write_text(json.dumps({"device": args.device, "repeats": args.repeats,
+                                                                "threads": torch.get_num_threads(),
+                                                                "ratios": ratios}, indent=1))
+        plot(ratios, args.output / "plot.png", f"sampling speed ratios, {args.device}, {torch.get_num_threads()} thread(s)")
+        print(f"wrote {args.output}/results.json and plot.png")
 
 
 if __name__ == "__main__":
