@@ -174,8 +174,8 @@ def test_generate_command_rejects_bad_settings_before_loading(tmp_path, capsys):
 
 def test_the_help_cache_is_what_the_parsers_print():
     """hf_mdm/command_help.json, which `hf-mdm COMMAND --help` prints without importing torch, is exactly what the
-    full parsers print (at HELP_COLUMNS columns). After changing a flag: python -c "import hf_mdm.cli as c;
-    c.write_help_cache()"."""
+    full parsers print (at HELP_COLUMNS columns). After changing a flag: python -c "import hf_mdm_cli, hf_mdm.cli as c;
+    c.write_help_cache(hf_mdm_cli.top_level_parser)"."""
     import json
 
     from hf_mdm.cli import HELP_CACHE, command_help_texts

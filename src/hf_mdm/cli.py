@@ -321,7 +321,7 @@ def build_parser(top_level_parser) -> argparse.ArgumentParser:
 # Every command's --help, as the full parsers print it, shipped beside this module: the console script prints it
 # without importing torch (under a second, where building the parsers imports the package: seconds).
 # tests/test_cli.py checks it against the parsers; after changing a flag, write it again with
-# `python -c "import hf_mdm.cli as c; c.write_help_cache()"`.
+# `python -c "import hf_mdm_cli, hf_mdm.cli as c; c.write_help_cache(hf_mdm_cli.top_level_parser)"`.
 HELP_CACHE = Path(__file__).with_name("command_help.json")
 HELP_COLUMNS = "100"
 
@@ -362,10 +362,9 @@ def command_help_texts(top_level_parser) -> dict[str, str]:
             os.environ["COLUMNS"] = columns
 
 
-def write_help_cache() -> None:
+def write_help_cache(top_level_parser) -> None:
+    """Writes HELP_CACHE from the parsers built on the console script's `top_level_parser`."""
     import json
-
-    from hf_mdm_cli import top_level_parser
 
     HELP_CACHE.write_text(json.dumps(command_help_texts(top_level_parser), indent=1, sort_keys=True) + "\n")
 

@@ -19,6 +19,7 @@ MAUVE features: the judge's final hidden state at the last token of each text, t
 """
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..constants import DEFAULT_JUDGE
+from ..constants import DEFAULT_JUDGE, HUB_ID_PATTERN
 from ..pretrained import MDM_MODEL_TYPES, shipped_or_given
 from ..training.objectives import token_cross_entropy
 
@@ -105,7 +106,7 @@ def load_judge(judge: "str | Judge" = DEFAULT_JUDGE, device: str | torch.device 
     except OSError as error:
         from huggingface_hub import constants as hub
 
-        if hub.HF_HUB_OFFLINE and not Path(str(judge)).exists():
+        if hub.HF_HUB_OFFLINE and re.match(HUB_ID_PATTERN, name) and not Path(name).exists():
             raise OSError(f"the judge {name!r} is a Hub id, hf_mdm is working offline (HF_HUB_OFFLINE=1, or "
                           "huggingface.co cannot be reached) and it is not in the Hugging Face cache: download it once "
                           "online, or give a local folder or the shipped judge (shakespeare-ar).") from None
