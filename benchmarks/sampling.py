@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from hf_mdm import MDMConfig, MDMForMaskedDiffusion
-from hf_mdm.sampling_mdm import CategoricalSampler, DiffusionState, build_sampler, get_noise_schedule
+from hf_mdm.sampling_mdm import CategoricalSampler, DiffusionState, build_strategy, get_noise_schedule, get_strategy
 
 
 def timed(fn, repeats: int, device: str, warmups: int = 1) -> float:
@@ -74,7 +74,8 @@ def time_sampler_steps(model, name, length, batch, count, sampler_steps, device,
 
     def run():
         categorical = CategoricalSampler(dtype, generator=torch.Generator(device).manual_seed(0))
-        sampler = build_sampler(name, schedule, categorical, mask_id, steps=sampler_steps)
+        settings = get_strategy(name).Settings(steps=sampler_steps) if sampler_steps is not None else None
+        sampler = build_strategy(name, settings, schedule=schedule, categorical=categorical, mask_token_id=mask_id)
         tokens = start_tokens.to(device)
         state = DiffusionState.start(tokens, tokens == mask_id)
         if sampler_steps is not None:  # ancestral: at mid-run time, where half the positions are masked

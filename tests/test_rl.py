@@ -366,3 +366,30 @@ def test_the_estimate_reads_each_familys_own_conditionals(family):
             logits = model(noisy, attention_mask=attention).logits[:, 4:] / 0.5
             expected = logits.log_softmax(-1).gather(-1, ids[:, 4:, None])[..., 0]
     torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rollouts_use_the_strategy_and_settings_given(tmp_path):
+    """generation_kwargs reach model.generate() with TRL's sampling fields, on a block-diffusion model decoded by
+    SDAR's rule; completions end after their first EOS, as TRL cuts them."""
+    model = tiny_llama_model(vocab_size=8, mask_token_id=7, diffusion_block_size=2, eos_token_id=1)
+    calls = []
+    generate = model.generate
+
+    def recording_generate(*args, **kwargs):
+        calls.append(kwargs)
+        return generate(*args, **kwargs)
+
+    model.generate = recording_generate
+    completions = []
+
+    def reward(completion_ids, **kwargs):
+        completions.extend(completion_ids)
+        return [0.0] * len(completion_ids)
+
+    args = grpo_config(tmp_path, generation_kwargs={"sampler": "sdar", "confidence_threshold": 0.5}, temperature=0.8,
+                       top_k=5)
+    MDMGRPOTrainer(model, reward, args, train_dataset=prompts_dataset(), processing_class=word_tokenizer(8)).train()
+    assert calls and all(call["sampler"] == "sdar" and call["confidence_threshold"] == 0.5 and call["temperature"] == 0.8
+                         and call["top_k"] == 5 and call["max_new_tokens"] == 6 for call in calls)
+    rollouts = [ids for ids in completions if ids]
+    assert rollouts and all(1 not in ids[:-1] and len(ids) <= 6 for ids in rollouts)
