@@ -51,10 +51,10 @@ def resolve_checkpoint(name_or_path: str, require_mdm: bool = False) -> str:
     autoregressive or an unconverted LLaDA/Dream folder says what to do instead, and each weights file's header is
     read, so that a truncated or corrupt file is named before loading starts."""
     if name_or_path in PRETRAINED:
-        folder = pretrained_path(name_or_path)
+        folder = shipped_or_given(name_or_path)
         if require_mdm:
-            check_mdm_folder(folder, name_or_path)
-        return str(folder)
+            check_mdm_folder(Path(folder), name_or_path)
+        return folder
     folder = Path(name_or_path).expanduser()
     if not folder.exists():
         if HUB_ID.match(name_or_path) and not name_or_path.startswith("."):

@@ -151,7 +151,7 @@ class MDMGRPOTrainer(GRPOTrainer):
         self._mask_seeds, self._mask_pass = seeds, 0
         output = super()._generate_and_score_completions(inputs)
         output["mask_seeds"] = seeds.to(self.accelerator.device)
-        passes = self.num_iterations if (self.args.resample_masks and self.model.training) else 1
+        passes = self.mask_passes if self.model.training else 1
         if passes > 1:
             ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
             mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
@@ -179,10 +179,14 @@ class MDMGRPOTrainer(GRPOTrainer):
             return use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None)
         return contextlib.nullcontext()
 
+    @property
+    def mask_passes(self) -> int:
+        """How many sets of noisy copies a rollout is scored on: one per pass over it with `resample_masks`."""
+        return self.num_iterations if self.args.resample_masks else 1
+
     def _compute_loss(self, model, inputs):
-        passes = self.num_iterations if self.args.resample_masks else 1
         generate_every = self.args.steps_per_generation * self.num_iterations
-        self._mask_pass = (self._step % generate_every) // self.args.steps_per_generation % passes \
+        self._mask_pass = (self._step % generate_every) // self.args.steps_per_generation % self.mask_passes \
             if self.model.training else 0
         self._mask_seeds = inputs["mask_seeds"]
         inputs = dict(inputs)
